@@ -1,0 +1,162 @@
+"""What the project's normalization layers share.
+
+Every norm layer of mmnorm (MABN, CBN, BRN) subclasses :class:`SmallBatchNorm`,
+itself a ``torch.nn.modules.batchnorm._BatchNorm``. That inheritance is what
+makes MMDetection and MMEngine treat them as batch norms without any change on
+their side: ResNet's ``norm_eval`` and ``init_weights``, the optimizer
+constructor's ``norm_decay_mult`` and mmcv's layer naming (``bn1``,
+``downsample.1``, ``ConvModule.bn``) all test ``isinstance(m, _BatchNorm)`` or
+read ``_abbr_``.
+
+Shared here, written once:
+
+* configuration checks that name the layer and the offending key;
+* the input contract: channels on dim 1, any rank from 2 (N, C) to 5
+  (N, C, D, H, W); statistics reduce over every dim but 1;
+* the statistics dtype: float32 for half inputs (AMP), float64 stays float64;
+* empty input (e.g. zero RoIs): an empty output, zero gradients, no state change;
+* the non-finite guard: a channel whose statistic is inf/NaN keeps its old
+  buffer value, and the layer warns once;
+* loading a state dict that was written by another layout (BatchNorm, the
+  original authors' code): each layer converts what it knows, and every
+  conversion is logged, so no key is dropped silently.
+"""
+import warnings
+from numbers import Integral, Real
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def check_number(layer, key, value, *, integer=False, minimum=None, exclusive=True):
+    """Raise a ``TypeError``/``ValueError`` naming ``layer`` and ``key`` unless
+    ``value`` is a number (an int when ``integer``) above ``minimum``
+    (strictly when ``exclusive``). Returns the value."""
+    kind = Integral if integer else Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f'{layer}: {key} must be {"an int" if integer else "a number"}, '
+                        f'got {value!r} ({type(value).__name__})')
+    if minimum is not None:
+        bad = value <= minimum if exclusive else value < minimum
+        if bad:
+            relation = '>' if exclusive else '>='
+            raise ValueError(f'{layer}: {key} must be {relation} {minimum}, got {value!r}')
+    return value
+
+
+class SmallBatchNorm(_BatchNorm):
+    """Base class: BatchNorm's parameters, buffers and names, plus the shared
+    input, dtype and state handling described in the module docstring.
+
+    Subclasses implement ``_train_forward(x)``; inference and empty input are
+    handled here. ``num_batches_tracked`` is the layer's step counter t: it is
+    incremented by one before each training forward (the first has t = 1).
+    """
+
+    _abbr_ = 'bn'  # mmcv's build_norm_layer names the module 'bn', 'bn1', ... as for BatchNorm
+    NONFINITE_CHECK_EVERY = 100
+
+    def __init__(self, num_features, eps, momentum):
+        name = type(self).__name__
+        check_number(name, 'num_features', num_features, integer=True, minimum=0)
+        check_number(name, 'eps', eps, minimum=0)
+        check_number(name, 'momentum', momentum, minimum=0, exclusive=False)
+        if momentum > 1:
+            raise ValueError(f'{name}: momentum must be <= 1, got {momentum!r}')
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True,
+                         track_running_stats=True)
+        self._warned_nonfinite = False
+        self._nonfinite_seen = None  # device flag, see warn_if_nonfinite
+        self._calls_since_check = 0
+
+    # ----------------------------------------------------------------- input
+    def _check_input_dim(self, x):
+        if x.dim() < 2 or x.dim() > 5:
+            raise ValueError(f'{type(self).__name__}: expected a 2-D to 5-D input with channels '
+                             f'on dim 1, got shape {tuple(x.shape)}')
+        if x.size(1) != self.num_features:
+            raise ValueError(f'{type(self).__name__}: expected {self.num_features} channels '
+                             f'(num_features) on dim 1, got shape {tuple(x.shape)}')
+
+    @staticmethod
+    def reduce_dims(x):
+        """The dims a per-channel statistic reduces over: all but dim 1."""
+        return [0] + list(range(2, x.dim()))
+
+    @staticmethod
+    def channel_shape(x):
+        """(1, C, 1, ...): the shape that broadcasts a (C,) vector over ``x``."""
+        return (1, -1) + (1,) * (x.dim() - 2)
+
+    @staticmethod
+    def stats_dtype(x):
+        """float64 for float64 input, float32 for everything else."""
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x):
+        self._check_input_dim(x)
+        if x.numel() == 0:
+            # No statistic exists; keep the graph so parameters get zero gradients.
+            shape = self.channel_shape(x)
+            return x * self.weight.view(shape) + self.bias.view(shape)
+        if self.training:
+            return self._train_forward(x)
+        return self._eval_forward(x)
+
+    def _eval_forward(self, x):
+        return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                False, 0.0, self.eps, torch.backends.cudnn.enabled)
+
+    def _train_forward(self, x):
+        raise NotImplementedError
+
+    # ------------------------------------------------------ non-finite guard
+    def update_where_finite(self, buffer, new_value, finite):
+        """``buffer[c] <- new_value[c]`` for channels where ``finite[c]``, on the
+        device, without a host synchronisation. ``finite`` has shape (C,) and
+        broadcasts over leading dims of ``buffer``."""
+        buffer.copy_(torch.where(finite, new_value.to(buffer.dtype), buffer))
+
+    def warn_if_nonfinite(self, finite):
+        """Warn once if a statistic was not finite (``finite``: (C,) bool).
+
+        Reading the flag forces a device-to-host copy, which is free on the CPU
+        and checked at once there. On accelerators the flag is or-ed into a
+        device tensor and read only every ``NONFINITE_CHECK_EVERY`` training
+        calls, so the hot path never waits for the device; the guard in
+        :meth:`update_where_finite` protects the buffers either way.
+        """
+        if self._warned_nonfinite:
+            return
+        seen = ~finite.all()
+        if finite.device.type != 'cpu':
+            if self._nonfinite_seen is None or self._nonfinite_seen.device != seen.device:
+                self._nonfinite_seen = torch.zeros_like(seen)
+            self._nonfinite_seen |= seen
+            self._calls_since_check += 1
+            if self._calls_since_check < self.NONFINITE_CHECK_EVERY:
+                return
+            self._calls_since_check = 0
+            seen = self._nonfinite_seen
+        if bool(seen):
+            self._warned_nonfinite = True
+            warnings.warn(f'{type(self).__name__}({self.num_features}): a batch statistic was '
+                          'inf or NaN; the affected channels kept their previous buffers',
+                          RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------ state-dict loads
+    def convert_state(self, state_dict, prefix):
+        """Rewrite foreign keys of ``state_dict`` (under ``prefix``) into this
+        layer's layout in place; return a list of human-readable notes, one per
+        conversion. The default knows nothing to convert."""
+        return []
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for note in self.convert_state(state_dict, prefix):
+            from mmengine.logging import print_log
+            print_log(f'{type(self).__name__} {prefix.rstrip(".") or "<root>"}: {note}',
+                      logger='current')
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
