@@ -37,8 +37,7 @@ def check_number(layer, key, value, *, integer=False, minimum=None, exclusive=Tr
         raise TypeError(f'{layer}: {key} must be {"an int" if integer else "a number"}, '
                         f'got {value!r} ({type(value).__name__})')
     if minimum is not None:
-        bad = value <= minimum if exclusive else value < minimum
-        if bad:
+        if not (value > minimum if exclusive else value >= minimum):  # NaN fails too
             relation = '>' if exclusive else '>='
             raise ValueError(f'{layer}: {key} must be {relation} {minimum}, got {value!r}')
     return value
