@@ -14,7 +14,7 @@ import mmnorm
 from mmnorm.layers._state import SmallBatchNorm
 from mmnorm.sync_bn import convert_sync_batchnorm
 
-NORM_TYPES = ['BRN']
+NORM_TYPES = ['BRN', 'MABN']
 
 
 def build(module_cfg, norm_type):
@@ -134,7 +134,7 @@ def test_unknown_config_key_names_layer_type_and_key(norm_type):
 
 
 def test_every_registered_layer_is_real():
-    for name in ['BRN', 'CenConv', 'WSConv']:
+    for name in NORM_TYPES + ['CenConv', 'WSConv']:
         assert MODELS.get(name) is getattr(mmnorm, name)
-    assert issubclass(MODELS.get('BRN'), SmallBatchNorm)
+        assert name not in NORM_TYPES or issubclass(MODELS.get(name), SmallBatchNorm)
     assert MODELS.get('ConvWS') is not None  # mmcv's own stays usable beside ours

@@ -1,0 +1,401 @@
+"""MABN: moving-average batch normalization (Yan et al., "Towards Stabilizing
+Batch Statistics in Backward Propagation of Batch Normalization", ICLR 2020).
+
+With tiny batches the statistics BN uses in the backward pass are as noisy as
+the forward ones. MABN normalises the second moment only (no mean
+subtraction; a weight-centralised conv, ``CenConv``, in front keeps the
+activations roughly zero-mean) and replaces both the forward statistic and the
+backward statistic by a simple moving average (SMA) over the last m steps.
+
+Per channel, for x of shape (N, C, *) reduced over every dim but 1, with t the
+step counter (``num_batches_tracked``, incremented before each training call,
+so the first call has t = 1), m = ``buffer_size`` and ``early`` meaning
+"t <= m or t < warmup_iters":
+
+forward::
+
+    chi2_t = mean(x^2)                       buffer_x2[t mod m] <- chi2_t
+    v_t    = chi2_t if early else mean of the m rows of buffer_x2
+    z      = x / sqrt(v_t + eps)
+    r      = 1 while t <= max(renorm_start_iter, warmup_iters), afterwards
+             clip(sqrt(v_t + eps) / sqrt(running_var + eps), 1/rmax, rmax)
+             (running_var from before this step; r is a constant for autograd)
+    y      = weight * (r * z) + bias
+    running_var <- momentum * running_var + (1 - momentum) * v_t
+
+backward (:class:`MABNFunction`), dy the incoming gradient::
+
+    g      = dy * weight * r                 psi_t = mean(g * z)
+    buffer_gz[t mod m] <- psi_t
+    psi    = psi_t if early else mean of the m rows of buffer_gz
+    dx     = (g - z * psi) / sqrt(v_t + eps)
+    dweight = sum(dy * r * z)                dbias = sum(dy)
+
+inference: ``y = weight * x / sqrt(running_var + eps) + bias``.
+
+``momentum`` weighs the OLD value (the reverse of PyTorch BN's convention).
+
+Numerical safety, without changing results on ordinary input:
+
+* statistics are float32 for half inputs (x^2 is formed after the cast, so
+  activations around 300 do not overflow fp16) and float64 for float64 input;
+  the output has the input's dtype, or the autocast dtype under autocast;
+* a non-finite chi2_t or psi_t never enters ``buffer_x2``, ``buffer_gz`` or
+  ``running_var``: that channel's row keeps its previous value and the layer
+  warns once (see :class:`MABN` for what v_t and psi are on such a step);
+* the row index t mod m, the warm-up/window choice and the clipping rule are
+  tensor ops on the counter buffer: no ``.item()`` and no Python branch on a
+  tensor value, so a step never waits for the device;
+* an empty input is handled by :class:`SmallBatchNorm` (empty output, zero
+  gradients, no state change).
+"""
+import contextlib
+
+import torch
+from mmengine.registry import MODELS
+from torch.autograd.function import once_differentiable
+
+from ._state import SmallBatchNorm, check_number
+
+_AUTOCAST_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _without_autocast(device_type):
+    """A context that turns autocast off on ``device_type`` (if it has one), so
+    that the statistics and the fused elementwise ops run in the dtypes chosen
+    here, whatever autocast lists they are on."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def output_dtype(x):
+    """The dtype of the layer's output for input ``x``: the autocast dtype when
+    autocast is on for ``x``'s device and would cast ``x`` (float64 is never
+    cast), otherwise ``x``'s own dtype."""
+    device_type = x.device.type
+    if (x.dtype in _AUTOCAST_CAST_DTYPES and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def scaled_grad_and_sums(dy, x, scale, need_scaled):
+    """For ``dy`` and ``x`` of shape (N, C, *) (same dtype) and a (C,) ``scale``:
+    ``(dy * scale, sum(dy * x), sum(dy))``, sums per channel over every dim but
+    1, the first only when ``need_scaled`` (else None).
+
+    This is exactly what BatchNorm's inference-mode backward computes for an
+    input with running mean 0, running variance 1 and eps 0 (inverse std 1):
+    grad_input = dy * weight, grad_weight = sum(dy * x), grad_bias = sum(dy).
+    Its kernel produces all three in one pass over ``dy`` and ``x``, where
+    separate ops need three or four (and an (N, C, *) temporary for dy * x).
+    """
+    zeros, ones = scale.new_zeros(scale.shape), scale.new_ones(scale.shape)
+    return torch.ops.aten.native_batch_norm_backward(dy, x, scale, zeros, ones, None, None, False,
+                                                     0.0, [need_scaled, True, True])
+
+
+class MABNFunction(torch.autograd.Function):
+    """The training step of MABN as one autograd node.
+
+    Inputs: ``x`` (N, C, *), ``weight``/``bias`` (C,), and constants computed by
+    :meth:`MABN._train_forward` for this step: ``inv_std`` = 1 / sqrt(v_t + eps)
+    and ``r``, both (C,) in the statistics dtype; the ``layer`` (whose
+    ``buffer_gz`` the backward writes); ``row`` = [t mod m] and ``early``
+    (t <= m or t < warmup_iters), both computed at this call's forward, so the
+    backward writes the row of its own step even if the layer has been called
+    again since; and the output dtype.
+
+    Forward: ``y = x * (weight * r * inv_std) + bias``, one fused pass.
+
+    Backward, which terms are exact and which are moving averages:
+
+    * exact: g = dy * weight * r, the batch statistic psi_t = mean(g * z),
+      dweight = sum(dy * r * z) and dbias = sum(dy) are the exact values for
+      this batch; the factor 1 / sqrt(v_t + eps) is the very v_t the forward
+      used; r is a constant in both passes (no gradient flows through r).
+    * while ``early``: psi = psi_t and v_t = chi2_t, so dx is the exact gradient
+      of the forward (checked by ``gradcheck`` in the tests).
+    * afterwards, moving averages: v_t in the forward is the SMA of chi2 over the
+      last m steps, and psi in dx is the SMA of psi_t over the last m
+      backward steps (this step's row included). This is the paper's
+      approximation, not the gradient of the forward: with the past rows of
+      buffer_x2 constant, that gradient would use psi_t / m (the current
+      batch's share of the SMA), whereas MABN uses (psi_t + the m - 1 other
+      rows of buffer_gz) / m, i.e. the past batches' psi stands in for the
+      noisy present one.
+
+    ``dx = (g - z * psi) / sqrt(v_t + eps)`` is evaluated as
+    ``dy * (weight * r * inv_std) - x * (psi * inv_std^2)`` with per-channel
+    coefficients, i.e. without forming g or z; the first product and the two
+    sums sum(dy * x), sum(dy) come from one pass (:func:`scaled_grad_and_sums`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, inv_std, r, layer, row, early, out_dtype):
+        cdtype = inv_std.dtype
+        shape = layer.channel_shape(x)
+        scale = weight.to(cdtype) * r * inv_std
+        y = torch.addcmul(bias.to(cdtype).view(shape), x.to(cdtype), scale.view(shape))
+        ctx.save_for_backward(x, weight, inv_std, r)
+        ctx.layer, ctx.row, ctx.early, ctx.bias_dtype = layer, row, early, bias.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, inv_std, r = ctx.saved_tensors
+        layer = ctx.layer
+        cdtype = inv_std.dtype
+        with _without_autocast(dy.device.type):
+            xs, dys = x.to(cdtype), dy.to(cdtype)
+            count = xs.numel() // xs.size(1)
+            gain = weight.to(cdtype) * r  # g = dy * gain
+            coef = gain * inv_std  # dx = dy * coef - x * (psi * inv_std^2)
+            need_dx = ctx.needs_input_grad[0]
+            dx, dot, dy_sum = scaled_grad_and_sums(dys, xs, coef, need_dx)  # dot = sum(dy * x)
+            psi_t = coef * dot / count  # mean(g * z)
+            psi = layer.window_statistic(layer.buffer_gz, ctx.row, ctx.early, psi_t)
+            if need_dx:
+                shape = layer.channel_shape(xs)
+                dx = dx.addcmul_(xs, (psi * inv_std.square()).view(shape), value=-1).to(x.dtype)
+            dweight = (r * inv_std * dot).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            dbias = dy_sum.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None, None, None, None, None, None
+
+
+@MODELS.register_module('MABN')
+class MABN(SmallBatchNorm):
+    """Moving-average batch normalization, spec section 1 (see the module
+    docstring for the equations).
+
+    Args:
+        num_features (int): C, the number of channels on dim 1.
+        eps (float): added to the second moment under the root. Default 1e-5.
+        momentum (float): weight of the OLD value in the running_var EMA:
+            ``running_var <- momentum * running_var + (1 - momentum) * v_t``.
+            Default 0.98.
+        buffer_size (int): m, the SMA window in training steps (calls). The
+            detection recipe simulates a batch of 32 with 2 images per GPU:
+            m = 16. Default 16.
+        warmup_iters (int): the batch statistics chi2_t and psi_t are used
+            while t < warmup_iters (and while t <= m, until the window is
+            full). Default 100.
+        renorm_start_iter (int): r = 1 while t <= max(renorm_start_iter,
+            warmup_iters). Default 1000.
+        rmax (float): afterwards r is clipped to [1/rmax, rmax], rmax >= 1.
+            Default 5.0.
+
+    Buffers, all in the state dict: ``running_var`` (C,), ``num_batches_tracked``
+    (the step counter t), ``buffer_x2`` (m, C) and ``buffer_gz`` (m, C); float32,
+    float64 after ``.double()``, and still float32 after ``.half()`` or
+    ``.to(torch.bfloat16)``. There is no ``running_mean``: MABN does not centre.
+
+    Calls per step: the window advances once per training *call*, not once
+    per optimizer step. A module called k times per optimizer step (a head
+    shared across pyramid levels, called k times before one backward, or
+    gradient accumulation over k iterations) increments t k times, writes k
+    rows of ``buffer_x2`` in the forward passes and, in the backward passes,
+    k rows of ``buffer_gz``, each call to the row of its own t. With
+    the default m = 16 (2 images x 16 steps = 32 images) such a module's window
+    therefore covers 16 calls, i.e. 16 / k optimizer steps; set ``buffer_size``
+    (and the iteration thresholds, which also count calls) accordingly. In the
+    moving-average phase a call's backward averages the ``buffer_gz`` rows
+    present when it runs (autograd runs later calls' backward first). If no
+    gradient reaches a call (nothing requires grad), its ``buffer_gz`` row keeps
+    its older value. Activation checkpointing (``with_cp=True`` in MMDetection's
+    ResNet) re-runs the forward during the backward, which is one more call.
+
+    Non-finite statistics: a channel whose chi2_t (forward) or psi_t (backward)
+    is inf/NaN keeps the previous value of its row (the value written m steps
+    earlier), the layer warns once, and the counter still advances. On such a
+    step v_t (and psi) is defined as for any other step *from the buffer as it
+    stands after the guarded write*: in the moving-average phase it is the
+    mean of the m rows, one of them stale, so it stays finite; in the early
+    phase it is the batch statistic itself, which is non-finite, so that
+    channel's output (or input gradient) is non-finite, as BN's would be and
+    as the input was. ``running_var`` is only updated where the new value is
+    finite. The next finite step trains normally.
+
+    Loading state dicts (reported through mmengine's logger, see
+    :meth:`convert_state`): a BatchNorm checkpoint (weight, bias, running_mean,
+    running_var, num_batches_tracked) and a checkpoint of the original
+    authors' ``MABN2d`` (running_var (1, C, 1, 1), counter ``iters``,
+    ``buffer_x2`` and ``buffer_gz`` (m, C)) both load, also with
+    ``strict=True``.
+    """
+
+    STATISTIC_BUFFERS = ('running_var', 'buffer_x2', 'buffer_gz')
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.98, buffer_size=16, warmup_iters=100,
+                 renorm_start_iter=1000, rmax=5.0):
+        super().__init__(num_features, eps, momentum)
+        name = type(self).__name__
+        self.buffer_size = check_number(name, 'buffer_size', buffer_size, integer=True, minimum=0)
+        self.warmup_iters = check_number(name, 'warmup_iters', warmup_iters, integer=True,
+                                         minimum=0, exclusive=False)
+        self.renorm_start_iter = check_number(name, 'renorm_start_iter', renorm_start_iter,
+                                              integer=True, minimum=0, exclusive=False)
+        self.rmax = check_number(name, 'rmax', rmax, minimum=1, exclusive=False)
+        # BatchNorm's running_mean does not exist for MABN (None buffers are not saved).
+        self.register_buffer('running_mean', None)
+        like = self.running_var
+        self.register_buffer('buffer_x2', like.new_zeros(buffer_size, num_features))
+        self.register_buffer('buffer_gz', like.new_zeros(buffer_size, num_features))
+
+    def _apply(self, fn, recurse=True):
+        # Statistics buffers stay at least float32 (spec): ``.half()`` or
+        # ``.to(torch.bfloat16)`` would round them and turn a second moment
+        # above 65504 into inf. They follow the module's device and float64.
+        before = {name: self._buffers[name] for name in self.STATISTIC_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+    @property
+    def renorm_after(self):
+        """r = 1 while t <= this step."""
+        return max(self.renorm_start_iter, self.warmup_iters)
+
+    def reset_running_stats(self):
+        # Also called by _BatchNorm.__init__, before running_mean is removed and
+        # before the window buffers exist.
+        if self._buffers.get('running_mean') is not None:
+            self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+        for name in ('buffer_x2', 'buffer_gz'):
+            if self._buffers.get(name) is not None:
+                self._buffers[name].zero_()
+
+    # -------------------------------------------------------------- training
+    def window_statistic(self, buffer, row, early, value):
+        """Write the (C,) batch statistic ``value`` into ``buffer[row]`` where
+        it is finite (elsewhere the row keeps its value; warns once), and return
+        the statistic of this step: ``value`` if ``early``, else the mean of the
+        m rows. ``row`` is a 1-element index tensor and ``early`` a 0-dim bool
+        tensor, so nothing here reads a tensor on the host."""
+        finite = torch.isfinite(value)
+        self.warn_if_nonfinite(finite)
+        rows = torch.arange(buffer.size(0), device=buffer.device) == row
+        self.update_where_finite(buffer, value, rows.unsqueeze(1) & finite)
+        return torch.where(early, value, buffer.to(value.dtype).mean(0))
+
+    def _train_forward(self, x):
+        self.num_batches_tracked.add_(1)
+        cdtype = self.stats_dtype(x)
+        out_dtype = output_dtype(x)
+        with _without_autocast(x.device.type):
+            with torch.no_grad():
+                t = self.num_batches_tracked
+                row = torch.remainder(t, self.buffer_size).view(1)
+                early = (t <= self.buffer_size) | (t < self.warmup_iters)
+                count = x.numel() // x.size(1)
+                # One pass over x; the cast comes before squaring (no fp16 overflow).
+                chi2 = torch.linalg.vector_norm(x, 2, self.reduce_dims(x), dtype=cdtype)
+                chi2 = chi2.square().div_(count)
+                v = self.window_statistic(self.buffer_x2, row, early, chi2)
+                std = (v + self.eps).sqrt()
+                running = self.running_var.to(cdtype)
+                ratio = std / (running + self.eps).sqrt()
+                r = torch.where(t > self.renorm_after, ratio.clamp(1 / self.rmax, self.rmax),
+                                torch.ones_like(ratio))
+                new_running = self.momentum * running + (1 - self.momentum) * v
+                self.update_where_finite(self.running_var, new_running,
+                                         torch.isfinite(new_running))
+                inv_std = std.reciprocal()
+            return MABNFunction.apply(x, self.weight, self.bias, inv_std, r, self, row, early,
+                                      out_dtype)
+
+    # ------------------------------------------------------------- inference
+    def _eval_forward(self, x):
+        cdtype = self.stats_dtype(x)
+        out_dtype = output_dtype(x)
+        shape = self.channel_shape(x)
+        with _without_autocast(x.device.type):
+            scale = self.weight.to(cdtype) * (self.running_var.to(cdtype) + self.eps).rsqrt()
+            y = torch.addcmul(self.bias.to(cdtype).view(shape), x.to(cdtype), scale.view(shape))
+        return y.to(out_dtype)
+
+    # ------------------------------------------------------ state-dict loads
+    def convert_state(self, state_dict, prefix):
+        """Bring a BatchNorm or original-MABN state dict into this layout, in
+        place, and return one note per conversion (logged by the base class).
+
+        * ``running_mean`` (BatchNorm): MABN has no mean; removed and reported
+          as unused.
+        * ``running_var`` of shape (1, C, 1, 1) (original code): reshaped to (C,).
+        * ``iters`` (original code's counter, same meaning as t): renamed to
+          ``num_batches_tracked``.
+        * ``buffer_x2`` / ``buffer_gz`` absent (BatchNorm): fresh zeros. The
+          counter is then reset to 0, whatever the checkpoint says: BN's
+          ``num_batches_tracked`` counts BN steps, and with an empty window a
+          large t would put the layer straight into the moving-average phase,
+          averaging zeros. From t = 0 the layer uses batch statistics while the
+          window refills and warm-up and the renormalisation delay run again,
+          which is what fine-tuning from an ImageNet BN checkpoint needs. BN's
+          ``running_var`` (a centred variance) is kept as the starting point of
+          MABN's running second moment; with momentum 0.98 it is forgotten
+          long before r leaves 1.
+
+        A state dict with no key of this layer at all is left alone, so that
+        missing keys are reported as usual.
+        """
+        keys = ('weight', 'bias', 'running_var', 'running_mean', 'num_batches_tracked', 'iters',
+                'buffer_x2', 'buffer_gz')
+        if not any(prefix + key in state_dict for key in keys):
+            return []
+        notes = []
+        key = prefix + 'running_mean'
+        if key in state_dict:
+            state_dict.pop(key)
+            notes.append('running_mean is unused (MABN normalises the second moment without '
+                         'centring); dropped')
+        key = prefix + 'running_var'
+        value = state_dict.get(key)
+        if (isinstance(value, torch.Tensor) and value.dim() != 1
+                and value.numel() == self.num_features):
+            state_dict[key] = value.reshape(self.num_features)
+            notes.append(f'running_var of shape {tuple(value.shape)} (original MABN code) '
+                         f'reshaped to ({self.num_features},)')
+        key = prefix + 'iters'
+        if key in state_dict and prefix + 'num_batches_tracked' not in state_dict:
+            value = state_dict.pop(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.reshape(())
+            state_dict[prefix + 'num_batches_tracked'] = value
+            notes.append(f'step counter iters = {_show(value)} (original MABN code) loaded as '
+                         'num_batches_tracked')
+        absent = [name for name in ('buffer_x2', 'buffer_gz') if prefix + name not in state_dict]
+        if absent:
+            for name in absent:
+                state_dict[prefix + name] = torch.zeros_like(self._buffers[name])
+            key = prefix + 'num_batches_tracked'
+            old = state_dict.get(key)
+            state_dict[key] = torch.zeros_like(self.num_batches_tracked)
+            counter = ('num_batches_tracked (absent) is set to 0' if old is None else
+                       f'num_batches_tracked = {_show(old)} is reset to 0')
+            notes.append(f'{" and ".join(absent)} not in the checkpoint: the moving-average window '
+                         f'starts empty (zeros) and {counter}, so batch statistics are used while '
+                         'the window refills and warm-up and the renormalisation delay start over; '
+                         'the checkpoint\'s running_var is kept as the initial running second '
+                         'moment')
+        return notes
+
+    def extra_repr(self):
+        return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
+                f'buffer_size={self.buffer_size}, warmup_iters={self.warmup_iters}, '
+                f'renorm_start_iter={self.renorm_start_iter}, rmax={self.rmax}')
+
+
+def _show(value):
+    """A checkpoint counter for a log note (read at load time, not per step)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.device.type == 'meta':
+            return f'<tensor of shape {tuple(value.shape)}>'
+        return str(int(value.reshape(())))
+    return repr(value)
