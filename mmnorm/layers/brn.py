@@ -40,8 +40,8 @@ def renormalized_batch_norm(x, weight, bias, r, d, eps):
                             torch.backends.cudnn.enabled)
 
 
-@MODELS.register_module('BRN')
-class BatchRenorm(SmallBatchNorm):
+@MODELS.register_module()
+class BRN(SmallBatchNorm):
     """Batch renormalization. Buffers are BatchNorm's (``running_mean``,
     ``running_var``, ``num_batches_tracked``), so a BN checkpoint loads as is.
 
