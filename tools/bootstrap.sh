@@ -76,8 +76,6 @@ ensure_fashion_mnist() {
 make_venv
 install_stack
 ensure_fashion_mnist
-# mmengine saves its own objects in checkpoints; PyTorch >= 2.6 refuses them in torch.load by default.
-# The tools set this too; exported here so that tests running them see the same environment.
 export PATH="$VENV/bin:$PATH"
 
 case "${1:-}" in

@@ -1,0 +1,136 @@
+"""Shared pytest fixtures and helpers."""
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLASSES = ('rectangle', 'ellipse')
+TOOL_TIMEOUT = 600
+
+
+def tool_env(**extra):
+    """The environment the tools run in: without the weights-only override, so
+    the tools' own trusted-loading fix (mmnorm.runtime) is what is tested."""
+    env = dict(os.environ)
+    env.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None)
+    env.pop('TORCH_FORCE_WEIGHTS_ONLY_LOAD', None)
+    env['PYTHONUNBUFFERED'] = '1'
+    env.update(extra)
+    return env
+
+
+def run(cmd, env=None, check=True, cwd=REPO):
+    """Run ``cmd`` (output captured, stderr into stdout); with ``check``, fail
+    the test with the output's tail unless it exits 0."""
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or tool_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=TOOL_TIMEOUT)
+    if check:
+        assert proc.returncode == 0, f'{cmd} exited {proc.returncode}:\n{proc.stdout[-6000:]}'
+    return proc
+
+
+@dataclass
+class TinyCoco:
+    """A tiny COCO-format instance-segmentation data set on disk."""
+    root: Path
+    train_ann: Path
+    val_ann: Path
+    classes: tuple = TINY_CLASSES
+
+    def cfg_options(self):
+        """``--cfg-options`` pointing tests/configs/tiny_*.py at this data."""
+        root = f'{self.root}/'
+        return [
+            f'data_root={root}',
+            f'train_dataloader.dataset.data_root={root}',
+            f'val_dataloader.dataset.data_root={root}',
+            f'test_dataloader.dataset.data_root={root}',
+            f'val_evaluator.ann_file={self.val_ann}',
+            f'test_evaluator.ann_file={self.val_ann}',
+        ]
+
+
+def _shape_polygon(rng, kind, size):
+    """A polygon (N x 2 int32 array) of a rectangle or an ellipse."""
+    import cv2
+    w, h = rng.integers(12, 28, size=2)
+    x0 = int(rng.integers(1, size - w - 1))
+    y0 = int(rng.integers(1, size - h - 1))
+    if kind == 'rectangle':
+        return np.array([[x0, y0], [x0 + w, y0], [x0 + w, y0 + h],
+                         [x0, y0 + h]], dtype=np.int32)
+    center = (int(x0 + w // 2), int(y0 + h // 2))
+    return cv2.ellipse2Poly(center, (int(w // 2), int(h // 2)), 0, 0, 360,
+                            15).astype(np.int32)
+
+
+def write_tiny_coco(root, num_train=4, num_val=2, size=64, seed=0, classes=TINY_CLASSES,
+                    coco_layout=False):
+    """Write ``num_train`` + ``num_val`` PNGs with 2-3 filled shapes each on
+    noise, and COCO instance annotations (bbox, area, iscrowd=0, polygon
+    segmentation) to ``root/annotations/{train,val}.json`` (images under
+    ``root/images``). The two shape kinds get the category names ``classes``.
+    With ``coco_layout`` the files are where COCO 2017 keeps them
+    (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``), so
+    a COCO config needs only its data root changed."""
+    import cv2
+    root = Path(root)
+    image_dir = {split: root / (f'{split}2017' if coco_layout else 'images')
+                 for split in ('train', 'val')}
+    ann_file = {split: root / 'annotations' / (f'instances_{split}2017.json' if coco_layout
+                                               else f'{split}.json') for split in ('train', 'val')}
+    for path in list(image_dir.values()) + [root / 'annotations']:
+        path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colors = {'rectangle': (40, 200, 40), 'ellipse': (200, 60, 220)}
+    categories = [dict(id=i + 1, name=n) for i, n in enumerate(classes)]
+    ann_id = 1
+    for split, count, first_id in (('train', num_train, 1),
+                                   ('val', num_val, num_train + 1)):
+        images, annotations = [], []
+        for img_id in range(first_id, first_id + count):
+            img = rng.integers(0, 80, size=(size, size, 3), dtype=np.uint8)
+            name = f'{split}_{img_id:03d}.png'
+            kinds = [TINY_CLASSES[img_id % 2], TINY_CLASSES[(img_id + 1) % 2]]
+            kinds += [TINY_CLASSES[int(rng.integers(0, 2))]] * int(
+                rng.integers(0, 2))
+            for kind in kinds:
+                poly = _shape_polygon(rng, kind, size)
+                mask = np.zeros((size, size), dtype=np.uint8)
+                cv2.fillPoly(mask, [poly], 1)
+                cv2.fillPoly(img, [poly], colors[kind])
+                x, y = poly.min(axis=0)
+                x1, y1 = poly.max(axis=0)
+                annotations.append(dict(
+                    id=ann_id, image_id=img_id,
+                    category_id=TINY_CLASSES.index(kind) + 1,
+                    bbox=[int(x), int(y), int(x1 - x), int(y1 - y)],
+                    area=float(mask.sum()), iscrowd=0,
+                    segmentation=[poly.reshape(-1).astype(float).tolist()]))
+                ann_id += 1
+            assert cv2.imwrite(str(image_dir[split] / name), img)
+            images.append(dict(id=img_id, file_name=name, width=size,
+                               height=size))
+        with open(ann_file[split], 'w') as f:
+            json.dump(dict(images=images, annotations=annotations,
+                           categories=categories), f)
+    return TinyCoco(root=root, train_ann=ann_file['train'], val_ann=ann_file['val'],
+                    classes=tuple(classes))
+
+
+@pytest.fixture
+def tiny_coco(tmp_path):
+    """A fresh tiny COCO data set in this test's tmp_path."""
+    return write_tiny_coco(tmp_path / 'tiny_coco')
+
+
+@pytest.fixture(scope='session')
+def tiny_coco_session(tmp_path_factory):
+    """The tiny COCO data set, written once and shared by a session."""
+    return write_tiny_coco(tmp_path_factory.mktemp('data') / 'tiny_coco')

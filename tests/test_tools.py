@@ -1,0 +1,250 @@
+"""End-to-end tests of tools/train.py, tools/test.py, tools/dist_train.sh and
+tools/slurm_train.sh (under a stand-in srun) on a tiny Mask R-CNN
+(tests/configs/tiny_mask_rcnn.py) and a tiny COCO set, plus unit tests of
+mmnorm.runtime's distributed set-up on CPU.
+
+The tools run in subprocesses with this interpreter. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+is removed from their environment, so the tools' own trusted-loading fix
+(mmnorm.runtime.trust_checkpoints) is what is tested.
+"""
+import os
+import pickle
+import shutil
+import socket
+import stat
+import sys
+
+import pytest
+from conftest import REPO, run, tool_env
+
+CONFIG = REPO / 'tests' / 'configs' / 'tiny_mask_rcnn.py'
+def train(work_dir, data, *args, max_iters=2, env=None, check=True):
+    return run([sys.executable, REPO / 'tools' / 'train.py', CONFIG,
+                '--work-dir', work_dir, *args, '--cfg-options',
+                *data.cfg_options(), f'train_cfg.max_iters={max_iters}'],
+               env=env, check=check)
+
+
+def load_ckpt(path):
+    import torch
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_coco_session, tmp_path_factory):
+    """Train the tiny config 2 iterations; return (work_dir, output)."""
+    work_dir = tmp_path_factory.mktemp('train')
+    proc = train(work_dir, tiny_coco_session)
+    return work_dir, proc.stdout
+
+
+def test_train_writes_checkpoint(trained):
+    work_dir, out = trained
+    ckpt = work_dir / 'iter_2.pth'
+    assert ckpt.is_file()
+    assert (work_dir / 'last_checkpoint').read_text().strip().endswith(
+        'iter_2.pth')
+    assert 'Iter(train) [2/2]' in out
+    assert 'coco/bbox_mAP' in out  # validated at the end of training
+    assert '[mmnorm] training finished at epoch 0, iter 2' in out
+    state = load_ckpt(ckpt)
+    assert state['meta']['iter'] == 2
+    assert 'backbone.conv1.weight' in state['state_dict']
+    assert 'optimizer' in state and 'message_hub' in state
+
+
+@pytest.mark.parametrize('how', ['path', 'auto'])
+def test_resume_continues(trained, tiny_coco_session, tmp_path, how):
+    src_dir, _ = trained
+    if how == 'path':
+        work_dir = tmp_path / 'resumed'
+        args = ['--resume', src_dir / 'iter_2.pth']
+    else:  # --resume alone: the latest checkpoint of the work dir
+        work_dir = tmp_path / 'copy'
+        shutil.copytree(src_dir, work_dir)
+        (work_dir / 'last_checkpoint').write_text(str(work_dir / 'iter_2.pth'))
+        args = ['--resume']
+    out = train(work_dir, tiny_coco_session, *args, max_iters=4).stdout
+    assert 'resumed epoch: 0, iter: 2' in out
+    if how == 'auto':
+        assert 'Auto resumed from the latest checkpoint' in out
+    assert 'Iter(train) [3/4]' in out and 'Iter(train) [4/4]' in out
+    assert 'Iter(train) [1/4]' not in out
+    state = load_ckpt(work_dir / 'iter_4.pth')
+    assert state['meta']['iter'] == 4
+
+
+def test_resume_fails_without_trusted_loading(trained, tiny_coco_session,
+                                              tmp_path):
+    """Guards the reason for trust_checkpoints: with torch's default
+    (weights_only=True) mmengine cannot load its own checkpoints."""
+    src_dir, _ = trained
+    proc = train(tmp_path / 'w', tiny_coco_session, '--resume',
+                 src_dir / 'iter_2.pth', max_iters=4,
+                 env=tool_env(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='0'),
+                 check=False)
+    assert proc.returncode != 0
+    assert 'Weights only load failed' in proc.stdout
+
+
+def test_test_tool_evaluates(trained, tiny_coco_session, tmp_path):
+    src_dir, _ = trained
+    out_pkl = tmp_path / 'preds.pkl'
+    proc = run([sys.executable, REPO / 'tools' / 'test.py', CONFIG,
+                src_dir / 'iter_2.pth', '--work-dir', tmp_path / 'test',
+                '--out', out_pkl, '--cfg-options',
+                *tiny_coco_session.cfg_options()])
+    for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
+                'coco/segm_mAP_50'):
+        assert f'{key}:' in proc.stdout
+    assert 'Load checkpoint from' in proc.stdout
+    with open(out_pkl, 'rb') as f:
+        preds = pickle.load(f)
+    assert len(preds) == 2  # the 2 val images
+    assert {'pred_instances', 'img_id'} <= set(preds[0])
+
+
+def test_dist_train_two_cpu_processes(tiny_coco_session, tmp_path):
+    work_dir = tmp_path / 'dist'
+    env = tool_env(PORT=str(free_port()), PYTHON=sys.executable)
+    proc = run(['bash', REPO / 'tools' / 'dist_train.sh', CONFIG, '2',
+                '--work-dir', work_dir, '--cfg-options',
+                *tiny_coco_session.cfg_options(), 'train_cfg.max_iters=2'],
+               env=env)
+    out = proc.stdout
+    for rank in (0, 1):
+        assert (f'[mmnorm rank {rank}/2] no CUDA: initialised torch.distributed'
+                f' for the pytorch launcher with the gloo backend') in out
+        assert f'[mmnorm rank {rank}/2] training finished at epoch 0, iter 2' in out
+    assert 'CPUDistributedDataParallel' in out
+    assert 'Distributed training: True' in out
+    assert 'GPU number: 2' in out  # mmengine's name for the world size
+    assert 'Iter(train) [2/2]' in out
+    assert load_ckpt(work_dir / 'iter_2.pth')['meta']['iter'] == 2
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# Stand-in for srun: starts --ntasks copies of the command on this machine
+# with the variables Slurm gives each task.
+echo "fake srun $*"
+n=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -p) shift 2 ;;
+        --ntasks=*) n=${1#--ntasks=}; shift ;;
+        --cpus-per-task=*) export SLURM_CPUS_PER_TASK=${1#--cpus-per-task=}; shift ;;
+        -*) shift ;;
+        *) break ;;
+    esac
+done
+pids=()
+for ((i = 0; i < n; i++)); do
+    SLURM_PROCID=$i SLURM_NTASKS=$n SLURM_LOCALID=$i SLURM_NODELIST=fakenode \
+        "$@" &
+    pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/bin/sh
+[ "$1 $2 $3" = "show hostnames fakenode" ] && echo 127.0.0.1
+"""
+
+
+def write_exe(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_slurm_train_two_cpu_tasks(tiny_coco_session, tmp_path):
+    """tools/slurm_train.sh under a stand-in srun/scontrol: the tasks find
+    each other from SLURM_* variables and train with gloo."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    write_exe(bin_dir / 'srun', FAKE_SRUN)
+    write_exe(bin_dir / 'scontrol', FAKE_SCONTROL)
+    env = tool_env(PATH=f'{bin_dir}:{os.environ["PATH"]}', GRES='', GPUS='2',
+                   GPUS_PER_NODE='2', CPUS_PER_TASK='1', PYTHON=sys.executable,
+                   PORT=str(free_port()))
+    for key in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE',
+                'LOCAL_RANK', 'OMP_NUM_THREADS'):
+        env.pop(key, None)
+    work_dir = tmp_path / 'slurm'
+    out = run(['bash', REPO / 'tools' / 'slurm_train.sh', 'part', 'job',
+               CONFIG, work_dir, '--cfg-options',
+               *tiny_coco_session.cfg_options(), 'train_cfg.max_iters=2'],
+              env=env).stdout
+    assert '--ntasks=2 --ntasks-per-node=2 --cpus-per-task=1' in out
+    assert '--gres' not in out
+    for rank in (0, 1):
+        assert (f'[mmnorm rank {rank}/2] no CUDA: initialised torch.distributed'
+                f' for the slurm launcher with the gloo backend (config asked '
+                f'for nccl), local rank {rank}, master 127.0.0.1:'
+                f'{env["PORT"]}') in out
+        assert f'[mmnorm rank {rank}/2] training finished at epoch 0, iter 2' in out
+    assert 'Distributed launcher: slurm' in out
+    assert 'OMP_NUM_THREADS was not set: using 1 thread(s) per process' in out
+    assert load_ckpt(work_dir / 'iter_2.pth')['meta']['iter'] == 2
+
+
+def test_slurm_environment_is_derived(tmp_path, monkeypatch):
+    """The Slurm launcher's variables become torch.distributed's, with the
+    master address from `scontrol show hostnames` (a stand-in here)."""
+    from mmnorm import runtime
+    write_exe(tmp_path / 'scontrol',
+              '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[3-4]" ] '
+              '&& printf "node3\\nnode4\\n"\n')
+    monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
+    for key in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE',
+                'LOCAL_RANK'):
+        monkeypatch.setenv(key, 'unset')  # so that monkeypatch restores it
+        monkeypatch.delenv(key)
+    monkeypatch.setenv('SLURM_PROCID', '3')
+    monkeypatch.setenv('SLURM_NTASKS', '4')
+    monkeypatch.setenv('SLURM_LOCALID', '1')
+    monkeypatch.setenv('SLURM_NODELIST', 'node[3-4]')
+    monkeypatch.setenv('PORT', '29999')
+    runtime._env_from_slurm(None)
+    assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == (
+        'node3', '29999')
+    assert (os.environ['RANK'], os.environ['WORLD_SIZE'],
+            os.environ['LOCAL_RANK']) == ('3', '4', '1')
+
+
+def test_cpu_ddp_wrapper_single_process(tmp_path):
+    """setup_distributed on CPU: gloo process group, and a wrapper that
+    accepts the device_ids mmengine's Runner passes."""
+    code = '''
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODEL_WRAPPERS
+from mmnorm import runtime
+cfg = Config(dict())
+runtime.setup_distributed(cfg, 'pytorch')
+assert torch.distributed.get_backend() == 'gloo'
+assert cfg.model_wrapper_cfg['type'] == 'CPUDistributedDataParallel'
+ddp = MODEL_WRAPPERS.build(dict(cfg.model_wrapper_cfg),
+                           default_args=dict(module=torch.nn.Linear(2, 2),
+                                             device_ids=[0]))
+assert ddp.device_ids is None
+print('ok', type(ddp).__name__)
+user_cfg = Config(dict(model_wrapper_cfg=dict(type='MMDistributedDataParallel')))
+runtime.setup_distributed(user_cfg, 'pytorch')  # already initialised
+assert user_cfg.model_wrapper_cfg['type'] == 'MMDistributedDataParallel'
+torch.distributed.destroy_process_group()
+'''
+    env = tool_env(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
+                   CUDA_VISIBLE_DEVICES='')
+    proc = run([sys.executable, '-c', code], env=env)
+    assert 'ok CPUDistributedDataParallel' in proc.stdout
+    assert '[mmnorm rank 0/1] no CUDA: initialised torch.distributed' in proc.stdout
+    assert ('[mmnorm rank 0/1] keeping the config\'s model_wrapper_cfg type '
+            'MMDistributedDataParallel (the Runner passes device_ids') in proc.stdout

@@ -1,0 +1,65 @@
+"""Test (and evaluate) a detector whose config may use mmnorm's layers.
+
+Same command line as MMDetection 3.x's tools/test.py, e.g.
+    python tools/test.py CONFIG CHECKPOINT [--out results.pkl]
+    bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [...]
+"""
+import argparse
+import os
+import sys
+
+from mmengine.config import DictAction
+from mmdet.evaluation import DumpDetResults
+from mmdet.utils import setup_cache_size_limit_of_dynamo
+
+import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
+from mmnorm import runtime
+from mmnorm.datacheck import DataNotFoundError
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description='Test a detector (mmnorm)')
+    p.add_argument('config', help='test config file path')
+    p.add_argument('checkpoint', help='checkpoint file')
+    p.add_argument('--work-dir', help='the dir to save evaluation metrics')
+    p.add_argument('--out', help='dump predictions to this .pkl file')
+    p.add_argument('--show-dir', help='save painted predictions under '
+                   'work_dir/TIMESTAMP/SHOW_DIR')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+                   help='override config settings, key=value pairs')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                   default='none', help='job launcher')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = p.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        p.error('--out must be a .pkl or .pickle file')
+    return args
+
+
+def main():
+    args = parse_args()
+    setup_cache_size_limit_of_dynamo()
+    cfg = runtime.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg.load_from = args.checkpoint
+
+    if args.show_dir:
+        if 'visualization' not in cfg.default_hooks:
+            raise RuntimeError('--show-dir needs a visualization hook in '
+                               'default_hooks')
+        cfg.default_hooks.visualization.draw = True
+        cfg.default_hooks.visualization.test_out_dir = args.show_dir
+
+    runner = runtime.build_runner(cfg, 'test')
+    if args.out is not None:
+        runner.test_evaluator.metrics.append(
+            DumpDetResults(out_file_path=args.out))
+    runner.test()
+    runtime.report_rank_finished('testing')
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except DataNotFoundError as error:
+        sys.exit(f'error: {error}')
