@@ -75,7 +75,8 @@ def write_tiny_coco(root, num_train=4, num_val=2, size=64, seed=0, classes=TINY_
     """Write ``num_train`` + ``num_val`` PNGs with 2-3 filled shapes each on
     noise, and COCO instance annotations (bbox, area, iscrowd=0, polygon
     segmentation) to ``root/annotations/{train,val}.json`` (images under
-    ``root/images``). The two shape kinds get the category names ``classes``.
+    ``root/images``). ``classes`` names the categories; the two shape kinds
+    are the first two.
     With ``coco_layout`` the files are where COCO 2017 keeps them
     (``annotations/instances_{train,val}2017.json``, ``{train,val}2017/``), so
     a COCO config needs only its data root changed."""
