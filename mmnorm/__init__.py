@@ -2,9 +2,10 @@
 
 ``import mmnorm`` (or ``custom_imports=dict(imports=['mmnorm'])`` in a config)
 registers the layers in mmengine's root ``MODELS`` registry, so any scope finds
-them: norm layers ``MABN``, ``BRN``; conv layers ``CenConv``, ``WSConv``.
+them: norm layers ``MABN``, ``BRN``; conv layers ``CenConv``, ``WSConv``; and
+the Fashion-MNIST data set, classifier and metric of the small-scale studies.
 """
-from . import sync_bn  # noqa: F401  (keeps mmnorm layers under cfg.sync_bn)
+from . import classifier, fashion_mnist, sync_bn  # noqa: F401  (registration; see sync_bn)
 from .layers import BRN, MABN, CenConv, WSConv
 
 __version__ = '0.1.0'

@@ -138,3 +138,45 @@ def test_every_registered_layer_is_real():
         assert MODELS.get(name) is getattr(mmnorm, name)
         assert name not in NORM_TYPES or issubclass(MODELS.get(name), SmallBatchNorm)
     assert MODELS.get('ConvWS') is not None  # mmcv's own stays usable beside ours
+
+
+@pytest.mark.parametrize('norm_type', NORM_TYPES)
+@pytest.mark.parametrize('images', [1, 2])
+def test_mask_rcnn_with_the_layer_everywhere_trains_then_predicts(norm_type, images):
+    """ResNet-50 + FPN + 4conv1fc box head + 4-conv mask head, the layer in all
+    of them and nothing frozen (configs/mask_rcnn_mabn.py's model with the norm
+    swapped): 3 training iterations with finite losses, then prediction."""
+    import mmdet.models  # noqa: F401
+    from mmdet.testing import demo_mm_inputs
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+
+    from conftest import REPO
+    cfg = Config.fromfile(REPO / 'configs' / 'mask_rcnn_mabn.py')
+    norm = dict(type=norm_type, requires_grad=True)
+    conv = dict(type='CenConv') if norm_type == 'MABN' else None
+    for part in (cfg.model.backbone, cfg.model.neck, cfg.model.roi_head.bbox_head,
+                 cfg.model.roi_head.mask_head):
+        part.norm_cfg, part.conv_cfg = norm, conv
+    # Fewer sampled RoIs than the 512 of training on COCO, for the CPU's sake.
+    cfg.merge_from_dict({'model.train_cfg.rcnn.sampler.num': 64,
+                         'model.train_cfg.rpn_proposal.max_per_img': 200})
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    assert all(type(m).__name__ == norm_type for m in norm_layers(model).values())
+    optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    model.train()
+    for step in range(3):
+        batch = demo_mm_inputs(images, [(3, 128, 160)] * images, num_items=[3] * images,
+                               num_classes=80, with_mask=True)
+        losses = model.train_step(batch, optim)
+        assert all(torch.isfinite(v).all() for v in losses.values()), (step, losses)
+    model.eval()
+    with torch.no_grad():
+        results = model.test_step(demo_mm_inputs(images, [(3, 128, 160)] * images,
+                                                 num_classes=80, with_mask=True))
+    assert len(results) == images
+    for result in results:
+        assert {'bboxes', 'scores', 'masks'} <= set(result.pred_instances.keys())
+        assert torch.isfinite(result.pred_instances.scores).all()

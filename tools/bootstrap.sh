@@ -77,6 +77,9 @@ make_venv
 install_stack
 ensure_fashion_mnist
 export PATH="$VENV/bin:$PATH"
+# PyTorch's OpenMP threads spin while waiting for each other; on a shared 2-core
+# machine a descheduled thread then stalls every op (training steps ~5x slower here).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 case "${1:-}" in
     main) shift; exec "$VENV/bin/python" "$ROOT/tools/main_job.py" "$@" ;;
