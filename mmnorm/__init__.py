@@ -2,11 +2,12 @@
 
 ``import mmnorm`` (or ``custom_imports=dict(imports=['mmnorm'])`` in a config)
 registers the layers in mmengine's root ``MODELS`` registry, so any scope finds
-them: norm layers ``MABN``, ``BRN``; conv layers ``CenConv``, ``WSConv``; and
-the Fashion-MNIST data set, classifier and metric of the small-scale studies.
+them: norm layers ``MABN``, ``CBN``, ``BRN``; conv layers ``CenConv``,
+``WSConv``; CBN's burn-in hook; and the Fashion-MNIST data set, classifier and
+metric of the small-scale studies.
 """
-from . import classifier, fashion_mnist, sync_bn  # noqa: F401  (registration; see sync_bn)
-from .layers import BRN, MABN, CenConv, WSConv
+from . import classifier, fashion_mnist, hooks, sync_bn  # noqa: F401  (registration; see sync_bn)
+from .layers import BRN, CBN, MABN, CenConv, WSConv
 
 __version__ = '0.1.0'
-__all__ = ['BRN', 'CenConv', 'MABN', 'WSConv']
+__all__ = ['BRN', 'CBN', 'CenConv', 'MABN', 'WSConv']

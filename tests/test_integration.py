@@ -14,7 +14,7 @@ import mmnorm
 from mmnorm.layers._state import SmallBatchNorm
 from mmnorm.sync_bn import convert_sync_batchnorm
 
-NORM_TYPES = ['BRN', 'MABN']
+NORM_TYPES = ['BRN', 'CBN', 'MABN']
 
 
 def build(module_cfg, norm_type):
