@@ -40,9 +40,11 @@ install_stack() {
         say "keeping torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
     else
         say "installing torch (CPU build)"
-        pip_install -q -r "$REQ/torch-cpu.txt" -r "$REQ/build.txt"
+        pip_install -q -r "$REQ/torch-cpu.txt"
     fi
-    # After torch: its own requirements may otherwise replace setuptools by one without pkg_resources.
+    # After torch, and in a separate call: torch 2.13 asks for setuptools >= 77.0.3, which pip
+    # cannot resolve together with mmcv's setuptools<70; the old setuptools is what mmcv's build
+    # and mmengine's pkg_resources need, and torch only uses setuptools to build extensions.
     pip_install -q -r "$REQ/build.txt"
     if installed mmcv 2.1.0 && "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
         say "mmcv 2.1.0 with compiled ops is installed"
