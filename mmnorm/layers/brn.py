@@ -9,8 +9,10 @@ Training, per channel c, for x of shape (N, C, *) reduced over every dim but 1:
     y       = weight * ((x - mu_B) / sigma_B * r + d) + bias
 
 r and d are constants for autograd, so y is BatchNorm with batch statistics
-and the affine pair (weight * r, weight * d + bias); the layer computes it with
-PyTorch's fused batch-norm kernel and gets BN's backward for free.
+and the affine pair (weight * r, weight * d + bias): the layer runs PyTorch's
+fused batch-norm kernel once (x_hat with the batch mean and 1 / sigma_B, from
+which r and d follow), applies the affine pair in place, and its backward is
+BatchNorm's backward kernel with gamma = weight * r.
 
 After the output, the running statistics move towards the batch (the paper's
 algorithm: the running *standard deviation*, not the variance, is averaged):
@@ -28,16 +30,40 @@ host synchronisation per step.
 """
 import torch
 from mmengine.registry import MODELS
+from torch.autograd.function import once_differentiable
 
 from ._state import SmallBatchNorm, check_number
 
 
-def renormalized_batch_norm(x, weight, bias, r, d, eps):
-    """``weight * ((x - mu_B) / sigma_B * r + d) + bias`` with batch statistics
-    of ``x`` (N, C, *), where r, d, weight, bias have shape (C,) and r, d are
-    treated as constants. One fused batch-norm call."""
-    return torch.batch_norm(x, weight * r, weight * d + bias, None, None, True, 0.0, eps,
-                            torch.backends.cudnn.enabled)
+class RenormalizedBatchNorm(torch.autograd.Function):
+    """``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` for x (N, C, *).
+
+    ``correction(mu_B, sigma_B) -> (r, d)`` is called once in the forward with
+    the (C,) batch statistics (float32 or float64, like ``x``), under no_grad:
+    r and d are constants for autograd. Backward: BatchNorm's with
+    gamma = weight * r, so dweight = r * sum(dy * x_hat) + d * sum(dy) and
+    dbias = sum(dy).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, correction, eps):
+        x_hat, mean, inv_std = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+        r, d = correction(mean, inv_std.reciprocal())
+        gamma = weight * r
+        shape = SmallBatchNorm.channel_shape(x)
+        y = torch.addcmul((weight * d + bias).view(shape), x_hat, gamma.view(shape), out=x_hat)
+        ctx.save_for_backward(x, mean, inv_std, gamma, r, d)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, mean, inv_std, gamma, r, d = ctx.saved_tensors
+        dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            dy.contiguous(), x, gamma, None, None, mean, inv_std, True, ctx.eps,
+            [ctx.needs_input_grad[0], True, True])
+        return dx, dgamma * r + dbeta * d, dbeta, None, None
 
 
 @MODELS.register_module()
@@ -81,24 +107,25 @@ class BRN(SmallBatchNorm):
     def _train_forward(self, x):
         self.num_batches_tracked.add_(1)
         dtype = self.stats_dtype(x)
-        with torch.no_grad():
-            var_batch, mean_batch = torch.var_mean(x.to(dtype), dim=self.reduce_dims(x),
-                                                   correction=0)
-            std_batch = (var_batch + self.eps).sqrt()
-            std_running = (self.running_var.to(dtype) + self.eps).sqrt()
-            r_max, d_max = self.clip_bounds(dtype)
-            r = torch.clamp(std_batch / std_running, 1 / r_max, r_max)
-            d = torch.clamp((mean_batch - self.running_mean.to(dtype)) / std_running, -d_max, d_max)
+        y = RenormalizedBatchNorm.apply(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
+                                        self._correct_and_update, self.eps)
+        return y.to(x.dtype)
 
-            finite = torch.isfinite(mean_batch) & torch.isfinite(std_batch)
-            self.warn_if_nonfinite(finite)
-            new_std = std_running + self.momentum * (std_batch - std_running)
-            new_mean = self.running_mean + self.momentum * (mean_batch - self.running_mean)
-            self.update_where_finite(self.running_mean, new_mean, finite)
-            self.update_where_finite(self.running_var, new_std.square() - self.eps, finite)
-        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
-        y = renormalized_batch_norm(x, weight, bias, r, d, self.eps)
-        return y
+    def _correct_and_update(self, mean_batch, std_batch):
+        """(r, d) for this step's batch statistics (C,), then the running
+        statistics' update; both on the device, without host synchronisation."""
+        std_running = (self.running_var.to(std_batch.dtype) + self.eps).sqrt()
+        r_max, d_max = self.clip_bounds(std_batch.dtype)
+        r = torch.clamp(std_batch / std_running, 1 / r_max, r_max)
+        d = torch.clamp((mean_batch - self.running_mean) / std_running, -d_max, d_max)
+
+        finite = torch.isfinite(mean_batch) & torch.isfinite(std_batch)
+        self.warn_if_nonfinite(finite)
+        new_std = std_running + self.momentum * (std_batch - std_running)
+        new_mean = self.running_mean + self.momentum * (mean_batch - self.running_mean)
+        self.update_where_finite(self.running_mean, new_mean, finite)
+        self.update_where_finite(self.running_var, new_std.square() - self.eps, finite)
+        return r, d
 
     def extra_repr(self):
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '

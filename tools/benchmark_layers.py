@@ -1,0 +1,482 @@
+"""Speed and memory of mmnorm's layers, each next to its baseline, in one run.
+
+    python tools/benchmark_layers.py [--scale 0.5] [--repeats 5] [--threads N]
+        [--layers MABN BRN ...] [--out docs/layer_benchmark.md]
+
+For every layer and every shape, the layer and its baseline are built at the
+same shape and measured alternately (layer, baseline, baseline, layer, ...), so
+that a change in the machine's load hits both; each number is the median of at
+least ``--repeats`` samples taken after warm-up, and of more while they took
+less than ``--min-time`` seconds (a cheap layer gets many samples, which the
+noise of a shared machine needs). Ratios are layer / baseline.
+
+What is measured, per module:
+
+* fwd: a training-mode forward with autograd recording (the input requires
+  grad, as in the middle of a network);
+* fwd+bwd: that same forward plus the backward of a fixed random incoming
+  gradient (one training step of the layer; the two columns come from the
+  same call);
+* eval: an eval-mode forward under ``torch.no_grad()``;
+* memory: on the CPU, torch has no peak-allocation counter, so the column is
+  the bytes of the distinct storages that autograd saves for backward
+  (``torch.autograd.graph.saved_tensors_hooks``) plus the output, leaving
+  out the module's own parameters and buffers (resident anyway); on CUDA it is
+  the peak of ``torch.cuda.max_memory_allocated`` during forward+backward above
+  what was allocated before;
+* buffers: the module's persistent buffers (running statistics, MABN's window,
+  CBN's history).
+
+Shapes, at 2 images per batch for an 800x1333 image padded to a multiple of 32
+(800x1344); ``--scale s`` multiplies that image's sides by s and the number of
+RoIs by s^2 (the same shrink of the head batches as of the image area), so
+``--scale 1`` gives the real shapes:
+
+* a ResNet-50 res2 stage activation (2, 256, H/4, W/4); conv rows use the
+  bottleneck's last conv there, 1x1 64 -> 256;
+* an FPN level P3 (2, 256, H/8, W/8); 3x3 256 -> 256;
+* a 512-RoI box head batch (512, 256, 7, 7); 3x3 256 -> 256 (4conv1fc head);
+* a 128-RoI mask head batch (128, 256, 14, 14); 3x3 256 -> 256.
+
+Convs feeding a norm have no bias, as in MMDetection. FrozenBN is MMDetection's
+frozen BN: ``nn.BatchNorm2d`` kept in eval mode (running statistics) with
+weight and bias ``requires_grad=False`` (``norm_cfg=dict(type='BN',
+requires_grad=False), norm_eval=True``); its input still requires grad, so the
+backward computes dx. CBN is called as ``nn.Sequential(conv, CBN)`` and trained
+burn-in + buffer_num steps before any timing, so that every timed step uses a
+full, compensated history (checked).
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGE = (800, 1333)  # MMDetection's 1x test/train scale, padded to a multiple of 32
+SIZE_DIVISOR = 32
+
+
+# ------------------------------------------------------------------ shapes
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    size: tuple  # (N, C, H, W) at the norm's input
+    conv_in: int  # in_channels of the conv in the conv rows
+    kernel: int  # its kernel size (padding kernel // 2 keeps H, W)
+
+    @property
+    def channels(self):
+        return self.size[1]
+
+    def describe(self):
+        return (f'{self.name}: norm input {tuple(self.size)}; conv {self.kernel}x{self.kernel} '
+                f'{self.conv_in} -> {self.channels}')
+
+
+def make_shapes(scale):
+    h, w = (math.ceil(side * scale / SIZE_DIVISOR) * SIZE_DIVISOR for side in IMAGE)
+
+    def rois(n):
+        return max(1, round(n * scale * scale))
+
+    return [
+        Shape('res2 stage', (2, 256, h // 4, w // 4), 64, 1),
+        Shape('FPN P3', (2, 256, h // 8, w // 8), 256, 3),
+        Shape('box head', (rois(512), 256, 7, 7), 256, 3),
+        Shape('mask head', (rois(128), 256, 14, 14), 256, 3),
+    ]
+
+
+# ----------------------------------------------------------------- modules
+class FrozenBN(nn.BatchNorm2d):
+    """BatchNorm2d that stays in eval mode and whose affine parameters are
+    frozen, as MMDetection's ResNet with norm_eval=True, requires_grad=False."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+def conv(shape, cls=nn.Conv2d):
+    return cls(shape.conv_in, shape.channels, shape.kernel, padding=shape.kernel // 2, bias=False)
+
+
+def bn(shape):
+    return nn.BatchNorm2d(shape.channels)
+
+
+def gn(shape):
+    return nn.GroupNorm(32, shape.channels)
+
+
+def frozen_bn(shape):
+    return FrozenBN(shape.channels)
+
+
+def mabn(shape):
+    from mmnorm.layers.mabn import MABN
+    return MABN(shape.channels)
+
+
+def brn(shape):
+    from mmnorm.layers.brn import BRN
+    return BRN(shape.channels)
+
+
+def cbn(shape):
+    from mmnorm.layers.cbn import CBN
+    return CBN(shape.channels)
+
+
+def ws_conv(shape):
+    from mmnorm.layers.conv import WSConv
+    return conv(shape, WSConv)
+
+
+def cen_conv(shape):
+    from mmnorm.layers.conv import CenConv
+    return conv(shape, CenConv)
+
+
+def then(first, second):
+    """A builder of ``nn.Sequential(first(shape), second(shape))``."""
+    return lambda shape: nn.Sequential(first(shape), second(shape))
+
+
+@dataclass(frozen=True)
+class Aim:
+    metric: str  # 'fwd', 'fwd+bwd' or 'eval'
+    limit: float  # met when the ratio is <= limit
+    label: str
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    baseline: str
+    build: Callable
+    build_baseline: Callable
+    conv_input: bool = False  # the input is the conv's (conv_in channels)
+    aims: tuple = ()
+
+
+ROWS = [
+    Row('MABN', 'BN', mabn, bn, aims=(Aim('fwd+bwd', 1.5, 'fwd+bwd <= 1.5x'),)),
+    Row('BRN', 'BN', brn, bn, aims=(Aim('fwd+bwd', 1.5, 'fwd+bwd <= 1.5x'),)),
+    Row('GN', 'BN', gn, bn),
+    Row('FrozenBN', 'BN', frozen_bn, bn),
+    Row('Conv+CBN', 'Conv+BN', then(conv, cbn), then(conv, bn), conv_input=True,
+        aims=(Aim('fwd+bwd', 1.6, 'fwd+bwd <= 1.6x'),)),
+    Row('WSConv+GN', 'Conv+GN', then(ws_conv, gn), then(conv, gn), conv_input=True),
+    Row('CenConv+MABN', 'Conv+BN', then(cen_conv, mabn), then(conv, bn), conv_input=True),
+    Row('WSConv', 'Conv', ws_conv, conv, conv_input=True,
+        aims=(Aim('fwd+bwd', 1.1, 'fwd+bwd <= 1.1x'),
+              Aim('eval', 1.05, 'eval = 1.0x (<= 1.05x, noise)'))),
+    Row('CenConv', 'Conv', cen_conv, conv, conv_input=True),
+]
+MAX_ROUNDS = 200
+
+
+# ------------------------------------------------------------- measuring
+def train_step(module, x, grad, sync):
+    """One training step of ``module``: (forward seconds, forward+backward seconds)."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    sync()
+    start = time.perf_counter()
+    y = module(x)
+    sync()
+    middle = time.perf_counter()
+    y.backward(grad)
+    sync()
+    return middle - start, time.perf_counter() - start
+
+
+def eval_step(module, x, sync):
+    """One eval-mode forward without autograd: (seconds,)."""
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        module(x)
+    sync()
+    return (time.perf_counter() - start,)
+
+
+def median_times(modules, step, warmups, repeats, min_time):
+    """Run ``step(module)`` ``warmups[i]`` times per module, then in rounds
+    that call every module once, alternating the modules (the order reversed
+    every other round), until there are ``repeats`` rounds and the rounds took
+    ``min_time`` seconds per module (at most MAX_ROUNDS). Returns, per module,
+    the median of each number ``step`` returns."""
+    for module, warmup in zip(modules, warmups):
+        for _ in range(warmup):
+            step(module)
+    samples = [[] for _ in modules]
+    order = list(range(len(modules)))
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (time.perf_counter() - start < min_time * len(modules)
+                               and rounds < MAX_ROUNDS):
+        for j in (order if rounds % 2 == 0 else order[::-1]):
+            samples[j].append(step(modules[j]))
+        rounds += 1
+    return [[statistics.median(column) for column in zip(*rows)] for rows in samples]
+
+
+def memory_bytes(module, x, grad, device):
+    """Memory of one training step (see the module docstring)."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        module(x).backward(grad)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    resident = {t.untyped_storage().data_ptr()
+                for t in list(module.parameters()) + list(module.buffers())}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = module(x)
+    pack(y)
+    y.backward(grad)
+    return sum(storages.values())
+
+
+def buffer_bytes(module):
+    return sum(b.nbytes for b in module.buffers())
+
+
+def cbn_layers(module):
+    return [m for m in module.modules() if hasattr(m, 'buffer_num') and hasattr(m, 'burnin_iters')]
+
+
+def steps_to_fill(module):
+    """Training steps after which every CBN in ``module`` is past burn-in and
+    has a full history."""
+    return max([m.burnin_iters() + m.buffer_num for m in cbn_layers(module)], default=0)
+
+
+def check_history_full(module):
+    for m in cbn_layers(module):
+        pushes, k = int(m.history_pushes), m.buffer_num
+        if pushes < k:
+            raise RuntimeError(f'CBN history holds {pushes} of {k} steps after warm-up')
+
+
+@dataclass
+class Result:
+    row: Row
+    shape: Shape
+    layer: dict = field(default_factory=dict)  # metric -> seconds or bytes
+    baseline: dict = field(default_factory=dict)
+    error: str = ''
+
+    def ratio(self, metric):
+        return self.layer[metric] / self.baseline[metric] if self.baseline[metric] else math.nan
+
+
+def measure(row, shape, args, device):
+    """Measure ``row`` at ``shape``; an exception becomes ``Result.error``."""
+    result = Result(row, shape)
+    try:
+        torch.manual_seed(0)
+        modules = [row.build(shape).to(device), row.build_baseline(shape).to(device)]
+        n, c, h, w = shape.size
+        x = torch.randn(n, shape.conv_in if row.conv_input else c, h, w, device=device,
+                        requires_grad=True)
+        grad = torch.randn(shape.size, device=device)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+
+        for module in modules:
+            module.train()
+        warmups = [max(args.warmup, steps_to_fill(module)) for module in modules]
+        train = median_times(modules, lambda m: train_step(m, x, grad, sync), warmups,
+                             args.repeats, args.min_time)
+        check_history_full(modules[0])
+        memory = [memory_bytes(module, x, grad, device) for module in modules]
+        for module in modules:
+            module.eval()
+        evals = median_times(modules, lambda m: eval_step(m, x, sync), [args.warmup] * 2,
+                             args.repeats, args.min_time)
+        for i, target in enumerate((result.layer, result.baseline)):
+            target.update({'fwd': train[i][0], 'fwd+bwd': train[i][1], 'eval': evals[i][0],
+                           'memory': memory[i], 'buffers': buffer_bytes(modules[i])})
+    # One failing layer (e.g. cbn.py mid-edit) must not stop the run: it becomes a row.
+    except Exception as exc:  # noqa: BLE001
+        result.error = f'{type(exc).__name__}: {exc}'.replace('|', '/').replace('\n', ' ')[:300]
+    return result
+
+
+# ------------------------------------------------------------------ report
+def fmt_ms(seconds):
+    ms = seconds * 1e3
+    return f'{ms:.1f}' if ms >= 10 else f'{ms:.2f}' if ms >= 1 else f'{ms:.3f}'
+
+
+def fmt_mb(nbytes):
+    mb = nbytes / 2**20
+    return f'{mb:.1f}' if mb >= 10 else f'{mb:.2f}' if mb >= 0.1 else f'{mb:.3f}'
+
+
+def aim_status(result, aim):
+    ratio = result.ratio(aim.metric)
+    return ratio, ('met' if ratio <= aim.limit else 'MISSED')
+
+
+def table(results, device):
+    memory = 'peak memory' if device.type == 'cuda' else 'saved for backward + output'
+    header = ['layer', 'baseline', 'shape', 'fwd ms (layer / base)', 'fwd x',
+              'fwd+bwd ms (layer / base)', 'fwd+bwd x', 'eval ms (layer / base)', 'eval x',
+              f'{memory} MB (layer / base)', 'memory x', 'buffers MB (layer / base)', 'aim']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for r in results:
+        cells = [r.row.name, r.row.baseline, f'{r.shape.name} {"x".join(map(str, r.shape.size))}']
+        if r.error:
+            cells += [f'not measured: {r.error}'] + [''] * (len(header) - 4)
+        else:
+            for metric, fmt in (('fwd', fmt_ms), ('fwd+bwd', fmt_ms), ('eval', fmt_ms),
+                                ('memory', fmt_mb)):
+                cells += [f'{fmt(r.layer[metric])} / {fmt(r.baseline[metric])}',
+                          f'{r.ratio(metric):.2f}x']
+            cells.append(f'{fmt_mb(r.layer["buffers"])} / {fmt_mb(r.baseline["buffers"])}')
+            cells.append('; '.join(f'{aim.label}: {aim_status(r, aim)[1]}'
+                                   for aim in r.row.aims) or '-')
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def aims_summary(results):
+    lines = ['| layer | aim | ratio per shape | worst | verdict |', '|---|---|---|---|---|']
+    for row in dict.fromkeys(r.row for r in results):
+        mine = [r for r in results if r.row is row]
+        for aim in row.aims:
+            measured = [r for r in mine if not r.error]
+            ratios = ', '.join(f'{r.shape.name} {r.ratio(aim.metric):.2f}x' for r in measured)
+            if len(measured) < len(mine):
+                ratios += f'{", " if ratios else ""}{len(mine) - len(measured)} not measured'
+            worst = max((r.ratio(aim.metric) for r in measured), default=math.nan)
+            if math.isnan(worst):
+                worst_text, verdict = '-', 'not measured'
+            else:
+                worst_text, verdict = f'{worst:.2f}x', 'met' if worst <= aim.limit else 'MISSED'
+            lines.append(f'| {row.name} | {aim.label} | {ratios} | {worst_text} | {verdict} |')
+    return lines
+
+
+def report(results, args, argv, device, shapes, load):
+    command = ' '.join(['python tools/benchmark_layers.py'] + list(argv))
+    lines = [
+        '# Layer benchmark: mmnorm layers next to their baselines',
+        '',
+        f'Command: `{command}`  ',
+        (f'torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, '
+         f'scale {args.scale}; each time is the median of alternated samples (at least '
+         f'{args.repeats}, and more until {args.min_time} s per module and mode, at most '
+         f'{MAX_ROUNDS}) after {args.warmup} warm-up calls (CBN: after burn-in + buffer_num '
+         'training steps).  '),
+        (f'Load average at the start: {load} on {os.cpu_count()} CPUs (other processes '
+         'running on the same cores make times noisy, more so with several threads).'),
+        '',
+        'Shapes (2 images per batch; `--scale 1` is an 800x1333 image, 512 and 128 RoIs):',
+        '',
+    ]
+    lines += [f'- {shape.describe()}' for shape in shapes]
+    lines += [
+        '',
+        'Ratios are layer / baseline at the same shape, measured alternately in this run. '
+        'fwd: training forward with autograd; fwd+bwd: the same step with its backward; '
+        'eval: eval-mode forward under no_grad. '
+        + ('Memory: peak of torch.cuda.max_memory_allocated during forward+backward. '
+           if device.type == 'cuda' else
+           'Memory: distinct storages saved for backward (saved_tensors_hooks) plus the '
+           'output, without the module\'s parameters and buffers (CPU torch has no peak '
+           'counter). ')
+        + 'Buffers: persistent state. FrozenBN: BatchNorm2d in eval mode with frozen affine '
+        'parameters (MMDetection\'s norm_eval=True, requires_grad=False); its input requires '
+        'grad. Convs have no bias.',
+        '',
+    ]
+    lines += table(results, device)
+    lines += ['', '## Aims', '']
+    lines += aims_summary(results)
+    return '\n'.join(lines) + '\n'
+
+
+# -------------------------------------------------------------------- main
+def parse_args(argv):
+    names = [row.name for row in ROWS]
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--scale', type=float, default=0.5,
+                   help='image sides x scale, RoI counts x scale^2 (1: 800x1333, 512/128 '
+                   'RoIs; default 0.5, a few minutes on 2 cores)')
+    p.add_argument('--repeats', type=int, default=5,
+                   help='at least this many timed samples per module and mode (median)')
+    p.add_argument('--min-time', type=float, default=1.0,
+                   help='and keep sampling until this many seconds per module and mode '
+                   f'(at most {MAX_ROUNDS} samples): cheap layers get many samples')
+    p.add_argument('--warmup', type=int, default=2, help='untimed calls per module first')
+    p.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
+    p.add_argument('--layers', nargs='+', metavar='NAME', help=f'a subset of {names}')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--out', help='also write the markdown to this file')
+    args = p.parse_args(argv)
+    if args.scale <= 0 or args.repeats < 1 or args.warmup < 0 or args.min_time < 0:
+        p.error('--scale must be > 0, --repeats >= 1, --warmup >= 0, --min-time >= 0')
+    if args.layers:
+        known = {name.lower(): name for name in names}
+        unknown = [name for name in args.layers if name.lower() not in known]
+        if unknown:
+            p.error(f'unknown layers {unknown}; choose from {names}')
+        args.layers = [known[name.lower()] for name in args.layers]
+    return args
+
+
+def main(argv=None):
+    """Run the benchmark; print the markdown and return it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    load = ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
+    shapes = make_shapes(args.scale)
+    rows = [row for row in ROWS if not args.layers or row.name in args.layers]
+    results = []
+    for row in rows:
+        for shape in shapes:
+            start = time.perf_counter()
+            results.append(measure(row, shape, args, device))
+            status = results[-1].error or 'ok'
+            print(f'[{row.name} @ {shape.name}: {time.perf_counter() - start:.1f} s, {status}]',
+                  file=sys.stderr, flush=True)
+    markdown = report(results, args, argv, device, shapes, load)
+    print(markdown)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(markdown)
+    return markdown
+
+
+if __name__ == '__main__':
+    main()
