@@ -19,8 +19,12 @@ NORM_TYPES = ['BRN', 'CBN', 'MABN']
 
 def build(module_cfg, norm_type):
     import mmdet.models  # noqa: F401  (registers MMDetection's modules)
+    from mmengine.registry import DefaultScope
     cfg = dict(module_cfg, norm_cfg=dict(type=norm_type, requires_grad=True))
-    return MODELS.build(cfg)
+    # The heads build their coders and losses in the default scope, which an
+    # earlier Runner in this process may have set to another library's.
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return MODELS.build(cfg)
 
 
 MODULES = {
