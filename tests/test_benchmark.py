@@ -12,6 +12,8 @@ SHAPES = ('res2 stage', 'FPN P3', 'box head', 'mask head')
 PAIRED_COLUMNS = ('fwd ms (layer / base)', 'fwd+bwd ms (layer / base)', 'eval ms (layer / base)',
                   'saved for backward + output MB (layer / base)')
 RATIO_COLUMNS = ('fwd x', 'fwd+bwd x', 'eval x', 'memory x')
+HISTORY = 'CBN history MB (layer / base)'
+TINY = ['--scale', '0.05', '--repeats', '1', '--min-time', '0', '--warmup', '1', '--threads', '1']
 
 
 @pytest.fixture(scope='module')
@@ -52,15 +54,14 @@ def keep_threads():
 
 def test_tiny_run(bench, tmp_path, capsys, keep_threads):
     out = tmp_path / 'docs' / 'bench.md'
-    argv = ['--scale', '0.05', '--repeats', '1', '--min-time', '0', '--warmup', '1',
-            '--threads', '1', '--layers', 'MABN', 'wsconv', '--out', str(out)]
+    argv = TINY + ['--layers', 'MABN', 'wsconv', '--out', str(out)]
     markdown = bench.main(argv)
     assert markdown in capsys.readouterr().out
     assert out.read_text() == markdown
     assert '--layers MABN wsconv' in markdown and 'torch ' in markdown
 
     table, aims = parse_tables(markdown)
-    for column in ('layer', 'baseline', 'shape', 'aim', 'buffers MB (layer / base)',
+    for column in ('layer', 'baseline', 'shape', 'aim', 'buffers MB (layer / base)', HISTORY,
                    *PAIRED_COLUMNS, *RATIO_COLUMNS):
         assert column in table['header']
     assert [(r['layer'], r['baseline']) for r in table['rows']] == (
@@ -73,12 +74,79 @@ def test_tiny_run(bench, tmp_path, capsys, keep_threads):
         for column in RATIO_COLUMNS:  # a ratio of noise may round to 0.00x: format only
             assert re.fullmatch(r'\d+\.\d\dx', row[column]), (row, column)
         assert re.search(r'(met|MISSED)', row['aim'])
+        assert row[HISTORY] == '-'  # no CBN in these rows
 
     assert aims['header'] == ['layer', 'aim', 'ratio per shape', 'worst', 'verdict']
     assert [(r['layer'], r['aim']) for r in aims['rows']] == [
         ('MABN', 'fwd+bwd <= 1.5x'), ('WSConv', 'fwd+bwd <= 1.1x'),
         ('WSConv', 'eval = 1.0x (<= 1.05x, noise)')]
     assert all(r['verdict'] in ('met', 'MISSED') for r in aims['rows'])
+
+
+def test_cbn_rows(bench, keep_threads):
+    """Conv+CBN against conv+BN (with the aim) and against the two-autograd.grad
+    reference, with the history each side holds."""
+    markdown = bench.main(TINY + ['--layers', 'Conv+CBN', 'conv+cbn-vs-grad'])
+    table, aims = parse_tables(markdown)
+    assert [(r['layer'], r['baseline']) for r in table['rows']] == (
+        [('Conv+CBN', 'Conv+BN')] * 4 + [('Conv+CBN', 'Conv+CBN(autograd.grad)')] * 4)
+    for row in table['rows']:
+        assert 'not measured' not in row['fwd ms (layer / base)'], row
+        for column in PAIRED_COLUMNS:
+            assert min(numbers(row[column])) > 0, (row, column)
+        for column in RATIO_COLUMNS:
+            assert re.fullmatch(r'\d+\.\d\dx', row[column]), (row, column)
+    for row in table['rows'][:4]:
+        assert re.fullmatch(r'\d+\.\d+ / -', row[HISTORY]) and numbers(row[HISTORY])[0] > 0
+        assert re.search(r'(met|MISSED)', row['aim'])
+    for row in table['rows'][4:]:
+        cbn, reference = numbers(row[HISTORY])
+        assert 0 < cbn < reference, row  # the reference keeps dmu weight-sized
+        assert row['aim'] == '-'
+    assert [(r['layer'], r['aim']) for r in aims['rows']] == [('Conv+CBN', 'fwd+bwd <= 1.6x')]
+
+
+def test_reference_matches_cbn(bench):
+    """The reference computes CBN's compensated statistics: same outputs,
+    input and weight gradients and running statistics as conv + mmnorm's CBN
+    over steps whose conv weight moves (float64), and the history sizes the
+    table reports."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from mmnorm.layers.cbn import CBN
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False).double()
+    cbn = nn.Sequential(copy.deepcopy(conv), CBN(5, buffer_num=3).double())
+    reference = bench.TwoGradCBN(copy.deepcopy(conv), buffer_num=3).double()
+    naive = bench.TwoGradCBN(copy.deepcopy(conv), buffer_num=3, rho=0.0).double()
+    convs = (cbn[0], reference.conv, naive.conv)
+    for step in range(6):
+        x = (torch.randn(2, 3, 6, 6, dtype=torch.float64) * 2 + 1).requires_grad_()
+        grad = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+        results = []
+        for module, layer_conv in zip((cbn, reference, naive), convs):
+            module.zero_grad()
+            x.grad = None
+            y = module(x)
+            y.backward(grad)
+            results.append((y.detach(), x.grad.clone(), layer_conv.weight.grad.clone()))
+        for mine, theirs in zip(results[0], results[1]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
+        if step >= 1:  # the past is used, and compensation changes it
+            assert not torch.allclose(results[0][0], results[2][0], rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            delta = 0.05 * torch.randn_like(conv.weight)
+            for layer_conv in convs:
+                layer_conv.weight.add_(delta)
+    torch.testing.assert_close(cbn[1].running_mean, reference.running_mean)
+    torch.testing.assert_close(cbn[1].running_var, reference.running_var)
+    bench.check_history_full(reference)
+    k, c, weight = 3, 5, conv.weight.numel()
+    assert bench.history_bytes(cbn) == k * (8 * (2 * c + 3 * 3 * 3 + 2 * weight) + c)
+    assert bench.history_bytes(reference) == k * 8 * (2 * c + 3 * weight)
 
 
 def test_shapes_scale(bench):

@@ -25,7 +25,10 @@ What is measured, per module:
   the peak of ``torch.cuda.max_memory_allocated`` during forward+backward above
   what was allocated before;
 * buffers: the module's persistent buffers (running statistics, MABN's window,
-  CBN's history).
+  CBN's history);
+* history: of those, the bytes of CBN's history ring (its ``history_*``
+  buffers after warm-up, the push counter left out): what the layer keeps
+  across steps, per layer.
 
 Shapes, at 2 images per batch for an 800x1333 image padded to a multiple of 32
 (800x1344); ``--scale s`` multiplies that image's sides by s and the number of
@@ -45,6 +48,16 @@ requires_grad=False), norm_eval=True``); its input still requires grad, so the
 backward computes dx. CBN is called as ``nn.Sequential(conv, CBN)`` and trained
 burn-in + buffer_num steps before any timing, so that every timed step uses a
 full, compensated history (checked).
+
+CBN has two rows: against conv + BatchNorm2d ('Conv+CBN', with the issue's aim)
+and against the reference 'Conv+CBN(autograd.grad)' ('--layers
+Conv+CBN-vs-grad'), a conv + CBN written here the way the original CBN code
+works: the statistics, their combination and the normalization as autograd
+ops, and dmu/dtheta, dnu/dtheta from two ``torch.autograd.grad`` calls
+(retain_graph) on the per-channel means of y and y^2 w.r.t. the conv weight,
+stored weight-sized. It computes the same compensated statistics as mmnorm's
+CBN (same k, rho, keep rule; tests/test_benchmark.py checks outputs and
+gradients against it).
 """
 import argparse
 import math
@@ -57,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 IMAGE = (800, 1333)  # MMDetection's 1x test/train scale, padded to a multiple of 32
@@ -149,6 +163,71 @@ def cen_conv(shape):
     return conv(shape, CenConv)
 
 
+class TwoGradCBN(nn.Module):
+    """Reference: ``conv`` + cross-iteration BN as the original CBN code
+    computes it (see the module docstring); k = ``buffer_num`` past steps,
+    burn-in 0, BN with the running statistics in eval mode."""
+
+    def __init__(self, conv, buffer_num=3, rho=1.0, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.conv, self.buffer_num, self.rho, self.eps, self.momentum = (
+            conv, buffer_num, rho, eps, momentum)
+        c, weight_shape = conv.out_channels, conv.weight.shape
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer('running_mean', torch.zeros(c))
+        self.register_buffer('running_var', torch.ones(c))
+        for key, shape in (('history_mean', (c,)), ('history_sqmean', (c,)),
+                           ('history_dmean', weight_shape), ('history_dsqmean', weight_shape),
+                           ('history_weight', weight_shape)):
+            self.register_buffer(key, torch.zeros(buffer_num, *shape))
+        self.history_pushes = 0
+
+    def burnin_iters(self):
+        return 0
+
+    def forward(self, x):
+        y = self.conv(x)
+        if not self.training:
+            return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        theta = self.conv.weight
+        mu_t, nu_t = y.mean((0, 2, 3)), y.square().mean((0, 2, 3))
+        # mu_c depends on theta[c] only: the gradient of the sum is per channel.
+        dmu, = torch.autograd.grad(mu_t.sum(), theta, retain_graph=True)
+        dnu, = torch.autograd.grad(nu_t.sum(), theta, retain_graph=True)
+        mu_sum, nu_sum, count = mu_t, nu_t, 1
+        for slot in range(min(self.history_pushes, self.buffer_num)):
+            delta = theta.detach() - self.history_weight[slot]
+            shift_mu = (self.history_dmean[slot] * delta).sum((1, 2, 3))
+            shift_nu = (self.history_dsqmean[slot] * delta).sum((1, 2, 3))
+            mu = self.history_mean[slot] + self.rho * shift_mu
+            nu = self.history_sqmean[slot] + self.rho * shift_nu
+            keep = nu - mu.square() >= 0
+            mu_sum, nu_sum = mu_sum + torch.where(keep, mu, 0), nu_sum + torch.where(keep, nu, 0)
+            count = count + keep
+        mu = mu_sum / count
+        sigma2 = (nu_sum / count - mu.square()).clamp_min(0)
+        shape = (1, -1, 1, 1)
+        out = ((y - mu.view(shape)) * (sigma2 + self.eps).rsqrt().view(shape)
+               * self.weight.view(shape) + self.bias.view(shape))
+        with torch.no_grad():
+            slot = self.history_pushes % self.buffer_num
+            for key, value in (('history_mean', mu_t), ('history_sqmean', nu_t),
+                               ('history_dmean', dmu), ('history_dsqmean', dnu),
+                               ('history_weight', theta)):
+                getattr(self, key)[slot] = value
+            self.history_pushes += 1
+            n = y.numel() // y.size(1)
+            self.running_mean.lerp_(mu_t, self.momentum)
+            self.running_var.lerp_((nu_t - mu_t.square()) * (n / max(n - 1, 1)), self.momentum)
+        return out
+
+
+def conv_two_grad_cbn(shape):
+    return TwoGradCBN(conv(shape))
+
+
 def then(first, second):
     """A builder of ``nn.Sequential(first(shape), second(shape))``."""
     return lambda shape: nn.Sequential(first(shape), second(shape))
@@ -169,6 +248,11 @@ class Row:
     build_baseline: Callable
     conv_input: bool = False  # the input is the conv's (conv_in channels)
     aims: tuple = ()
+    option: str = ''  # the --layers name, when ``name`` is shared with another row
+
+    @property
+    def key(self):
+        return self.option or self.name
 
 
 ROWS = [
@@ -178,6 +262,8 @@ ROWS = [
     Row('FrozenBN', 'BN', frozen_bn, bn),
     Row('Conv+CBN', 'Conv+BN', then(conv, cbn), then(conv, bn), conv_input=True,
         aims=(Aim('fwd+bwd', 1.6, 'fwd+bwd <= 1.6x'),)),
+    Row('Conv+CBN', 'Conv+CBN(autograd.grad)', then(conv, cbn), conv_two_grad_cbn,
+        conv_input=True, option='Conv+CBN-vs-grad'),
     Row('WSConv+GN', 'Conv+GN', then(ws_conv, gn), then(conv, gn), conv_input=True),
     Row('CenConv+MABN', 'Conv+BN', then(cen_conv, mabn), then(conv, bn), conv_input=True),
     Row('WSConv', 'Conv', ws_conv, conv, conv_input=True,
@@ -266,6 +352,13 @@ def buffer_bytes(module):
     return sum(b.nbytes for b in module.buffers())
 
 
+def history_bytes(module):
+    """Bytes of the CBN history rings in ``module`` (``history_*`` buffers;
+    CBN's 0-d push counter left out)."""
+    return sum(b.nbytes for name, b in module.named_buffers()
+               if name.rsplit('.', 1)[-1].startswith('history_') and b.dim() > 0)
+
+
 def cbn_layers(module):
     return [m for m in module.modules() if hasattr(m, 'buffer_num') and hasattr(m, 'burnin_iters')]
 
@@ -312,7 +405,8 @@ def measure(row, shape, args, device):
         warmups = [max(args.warmup, steps_to_fill(module)) for module in modules]
         train = median_times(modules, lambda m: train_step(m, x, grad, sync), warmups,
                              args.repeats, args.min_time)
-        check_history_full(modules[0])
+        for module in modules:
+            check_history_full(module)
         memory = [memory_bytes(module, x, grad, device) for module in modules]
         for module in modules:
             module.eval()
@@ -320,7 +414,8 @@ def measure(row, shape, args, device):
                              args.repeats, args.min_time)
         for i, target in enumerate((result.layer, result.baseline)):
             target.update({'fwd': train[i][0], 'fwd+bwd': train[i][1], 'eval': evals[i][0],
-                           'memory': memory[i], 'buffers': buffer_bytes(modules[i])})
+                           'memory': memory[i], 'buffers': buffer_bytes(modules[i]),
+                           'history': history_bytes(modules[i])})
     # One failing layer (e.g. cbn.py mid-edit) must not stop the run: it becomes a row.
     except Exception as exc:  # noqa: BLE001
         result.error = f'{type(exc).__name__}: {exc}'.replace('|', '/').replace('\n', ' ')[:300]
@@ -347,7 +442,8 @@ def table(results, device):
     memory = 'peak memory' if device.type == 'cuda' else 'saved for backward + output'
     header = ['layer', 'baseline', 'shape', 'fwd ms (layer / base)', 'fwd x',
               'fwd+bwd ms (layer / base)', 'fwd+bwd x', 'eval ms (layer / base)', 'eval x',
-              f'{memory} MB (layer / base)', 'memory x', 'buffers MB (layer / base)', 'aim']
+              f'{memory} MB (layer / base)', 'memory x', 'buffers MB (layer / base)',
+              'CBN history MB (layer / base)', 'aim']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for r in results:
         cells = [r.row.name, r.row.baseline, f'{r.shape.name} {"x".join(map(str, r.shape.size))}']
@@ -359,6 +455,9 @@ def table(results, device):
                 cells += [f'{fmt(r.layer[metric])} / {fmt(r.baseline[metric])}',
                           f'{r.ratio(metric):.2f}x']
             cells.append(f'{fmt_mb(r.layer["buffers"])} / {fmt_mb(r.baseline["buffers"])}')
+            history = [fmt_mb(side['history']) if side['history'] else '-'
+                       for side in (r.layer, r.baseline)]
+            cells.append(' / '.join(history) if history != ['-', '-'] else '-')
             cells.append('; '.join(f'{aim.label}: {aim_status(r, aim)[1]}'
                                    for aim in r.row.aims) or '-')
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -411,7 +510,11 @@ def report(results, args, argv, device, shapes, load):
            'Memory: distinct storages saved for backward (saved_tensors_hooks) plus the '
            'output, without the module\'s parameters and buffers (CPU torch has no peak '
            'counter). ')
-        + 'Buffers: persistent state. FrozenBN: BatchNorm2d in eval mode with frozen affine '
+        + 'Buffers: persistent state; CBN history: the part of it that is CBN\'s ring '
+        '(history_* buffers after warm-up), per layer. Conv+CBN(autograd.grad): the '
+        'reference conv + CBN of the original code (two torch.autograd.grad calls for '
+        'dmu/dtheta and dnu/dtheta, autograd-op normalization, same compensated statistics). '
+        'FrozenBN: BatchNorm2d in eval mode with frozen affine '
         'parameters (MMDetection\'s norm_eval=True, requires_grad=False); its input requires '
         'grad. Convs have no bias.',
         '',
@@ -424,7 +527,7 @@ def report(results, args, argv, device, shapes, load):
 
 # -------------------------------------------------------------------- main
 def parse_args(argv):
-    names = [row.name for row in ROWS]
+    names = [row.key for row in ROWS]
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--scale', type=float, default=0.5,
@@ -461,14 +564,14 @@ def main(argv=None):
     device = torch.device(args.device)
     load = ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
     shapes = make_shapes(args.scale)
-    rows = [row for row in ROWS if not args.layers or row.name in args.layers]
+    rows = [row for row in ROWS if not args.layers or row.key in args.layers]
     results = []
     for row in rows:
         for shape in shapes:
             start = time.perf_counter()
             results.append(measure(row, shape, args, device))
             status = results[-1].error or 'ok'
-            print(f'[{row.name} @ {shape.name}: {time.perf_counter() - start:.1f} s, {status}]',
+            print(f'[{row.key} @ {shape.name}: {time.perf_counter() - start:.1f} s, {status}]',
                   file=sys.stderr, flush=True)
     markdown = report(results, args, argv, device, shapes, load)
     print(markdown)
