@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .datacheck import check_data_present
 
 __all__ = [
-    'CPUDistributedDataParallel', 'build_runner', 'load_config', 'require_pkg_resources',
+    'CPUDistributedDataParallel', 'add_common_args', 'build_runner', 'parse_common', 'load_config', 'require_pkg_resources',
     'setup_distributed', 'trust_checkpoints', 'report_rank_finished'
 ]
 
@@ -312,6 +312,24 @@ def report_rank_finished(what: str, runner=None) -> None:
     if runner is not None:
         msg += f' at epoch {runner.epoch}, iter {runner.iter}'
     _say(msg)
+
+
+def add_common_args(parser):
+    """The options train.py and test.py share with MMDetection's tools:
+    --cfg-options, --launcher, --local_rank (also exported as LOCAL_RANK)."""
+    from mmengine.config import DictAction
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value pairs')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_common(parser):
+    """``parser.parse_args()``, exporting LOCAL_RANK as torch.distributed.launch expects."""
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
 
 
 def load_config(path, cfg_options=None, work_dir=None, launcher='none'):

@@ -10,20 +10,7 @@ if [ $# -lt 2 ]; then
     echo "usage: bash $0 CONFIG NUM_PROCS [train.py args...]" >&2
     exit 2
 fi
-CONFIG=$1
-GPUS=$2
-shift 2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-
-PYTHONPATH="$(dirname "$TOOLS")${PYTHONPATH:+:$PYTHONPATH}" \
-exec "${PYTHON:-python}" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --master_port="$PORT" \
-    --nproc_per_node="$GPUS" \
-    "$TOOLS/train.py" "$CONFIG" --launcher pytorch "$@"
+PROCS=$2
+set -- "$1" "${@:3}"
+exec bash "$TOOLS/torchrun.sh" "$PROCS" "$TOOLS/train.py" "$@"

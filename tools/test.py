@@ -5,10 +5,8 @@ Same command line as MMDetection 3.x's tools/test.py, e.g.
     bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [...]
 """
 import argparse
-import os
 import sys
 
-from mmengine.config import DictAction
 from mmdet.evaluation import DumpDetResults
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
@@ -25,13 +23,8 @@ def parse_args():
     p.add_argument('--out', help='dump predictions to this .pkl file')
     p.add_argument('--show-dir', help='save painted predictions under '
                    'work_dir/TIMESTAMP/SHOW_DIR')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings, key=value pairs')
-    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                   default='none', help='job launcher')
-    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    runtime.add_common_args(p)
+    args = runtime.parse_common(p)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         p.error('--out must be a .pkl or .pickle file')
     return args

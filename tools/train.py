@@ -5,10 +5,8 @@ Same command line as MMDetection 3.x's tools/train.py, e.g.
     bash tools/dist_train.sh CONFIG NUM_PROCS [...]
 """
 import argparse
-import os
 import sys
 
-from mmengine.config import DictAction
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
@@ -27,13 +25,8 @@ def parse_args():
     p.add_argument('--resume', nargs='?', type=str, const='auto',
                    help='resume from this checkpoint; without a path, from '
                    'the latest checkpoint in the work dir')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings, key=value pairs')
-    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                   default='none', help='job launcher')
-    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    runtime.add_common_args(p)
+    args = runtime.parse_common(p)
     return args
 
 
