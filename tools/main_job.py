@@ -1,11 +1,16 @@
-"""The project's main job (``bash tools/bootstrap.sh main [--work-dir DIR]
-[--cfg-options k=v ...]``).
+"""The project's main job: ``bash tools/bootstrap.sh main [--work-dir DIR]
+[--cfg-options k=v ...]``.
 
-For now: train ResNet-18 with BRN on Fashion-MNIST through ``tools/train.py``
-(configs/fmnist/cls_r18_brn.py), then print the top-1 test accuracy that run
-measured, read back from the ``scalars.json`` mmengine wrote in
-``WORK_DIR/<timestamp>/vis_data/``. Exit status: train.py's if it failed, 1 if
-the run left no accuracy, else 0.
+1. Prepares the Fashion-MNIST scenes under data/fmnist_scenes (once; see
+   mmnorm/scenes.py).
+2. Trains the MABN + CenConv demo Mask R-CNN (configs/demo/mask_rcnn_r18_mabn.py)
+   through tools/train.py, which logs iteration, loss and ETA as it goes and
+   evaluates with MMDetection's COCO metric at the end.
+3. Draws the predictions on a few validation images (MMDetection's visualizer,
+   through tools/test.py --show-dir) into WORK_DIR/predictions.
+4. Prints the box and mask AP the run measured, read back from the
+   ``scalars.json`` mmengine wrote.
+Exit status: the failing tool's, 1 if the run left no AP, else 0.
 """
 import argparse
 import glob
@@ -16,8 +21,9 @@ import sys
 import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-CONFIG = osp.join(ROOT, 'configs', 'fmnist', 'cls_r18_brn.py')
-METRIC = 'accuracy/top1'
+CONFIG = osp.join(ROOT, 'configs', 'demo', 'mask_rcnn_r18_mabn.py')
+METRICS = ('coco/bbox_mAP', 'coco/segm_mAP')
+NUM_DRAWN = 6
 
 
 def parse_args():
@@ -29,9 +35,17 @@ def parse_args():
     return p.parse_args()
 
 
-def last_metric(work_dir, since):
-    """(step, value) of the last ``METRIC`` in the newest scalars.json written
-    under ``work_dir`` after time ``since``, or None."""
+def run(cmd):
+    print('[main job] ' + ' '.join(cmd), flush=True)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc != 0:
+        print(f'[main job] {osp.basename(cmd[1])} failed with exit status {rc}', file=sys.stderr)
+        sys.exit(rc)
+
+
+def last_metrics(work_dir, since):
+    """The last record of the newest scalars.json under ``work_dir`` written
+    after ``since`` that holds all of ``METRICS``, or None."""
     files = [f for f in glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json'))
              if osp.getmtime(f) >= since]
     if not files:
@@ -40,46 +54,40 @@ def last_metric(work_dir, since):
     with open(max(files, key=osp.getmtime)) as f:
         for line in f:
             record = json.loads(line)
-            if METRIC in record:
-                found = record.get('step'), record[METRIC]
+            if all(key in record for key in METRICS):
+                found = record
     return found
-
-
-def num_val_images(work_dir):
-    """Size of the evaluated set, from the config the run dumped (None if unknown)."""
-    dumped = osp.join(work_dir, osp.basename(CONFIG))
-    try:
-        from mmengine.config import Config
-        dataset = Config.fromfile(dumped).val_dataloader.dataset
-    except Exception:  # informative only
-        return None
-    return dataset.get('num_samples') or None
 
 
 def main():
     args = parse_args()
-    work_dir = osp.abspath(args.work_dir)
-    cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), CONFIG, '--work-dir', work_dir]
-    if args.cfg_options:
-        cmd += ['--cfg-options', *args.cfg_options]
-    print('[main job] ' + ' '.join(cmd), flush=True)
+    from mmnorm import scenes
     start = time.time()
-    rc = subprocess.run(cmd, cwd=ROOT).returncode
-    wall = time.time() - start
-    if rc != 0:
-        print(f'[main job] tools/train.py failed with exit status {rc} after {wall:.0f} s',
-              file=sys.stderr)
-        sys.exit(rc)
-    result = last_metric(work_dir, start)
+    written = scenes.prepare(osp.join(ROOT, scenes.DEFAULT_OUT_DIR))
+    print(f'[main job] scenes ready in {time.time() - start:.0f} s: {written}', flush=True)
+
+    work_dir = osp.abspath(args.work_dir)
+    start = time.time()
+    train = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), CONFIG, '--work-dir', work_dir]
+    run(train + (['--cfg-options', *args.cfg_options] if args.cfg_options else []))
+    trained = time.time() - start
+    result = last_metrics(work_dir, start)
     if result is None:
-        print(f'[main job] no {METRIC} found in {work_dir}/*/vis_data/scalars.json',
-              file=sys.stderr)
+        print(f'[main job] no {METRICS} found under {work_dir}', file=sys.stderr)
         sys.exit(1)
-    step, acc = result
-    n = num_val_images(work_dir)
-    on = f'{n} Fashion-MNIST test images' if n else 'the Fashion-MNIST test set'
-    print(f'[main job] trained {step} iterations in {wall:.0f} s (wall, incl. start-up); '
-          f'top-1 accuracy on {on}: {acc:.2f} %', flush=True)
+
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        checkpoint = f.read().strip()
+    run([sys.executable, osp.join(ROOT, 'tools', 'test.py'), CONFIG, checkpoint,
+         '--work-dir', osp.join(work_dir, 'drawn'), '--show-dir', osp.join(work_dir, 'predictions'),
+         '--cfg-options', f'test_dataloader.dataset.indices={NUM_DRAWN}', *args.cfg_options])
+
+    print(f'[main job] MABN + CenConv Mask R-CNN (ResNet-18) on the Fashion-MNIST scenes, '
+          f'{trained / 60:.1f} min of training and evaluation')
+    print(f'[main job] box AP {result[METRICS[0]]:.3f}, mask AP {result[METRICS[1]]:.3f} '
+          f'(COCO metric, {scenes.NUM_VAL} validation scenes, iteration {result.get("step")})')
+    print(f'[main job] predictions drawn on {NUM_DRAWN} validation scenes under '
+          f'{osp.join(work_dir, "predictions")}')
 
 
 if __name__ == '__main__':
