@@ -447,3 +447,35 @@ def test_demo_config_trains_and_evaluates(demo, small_set, tmp_path, one_thread)
     assert (tmp_path / 'work' / 'iter_2.pth').is_file()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     check(model)
+
+
+def test_dist_train_two_cpu_processes_on_the_demo_then_evaluate(small_set, tmp_path):
+    """tools/dist_train.sh with 2 CPU processes (gloo) trains the MABN demo a
+    few iterations; tools/test.py evaluates the checkpoint it wrote."""
+    import socket
+    import sys
+
+    from conftest import REPO, run, tool_env
+    out, _ = small_set
+    root = f'{out}/'
+    data = [f'{loader}_dataloader.dataset.data_root={root}' for loader in ('train', 'val', 'test')]
+    data += [f'{phase}_evaluator.ann_file={root}annotations/instances_val.json'
+             for phase in ('val', 'test')]
+    data += [f'{loader}_dataloader.num_workers=0' for loader in ('train', 'val', 'test')]
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    config = DEMO / 'mask_rcnn_r18_mabn.py'
+    work_dir = tmp_path / 'dist'
+    proc = run(['bash', REPO / 'tools' / 'dist_train.sh', config, '2', '--work-dir', work_dir,
+                '--cfg-options', *data, 'train_cfg.max_iters=3', 'train_cfg.val_interval=3',
+                'default_hooks.checkpoint.interval=3'],
+               env=tool_env(PORT=str(port), PYTHON=sys.executable))
+    for rank in (0, 1):
+        assert f'[mmnorm rank {rank}/2] training finished at epoch 0, iter 3' in proc.stdout
+    assert 'coco/segm_mAP' in proc.stdout
+    checkpoint = work_dir / 'iter_3.pth'
+    assert checkpoint.is_file()
+    proc = run([sys.executable, REPO / 'tools' / 'test.py', config, checkpoint,
+                '--work-dir', tmp_path / 'test', '--cfg-options', *data])
+    assert 'coco/bbox_mAP' in proc.stdout and 'coco/segm_mAP' in proc.stdout
