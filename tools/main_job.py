@@ -85,7 +85,7 @@ def main():
     print(f'[main job] MABN + CenConv Mask R-CNN (ResNet-18) on the Fashion-MNIST scenes, '
           f'{trained / 60:.1f} min of training and evaluation')
     print(f'[main job] box AP {result[METRICS[0]]:.3f}, mask AP {result[METRICS[1]]:.3f} '
-          f'(COCO metric, {scenes.NUM_VAL} validation scenes, iteration {result.get("step")})')
+          f'(COCO metric, {scenes.NUM_VAL} validation scenes)')
     print(f'[main job] predictions drawn on {NUM_DRAWN} validation scenes under '
           f'{osp.join(work_dir, "predictions")}')
 
