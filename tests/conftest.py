@@ -1,6 +1,7 @@
 """Shared pytest fixtures and helpers."""
 import json
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,25 @@ def tool_env(**extra):
     env['PYTHONUNBUFFERED'] = '1'
     env.update(extra)
     return env
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that is free now (for a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on a 2-core machine shared with other
+    processes, PyTorch's OpenMP threads spin-wait for each other and small
+    models ran 3-8x slower on two threads than on one."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run(cmd, env=None, check=True, cwd=REPO):

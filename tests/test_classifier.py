@@ -29,14 +29,8 @@ needs_data = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Run this module's (small) models on one thread. PyTorch's OpenMP threads
-    spin while waiting for each other; on a 2-core machine shared with other
-    processes that made these tests ~4x slower than on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """This module's (small) models run on one thread (see conftest.one_thread)."""
 
 
 def write_idx(path, magic, shape, payload):

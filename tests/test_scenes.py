@@ -397,16 +397,6 @@ def test_demo_base_matches_the_scenes():
     assert set(cfg.val_evaluator.metric) == {'bbox', 'segm'}
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on this 2-core machine, shared with other jobs,
-    two OpenMP threads that spin-wait for each other make each iteration 3-8x
-    slower."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize('demo', sorted(DEMOS))
@@ -452,25 +442,21 @@ def test_demo_config_trains_and_evaluates(demo, small_set, tmp_path, one_thread)
 def test_dist_train_two_cpu_processes_on_the_demo_then_evaluate(small_set, tmp_path):
     """tools/dist_train.sh with 2 CPU processes (gloo) trains the MABN demo a
     few iterations; tools/test.py evaluates the checkpoint it wrote."""
-    import socket
     import sys
 
-    from conftest import REPO, run, tool_env
+    from conftest import REPO, free_port, run, tool_env
     out, _ = small_set
     root = f'{out}/'
     data = [f'{loader}_dataloader.dataset.data_root={root}' for loader in ('train', 'val', 'test')]
     data += [f'{phase}_evaluator.ann_file={root}annotations/instances_val.json'
              for phase in ('val', 'test')]
     data += [f'{loader}_dataloader.num_workers=0' for loader in ('train', 'val', 'test')]
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     config = DEMO / 'mask_rcnn_r18_mabn.py'
     work_dir = tmp_path / 'dist'
     proc = run(['bash', REPO / 'tools' / 'dist_train.sh', config, '2', '--work-dir', work_dir,
                 '--cfg-options', *data, 'train_cfg.max_iters=3', 'train_cfg.val_interval=3',
                 'default_hooks.checkpoint.interval=3'],
-               env=tool_env(PORT=str(port), PYTHON=sys.executable))
+               env=tool_env(PORT=str(free_port()), PYTHON=sys.executable))
     for rank in (0, 1):
         assert f'[mmnorm rank {rank}/2] training finished at epoch 0, iter 3' in proc.stdout
     assert 'coco/segm_mAP' in proc.stdout

@@ -10,12 +10,11 @@ is removed from their environment, so the tools' own trusted-loading fix
 import os
 import pickle
 import shutil
-import socket
 import stat
 import sys
 
 import pytest
-from conftest import REPO, run, tool_env
+from conftest import REPO, free_port, run, tool_env
 
 CONFIG = REPO / 'tests' / 'configs' / 'tiny_mask_rcnn.py'
 def train(work_dir, data, *args, max_iters=2, env=None, check=True):
@@ -28,12 +27,6 @@ def train(work_dir, data, *args, max_iters=2, env=None, check=True):
 def load_ckpt(path):
     import torch
     return torch.load(path, map_location='cpu', weights_only=False)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
