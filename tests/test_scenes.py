@@ -359,6 +359,7 @@ def norm_options(**kwargs):
 
 DEMOS = {
     'bn': ('mask_rcnn_r18_bn.py', {}, check_bn),
+    'bn-8img': ('mask_rcnn_r18_bn_8img.py', {}, check_bn),
     'mabn': ('mask_rcnn_r18_mabn.py', {}, layer_check('MABN', 'CenConv')),
     # the MABN schedule compressed into the 2 steps: moving averages and
     # renormalisation on step 2

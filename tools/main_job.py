@@ -13,8 +13,6 @@
 Exit status: the failing tool's, 1 if the run left no AP, else 0.
 """
 import argparse
-import glob
-import json
 import os.path as osp
 import subprocess
 import sys
@@ -43,25 +41,10 @@ def run(cmd):
         sys.exit(rc)
 
 
-def last_metrics(work_dir, since):
-    """The last record of the newest scalars.json under ``work_dir`` written
-    after ``since`` that holds all of ``METRICS``, or None."""
-    files = [f for f in glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json'))
-             if osp.getmtime(f) >= since]
-    if not files:
-        return None
-    found = None
-    with open(max(files, key=osp.getmtime)) as f:
-        for line in f:
-            record = json.loads(line)
-            if all(key in record for key in METRICS):
-                found = record
-    return found
-
-
 def main():
     args = parse_args()
     from mmnorm import scenes
+    from mmnorm.results import last_record_with, read_scalars
     start = time.time()
     written = scenes.prepare(osp.join(ROOT, scenes.DEFAULT_OUT_DIR))
     print(f'[main job] scenes ready in {time.time() - start:.0f} s: {written}', flush=True)
@@ -71,7 +54,7 @@ def main():
     train = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), CONFIG, '--work-dir', work_dir]
     run(train + (['--cfg-options', *args.cfg_options] if args.cfg_options else []))
     trained = time.time() - start
-    result = last_metrics(work_dir, start)
+    result = last_record_with(read_scalars(work_dir, start), METRICS)
     if result is None:
         print(f'[main job] no {METRICS} found under {work_dir}', file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,118 @@
+"""The evidence scripts of issue 6 run end to end on a tiny setting:
+tools/study_classification.py (normalization batch on Fashion-MNIST) and
+tools/study_detection.py (the demo Mask R-CNN per norm on the scenes).
+The real runs are in docs/; these tests only show the scripts work."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run, tool_env
+from mmnorm.fashion_mnist import DEFAULT_DATA_ROOT
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(DEFAULT_DATA_ROOT, 'train-images-idx3-ubyte.gz')),
+    reason='Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)')
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def cls_study():
+    return load_tool('study_classification')
+
+
+def table_rows(markdown):
+    """Data rows of the first markdown table, as lists of cells."""
+    lines = [line for line in markdown.splitlines() if line.startswith('|')]
+    return [[cell.strip() for cell in line.strip('|').split('|')] for line in lines[2:]]
+
+
+# ------------------------------------------------------------ classification
+def test_learning_rate_warms_up_then_follows_the_cosine(cls_study):
+    lr = cls_study.learning_rate
+    assert lr(0, 100) == pytest.approx(0.1 / 5)
+    assert lr(4, 100) == pytest.approx(0.1)
+    assert lr(5, 100) == pytest.approx(0.1)
+    assert lr(52, 100) == pytest.approx(0.05 * (1 + math.cos(math.pi * 47 / 95)))
+    assert lr(99, 100) < 0.001
+
+
+def test_small_batch_rows_accumulate_sixteen_passes_of_two(cls_study):
+    """Each SGD step of a 2-image row is 16 training steps of every norm
+    layer; the 32-image row takes one."""
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.arange(64) % 10
+    for row, per_step in (('mabn2', 16), ('bn32', 1)):
+        model, losses = cls_study.train(row, 0, 3, x, y)
+        counters = {int(m.num_batches_tracked) for m in model.modules()
+                    if hasattr(m, 'num_batches_tracked')}
+        assert counters == {3 * per_step}, (row, counters)
+        assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    accuracy = cls_study.top1(model, x[:10], y[:10])
+    assert 0.0 <= accuracy <= 100.0 and not model.training
+
+
+def test_ordering_verdict(cls_study):
+    def summary(**means):
+        return [(row, '', 0, mean, 0.0, 3) for row, mean in means.items()]
+
+    holds = cls_study.ordering_verdict(summary(bn32=80.0, mabn2=79.0, brn2=75.0, bn2=70.0))
+    assert holds.startswith("The paper's ordering holds here")
+    broken = cls_study.ordering_verdict(summary(bn32=80.0, mabn2=70.0, brn2=75.0, bn2=71.0))
+    assert 'does not hold' in broken
+    assert broken.index('BRN 2 (75.00)') < broken.index('BN 2 (71.00)') < broken.index(
+        'MABN + CenConv 2 (70.00)')
+
+
+def test_classification_study_writes_table_and_plot_and_reuses_runs(tmp_path):
+    work, out = tmp_path / 'work', tmp_path / 'out'
+    cmd = [sys.executable, REPO / 'tools' / 'study_classification.py', '--rows', 'bn32', 'mabn2',
+           '--seeds', '0', '1', '--steps', '2', '--test-images', '500',
+           '--work-dir', work, '--out-dir', out]
+    proc = run(cmd, env=tool_env())
+    assert proc.stdout.count('[study] ') == 5  # 4 runs and the report
+    for name in ('bn32_seed0', 'bn32_seed1', 'mabn2_seed0', 'mabn2_seed1'):
+        stored = json.loads((work / f'{name}.json').read_text())
+        assert len(stored['losses']) == 2 and 0 <= stored['top1'] <= 100
+    rows = table_rows((out / 'classification_study.md').read_text())
+    assert [(r[0], r[1], r[4]) for r in rows] == [('BN', '32', '2'), ('MABN + CenConv', '2', '2')]
+    mean = (json.loads((work / 'mabn2_seed0.json').read_text())['top1']
+            + json.loads((work / 'mabn2_seed1.json').read_text())['top1']) / 2
+    assert float(rows[1][2]) == pytest.approx(mean, abs=0.006)
+    assert (out / 'classification_study.png').stat().st_size > 10_000
+    again = run(cmd, env=tool_env())
+    assert 'seed 0: top-1' not in again.stdout  # read back, not trained again
+
+
+# ----------------------------------------------------------------- detection
+def test_detection_study_trains_each_row_and_reads_back(tmp_path):
+    from mmnorm import scenes
+    data = tmp_path / 'scenes'
+    scenes.prepare(str(data), num_train=8, num_val=4, seed=0)
+    work, out = tmp_path / 'work', tmp_path / 'out'
+    options = ['train_cfg.max_iters=2', 'train_cfg.val_interval=2',
+               'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
+               *[f'{loader}_dataloader.num_workers=0' for loader in ('train', 'val', 'test')]]
+    cmd = [sys.executable, REPO / 'tools' / 'study_detection.py', '--rows', 'bn', 'bn_8img',
+           '--data-root', data, '--work-dir', work, '--out-dir', out, '--cfg-options', *options]
+    proc = run(cmd, env=tool_env())
+    assert proc.stdout.count('tools/train.py') == 2
+    rows = table_rows((out / 'detection_study.md').read_text())
+    assert [(r[1], r[2]) for r in rows] == [('2', '2'), ('8', '2')]
+    for row in rows:
+        assert 0.0 <= float(row[3]) <= 100.0 and 0.0 <= float(row[4]) <= 100.0
+        assert float(row[5]) > 0
+    assert (out / 'detection_study_loss.png').stat().st_size > 10_000
+    again = run(cmd, env=tool_env())
+    assert 'tools/train.py' not in again.stdout
+    assert [r[5] for r in table_rows((out / 'detection_study.md').read_text())] == ['-', '-']
