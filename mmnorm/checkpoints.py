@@ -104,6 +104,7 @@ from pathlib import Path
 
 import torch
 
+from .convert import bn_to_mabn
 from .layers import MABN, CenConv
 from .layers._state import SmallBatchNorm
 
@@ -502,18 +503,15 @@ def _fold_bn_into_mabn(layer, prefix, state, report, origin):
             raise ConversionError(f'torchvision layout: source key {origin[prefix + name]!r} '
                                   f'has shape {tuple(value.shape)}, the target MABN '
                                   f'{prefix[:-1]!r} needs ({layer.num_features},)')
-    weight, bias, mean, var = (state[prefix + name].double() for name in names)
-    second_moment = var + mean.square()
-    bn_std = (var + TORCHVISION_BN_EPS).sqrt()
-    new = {'weight': weight * (second_moment + layer.eps).sqrt() / bn_std,
-           'bias': bias - weight * mean / bn_std,
-           'running_var': second_moment}
+    new = dict(zip(('weight', 'bias', 'running_var'),
+                   bn_to_mabn(*(state[prefix + name] for name in names),
+                              TORCHVISION_BN_EPS, layer.eps)))
     how = {'weight': 'weight * sqrt(var + mean^2 + eps) / sqrt(var + eps)',
            'bias': 'bias - weight * mean / sqrt(var + eps)',
            'running_var': 'var + mean^2, MABN\'s running second moment'}
     for name, value in new.items():
         key = prefix + name
-        state[key] = value.to(state[key].dtype)
+        state[key] = value
         report.amend(origin[key], CONVERTED, key,
                      how[name] + ' (keeps the BatchNorm\'s inference function)')
     key = prefix + 'running_mean'

@@ -321,19 +321,7 @@ def test_burnin_window_two_stage_and_gradual(two_stage, steps, windows, pushes):
 
 
 # ------------------------------------------------------------- robustness
-def test_empty_input_changes_nothing_and_gives_zero_gradients():
-    model = conv_cbn(burnin=0)
-    train_step(model, torch.randn(2, 3, 4, 4, dtype=torch.float64),
-               torch.ones(2, 4, 4, 4, dtype=torch.float64))
-    before = copy.deepcopy(model[1].state_dict())
-    model.zero_grad()
-    x = torch.randn(0, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    y = model(x)
-    assert y.shape == (0, 4, 4, 4)
-    y.sum().backward()
-    assert torch.equal(model[1].weight.grad, torch.zeros(4, dtype=torch.float64))
-    for key, value in model[1].state_dict().items():
-        assert torch.equal(value, before[key]), key
+# (empty input, for every layer: test_bad_input.py)
 
 
 def test_single_value_per_channel_works_and_stays_finite():

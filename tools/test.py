@@ -3,6 +3,8 @@
 Same command line as MMDetection 3.x's tools/test.py, e.g.
     python tools/test.py CONFIG CHECKPOINT [--out results.pkl]
     bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [...]
+CHECKPOINT may also be a file written by tools/deploy.py: the folded model it
+holds is evaluated instead of the config's model.
 """
 import argparse
 import sys
@@ -11,7 +13,7 @@ from mmdet.evaluation import DumpDetResults
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
-from mmnorm import runtime
+from mmnorm import deploy, runtime
 from mmnorm.datacheck import DataNotFoundError
 
 
@@ -34,7 +36,8 @@ def main():
     args = parse_args()
     setup_cache_size_limit_of_dynamo()
     cfg = runtime.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
-    cfg.load_from = args.checkpoint
+    deployed = deploy.load_deployed(args.checkpoint)
+    cfg.load_from = None if deployed is not None else args.checkpoint
 
     if args.show_dir:
         if 'visualization' not in cfg.default_hooks:
@@ -44,6 +47,8 @@ def main():
         cfg.default_hooks.visualization.test_out_dir = args.show_dir
 
     runner = runtime.build_runner(cfg, 'test')
+    if deployed is not None:
+        deploy.use_deployed_model(runner, deployed)
     if args.out is not None:
         runner.test_evaluator.metrics.append(
             DumpDetResults(out_file_path=args.out))

@@ -27,11 +27,20 @@ batch statistics), then both grow linearly to ``rmax`` at ``rmax_iters`` and
 ``dmax`` at ``dmax_iters``. Inference is BatchNorm with the running statistics.
 The bounds are computed on the device from the step-counter buffer: no
 host synchronisation per step.
+
+Processes (DDP): by default, as in the paper, each process keeps its own
+statistics: the buffers differ between ranks and a checkpoint (written by rank
+0) holds rank 0's. With ``sync_stats=True`` in a multi-process run, mu_B and
+sigma_B are those of the union of all processes' inputs, SyncBatchNorm-style
+(:func:`mmnorm.layers._dist.union_moments`: one all-gather of 2C + 1 numbers
+per process in the forward, one all-reduce of 2C in the backward), so every
+process holds the same buffers; see :class:`BRN`.
 """
 import torch
 from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 
+from ._dist import union_moments
 from ._state import SmallBatchNorm, check_number
 
 
@@ -69,7 +78,9 @@ class RenormalizedBatchNorm(torch.autograd.Function):
 @MODELS.register_module()
 class BRN(SmallBatchNorm):
     """Batch renormalization. Buffers are BatchNorm's (``running_mean``,
-    ``running_var``, ``num_batches_tracked``), so a BN checkpoint loads as is.
+    ``running_var``, ``num_batches_tracked``), so a BN checkpoint loads as is;
+    the running statistics stay float32 when the module is cast to float16 or
+    bfloat16, and half inputs get float32 statistics.
 
     Args:
         num_features (int): C, the number of channels on dim 1.
@@ -81,11 +92,25 @@ class BRN(SmallBatchNorm):
         warmup_iters (int): steps with r = 1, d = 0 (plain BN). Default 5000.
         rmax_iters (int): step at which r's bound reaches ``rmax``. Default 40000.
         dmax_iters (int): step at which d's bound reaches ``dmax``. Default 25000.
+        sync_stats (bool): use the batch statistics of all processes' inputs.
+            Default False: each process keeps its own, as in the paper.
+
+    With ``sync_stats=True``, when torch.distributed is initialised with more
+    than one process (otherwise the key changes nothing), mu_B and sigma_B
+    are the mean and standard deviation of the union of all processes'
+    inputs (weighted by element counts), with gradients flowing to every
+    process's input as in SyncBatchNorm; r, d and the running statistics
+    follow from them, identically on every process. This path uses autograd
+    on elementwise ops instead of the fused kernel. Every process must call
+    the layer as often as the others and backpropagate through every call
+    (the backward is a collective); an empty input takes part with a count of
+    0 and advances t like the others; if the union is empty, t advances and
+    the running statistics keep their values.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.01, rmax=3.0, dmax=5.0,
-                 warmup_iters=5000, rmax_iters=40000, dmax_iters=25000):
-        super().__init__(num_features, eps, momentum)
+                 warmup_iters=5000, rmax_iters=40000, dmax_iters=25000, sync_stats=False):
+        super().__init__(num_features, eps, momentum, sync_stats)
         name = type(self).__name__
         self.rmax = check_number(name, 'rmax', rmax, minimum=1, exclusive=False)
         self.dmax = check_number(name, 'dmax', dmax, minimum=0, exclusive=False)
@@ -104,16 +129,34 @@ class BRN(SmallBatchNorm):
         d_ramp = ((t - self.warmup_iters) / (self.dmax_iters - self.warmup_iters)).clamp(0, 1)
         return 1 + (self.rmax - 1) * r_ramp, self.dmax * d_ramp
 
-    def _train_forward(self, x):
+    def _train_forward(self, x, sync):
         self.num_batches_tracked.add_(1)
         dtype = self.stats_dtype(x)
+        if sync:
+            return self._union_forward(x.to(dtype)).to(x.dtype)
         y = RenormalizedBatchNorm.apply(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
                                         self._correct_and_update, self.eps)
         return y.to(x.dtype)
 
-    def _correct_and_update(self, mean_batch, std_batch):
+    def _union_forward(self, x):
+        """The training step with mu_B, sigma_B of all processes' inputs; x is
+        in the statistics dtype. Same equations as :class:`RenormalizedBatchNorm`,
+        written with autograd ops: r and d are constants, the gradient flows
+        through mu_B and sigma_B into every process's input."""
+        mean, var, total = union_moments(x)
+        std = (var + self.eps).sqrt()
+        with torch.no_grad():
+            r, d = self._correct_and_update(mean, std, total > 0)
+        shape = self.channel_shape(x)
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        scale = (weight * r / std).view(shape)
+        return (x - mean.view(shape)) * scale + (weight * d + bias).view(shape)
+
+    def _correct_and_update(self, mean_batch, std_batch, present=None):
         """(r, d) for this step's batch statistics (C,), then the running
-        statistics' update; both on the device, without host synchronisation."""
+        statistics' update; both on the device, without host synchronisation.
+        ``present`` (0-dim bool, sync_stats only): False when the union of the
+        processes' inputs is empty, and then nothing is updated."""
         std_running = (self.running_var.to(std_batch.dtype) + self.eps).sqrt()
         r_max, d_max = self.clip_bounds(std_batch.dtype)
         r = torch.clamp(std_batch / std_running, 1 / r_max, r_max)
@@ -121,6 +164,8 @@ class BRN(SmallBatchNorm):
 
         finite = torch.isfinite(mean_batch) & torch.isfinite(std_batch)
         self.warn_if_nonfinite(finite)
+        if present is not None:
+            finite = finite & present
         new_std = std_running + self.momentum * (std_batch - std_running)
         new_mean = self.running_mean + self.momentum * (mean_batch - self.running_mean)
         self.update_where_finite(self.running_mean, new_mean, finite)
@@ -130,4 +175,5 @@ class BRN(SmallBatchNorm):
     def extra_repr(self):
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
                 f'rmax={self.rmax}, dmax={self.dmax}, warmup_iters={self.warmup_iters}, '
-                f'rmax_iters={self.rmax_iters}, dmax_iters={self.dmax_iters}')
+                f'rmax_iters={self.rmax_iters}, dmax_iters={self.dmax_iters}, '
+                f'sync_stats={self.sync_stats}')

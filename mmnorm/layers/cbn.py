@@ -78,7 +78,8 @@ State (all buffers, saved in the state dict, on the layer's device, moved by
 ``.to()``): ``num_batches_tracked`` is the step counter t (incremented before
 every training forward, also during burn-in; an empty input changes nothing);
 ``history_pushes`` counts pushes (ring slot = pushes mod k); the ring
-``history_mean``/``history_sqmean`` (k, C), ``history_valid`` (k, C) bool,
+``history_mean``/``history_sqmean`` (k, C), ``history_valid`` (k, C) int64
+(1 = valid, 0 = not; an integer, not a bool, see "Averaging buffers" below),
 ``history_dmean`` (k, C_in, kh, kw), ``history_dsqmean`` and ``history_weight``
 (k, *conv weight shape). The derivative buffers stay empty with rho = 0. The
 ring's shapes are only known once the conv is seen: they are empty (0,) until
@@ -86,8 +87,13 @@ the first push, and loading a state dict shapes them like the incoming ones, so
 a fresh layer loads a trained one's state and continues bit-for-bit. The
 history is stored in the buffers' float dtype, at least float32. Windows and
 counts are decided on the host from mirrors of the two counters, re-read from
-the device only when a counter tensor was replaced or changed by someone else
-(its version counter), so a step makes no device-to-host synchronisation.
+the device when a counter tensor was replaced or changed in place (its version
+counter) and after every ``train()`` call, so a step makes no device-to-host
+synchronisation. ``train()`` is what catches writes through ``.data``, which
+bump no version counter (mmengine's SyncBuffersHook writes so, between
+epochs); mmengine's loops call it once per epoch (epoch-based) or per
+iteration (iteration-based, right after their own host read of the loss), so
+the re-read is two integers per layer at those points.
 
 Burn-in: ``burnin`` iterations (steps of this layer), or ``burnin_epochs``
 epochs, converted by :class:`mmnorm.hooks.CBNBurninHook` with the run's real
@@ -100,18 +106,51 @@ current step is pushed. A layer called several times per iteration (a head
 shared across levels) counts each call as a step.
 
 Robustness: half inputs get float32 statistics and an output of the input's
-dtype; an empty input returns an empty output and changes no state (base
-class); N * H * W = 1 works (running_var is then left unchanged: an unbiased
+dtype, and the running statistics and the history stay float32 when the
+module is cast to float16 or bfloat16 (a variance above 65504 would be inf);
+an empty input returns an empty output and changes no state (base class);
+N * H * W = 1 works (running_var is then left unchanged: an unbiased
 variance does not exist); a non-finite statistic never enters the running
 statistics or the ring (non-finite numbers are stored as 0, the channel's
-entry is flagged False in ``history_valid`` and never averaged), and the layer
+entry is flagged 0 in ``history_valid`` and never averaged), and the layer
 warns once.
 
 Loading a BatchNorm state dict (no history keys): the history starts empty and
 the step counter restarts at 0 so that burn-in runs in full; both are logged.
-DDP: each rank keeps its own history; use ``broadcast_buffers=False`` (mmengine's
-default wrapper config), otherwise DDP overwrites every rank's buffers with
-rank 0's at each forward, as it does for BN's running statistics.
+DDP: by default (``sync_stats=False``), as in the paper, each rank keeps its
+own history and running statistics, and a checkpoint (written by rank 0) holds
+rank 0's; use ``broadcast_buffers=False`` (mmengine's default wrapper config),
+otherwise DDP overwrites every rank's buffers with rank 0's at each forward, as
+it does for BN's running statistics. With ``sync_stats=True``, when
+torch.distributed is initialised with more than one process (otherwise the key
+changes nothing), each step uses the statistics of the union of all processes'
+inputs, as a single process that sees them all would: mu_t and nu_t (one
+all-gather of 2C + 1 numbers per process, differentiable: the gradient reaches
+every process's input, as in SyncBatchNorm) and the derivatives dmu/dtheta and
+dnu/dtheta, which are per-process means too and are averaged weighted by
+element counts (one all-reduce of the two derivative sums, C_in * kh * kw +
+the weight's size; under DDP the conv weights, hence theta, are the same on
+every process). The running statistics use the union's count. Every process
+then pushes the same entries and holds the same buffers, and the window of
+k + 1 steps covers world_size times more samples. The forward and backward are
+collectives: every process must call the layer as often as the others and
+backpropagate through every call; an empty input takes part with a count of 0
+(and advances t and pushes like the others); if the union is empty, the step
+pushes an entry flagged invalid and leaves the running statistics alone.
+
+Averaging buffers (mmengine's SyncBuffersHook averages every buffer across
+processes after each training epoch, the integers through a float32
+division whose result is truncated): with ``sync_stats`` all processes hold
+the same buffers, so the average changes nothing. Without it, when all
+processes have taken the same number of steps (equal counters, ring slots
+aligned), each averaged slot is the entry of the union of that step's
+inputs (for equal batch sizes: the mean of the per-process means, second
+moments and derivatives), a valid history; ``history_valid`` is an integer so
+that its truncated mean is 1 only where the entry was valid on every process
+(a bool would be or-ed, and a slot valid on one process only would average a
+stored 0 in). Counters that differ (a process skipped empty inputs) become
+their truncated mean, the same on every process, and the rings then mix steps
+of different ages; the layer reads the new counters at the next ``train()``.
 Averaged-model hooks that copy buffers into a copy made before the first
 training step (mmengine's EMAHook) meet ring buffers of a different shape; such
 a copy must be made after the first post-burn-in step.
@@ -134,9 +173,11 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import nn
 
+from ._dist import all_reduce_sum, union_moments
 from ._state import SmallBatchNorm, check_number
 
-__all__ = ['CBN', 'conv_statistic_derivatives', 'expand_mean_derivative']
+__all__ = ['CBN', 'conv_statistic_derivative_sums', 'conv_statistic_derivatives',
+           'expand_mean_derivative']
 
 # ------------------------------------------------------------ producer tags
 _hook_handle = None
@@ -272,6 +313,9 @@ def _explicit_padding(conv):
 def conv_statistic_derivatives(conv, conv_input, conv_output, dtype=None, weight=None):
     """d mean(y_c) / d theta and d mean(y_c^2) / d theta for y = conv(x).
 
+    They are ``(S_mu / M, S_nu * 2 / M)`` for the sums of
+    :func:`conv_statistic_derivative_sums` and M = N * H_out * W_out.
+
     Args:
         conv (nn.Conv2d): the conv (stride, padding, padding_mode, dilation, groups).
         conv_input (Tensor): x, (N, C_in, H, W).
@@ -285,18 +329,31 @@ def conv_statistic_derivatives(conv, conv_input, conv_output, dtype=None, weight
         :func:`expand_mean_derivative`). Computed without a convolution.
         dnu (C_out, C_in/groups, kh, kw): one weight-gradient convolution.
     """
+    n, _, h_out, w_out = conv_output.shape
+    count = n * h_out * w_out
+    patch_sum, weight_grad = conv_statistic_derivative_sums(conv, conv_input, conv_output, dtype,
+                                                            weight)
+    return patch_sum / count, weight_grad.mul_(2.0 / count)
+
+
+def conv_statistic_derivative_sums(conv, conv_input, conv_output, dtype=None, weight=None):
+    """The sums behind :func:`conv_statistic_derivatives`, for the same
+    arguments: S_mu (C_in, kh, kw), the batch-summed (padded) input read at
+    every kernel offset and summed over output positions, and S_nu (C_out,
+    C_in/groups, kh, kw), the conv's weight gradient for grad_output = y.
+    Sums over several inputs (processes) divided by their total M give the
+    derivatives of the union."""
     if dtype is None:
         dtype = torch.promote_types(conv_output.dtype, torch.float32)
     if weight is None:
         weight = conv.weight
-    n, _, h_out, w_out = conv_output.shape
-    count = n * h_out * w_out
+    _, _, h_out, w_out = conv_output.shape
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
     explicit = _explicit_padding(conv)
 
-    # dmu: the batch-summed input, padded, read at every kernel offset.
+    # S_mu: the batch-summed input, padded, read at every kernel offset.
     summed = (conv_input.sum(0) if conv_input.dtype == dtype
               else conv_input.sum(0, dtype=dtype))
     if explicit is None:
@@ -309,18 +366,18 @@ def conv_statistic_derivatives(conv, conv_input, conv_output, dtype=None, weight
     c_in, hp, wp = summed.shape
     patches = summed.as_strided((c_in, kh, kw, h_out, w_out),
                                 (hp * wp, dh * wp, dw, sh * wp, sw))
-    dmu = patches.sum((3, 4)) / count
+    patch_sum = patches.sum((3, 4))
 
-    # dnu: 2 / M * the weight gradient for grad_output = y.
+    # S_nu: the weight gradient for grad_output = y.
     x = conv_input.to(dtype)
     padding = conv.padding
     if explicit is not None:
         x = F.pad(x, explicit[0], mode=explicit[1])
         padding = (0, 0)
-    dnu = torch.ops.aten.convolution_backward(
+    weight_grad = torch.ops.aten.convolution_backward(
         conv_output.to(dtype), x, weight.detach().to(dtype), None, conv.stride, padding,
         conv.dilation, False, [0, 0], conv.groups, (False, True, False))[1]
-    return dmu, dnu.mul_(2.0 / count)
+    return patch_sum, weight_grad
 
 
 def expand_mean_derivative(dmu, weight_shape, groups):
@@ -333,6 +390,19 @@ def expand_mean_derivative(dmu, weight_shape, groups):
 
 
 # -------------------------------------------------------------- normalizing
+def pooled_statistics(mu_t, var_t, past_mu, past_var, keep):
+    """The window's mean and variance, the pooled form of the module
+    docstring: mu = (mu_t + sum of kept past mu) / c and sigma2 = (var_t +
+    (mu_t - mu)^2 + sum over kept of (var + (mu_tau - mu)^2)) / c, with c = 1 +
+    the number of kept entries. mu_t, var_t (C,); past_mu, past_var (k, C),
+    zero where not kept; keep (k, C) bool. Returns (mu, sigma2, c), each (C,)."""
+    count = keep.sum(0).to(mu_t.dtype) + 1
+    mu = (mu_t + past_mu.sum(0)) / count
+    spread = torch.where(keep, past_var + (past_mu - mu).square(), 0).sum(0)
+    sigma2 = ((var_t + (mu_t - mu).square() + spread) / count).clamp_min(0)
+    return mu, sigma2, count
+
+
 class _CrossIterationNorm(torch.autograd.Function):
     """y = weight * (x - mu) / sqrt(sigma2 + eps) + bias with the pooled
     statistics of the module docstring; differentiable in x (through mu_t and
@@ -360,10 +430,7 @@ class _CrossIterationNorm(torch.autograd.Function):
             var_t = (invstd.pow(-2) - eps).clamp_min(0)
             mu, count = mu_t, None
             if keep is not None:
-                count = keep.sum(0).to(dtype) + 1
-                mu = (mu_t + past_mu.sum(0)) / count
-                spread = torch.where(keep, past_var + (past_mu - mu).square(), 0).sum(0)
-                sigma2 = ((var_t + (mu_t - mu).square() + spread) / count).clamp_min(0)
+                mu, sigma2, count = pooled_statistics(mu_t, var_t, past_mu, past_var, keep)
                 y = torch.batch_norm(x, weight_c, bias_c, mu, sigma2, False, 0.0, eps,
                                      torch.backends.cudnn.enabled)
                 invstd = (sigma2 + eps).rsqrt()
@@ -393,6 +460,13 @@ _HISTORY = ('history_mean', 'history_sqmean', 'history_valid', 'history_dmean',
             'history_dsqmean', 'history_weight')
 
 
+def _history_buffer(key, shape, float_dtype, device=None):
+    """Zeros for the ring buffer ``key``: int64 for ``history_valid`` (see
+    "Averaging buffers" in the module docstring), ``float_dtype`` otherwise."""
+    dtype = torch.long if key == 'history_valid' else float_dtype
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 @MODELS.register_module()
 class CBN(SmallBatchNorm):
     """Cross-iteration batch normalization (see the module docstring).
@@ -413,11 +487,17 @@ class CBN(SmallBatchNorm):
         burnin_epochs (float | None): burn-in in epochs instead of ``burnin``;
             needs :class:`mmnorm.hooks.CBNBurninHook` (or
             :meth:`set_iters_per_epoch`) before the first training step.
+        sync_stats (bool): use the statistics of all processes' inputs (see
+            "DDP" in the module docstring). Default False: each process keeps
+            its own, as in the paper.
     """
 
+    STATISTIC_BUFFERS = ('running_mean', 'running_var') + tuple(
+        key for key in _HISTORY if key != 'history_valid')
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, buffer_num=3, rho=1.0, burnin=0,
-                 two_stage=True, burnin_epochs=None):
-        super().__init__(num_features, eps, momentum)
+                 two_stage=True, burnin_epochs=None, sync_stats=False):
+        super().__init__(num_features, eps, momentum, sync_stats)
         name = type(self).__name__
         self.buffer_num = check_number(name, 'buffer_num', buffer_num, integer=True, minimum=1,
                                        exclusive=False)
@@ -435,8 +515,7 @@ class CBN(SmallBatchNorm):
         self.burnin_epochs = burnin_epochs
         self._burnin_from_epochs = None
         for key in _HISTORY:
-            self.register_buffer(key, torch.zeros(0, dtype=torch.bool if key == 'history_valid'
-                                                  else torch.float32))
+            self.register_buffer(key, _history_buffer(key, 0, torch.float32))
         self.register_buffer('history_pushes', torch.tensor(0, dtype=torch.long))
         self._host = {}
         self._last_conv = None
@@ -452,6 +531,10 @@ class CBN(SmallBatchNorm):
     def __setstate__(self, state):
         super().__setstate__(state)
         _install_producer_hook()  # a model unpickled in a fresh process
+
+    def train(self, mode=True):
+        self._host = {}  # re-read the counters: they may have been written through .data
+        return super().train(mode)
 
     @property
     def last_conv(self):
@@ -565,8 +648,8 @@ class CBN(SmallBatchNorm):
                     f'{layer}: the stored history {key} has shape {tuple(have.shape)}, but this '
                     f'step needs {want}; the conv that feeds the layer changed shape (or '
                     'buffer_num changed)')
-            dtype = torch.bool if key == 'history_valid' else self._history_dtype()
-            setattr(self, key, torch.zeros(want, dtype=dtype, device=self.running_mean.device))
+            setattr(self, key, _history_buffer(key, want, self._history_dtype(),
+                                               self.running_mean.device))
 
     def _ages(self, device):
         """Age of every ring slot in steps (0 = newest), as a (k,) tensor."""
@@ -611,17 +694,17 @@ class CBN(SmallBatchNorm):
             mu = mu + self.rho * torch.stack(mu_shift)
             nu = nu + self.rho * torch.stack(nu_shift)
         ages = self._ages(mu.device)
-        keep = (ages < used)[:, None] & self.history_valid & (nu - mu.square() >= 0)
+        keep = (ages < used)[:, None] & (self.history_valid == 1) & (nu - mu.square() >= 0)
         return mu, nu, keep, ages
 
     # ------------------------------------------------------------ forward
-    def _train_forward(self, x):
+    def _train_forward(self, x, sync):
         # Statistics, derivatives and compensation in the statistics dtype, never
         # in autocast's lower precision; the output keeps the input's dtype.
         with torch.autocast(x.device.type, enabled=False):
-            return self._train_step(x)
+            return self._train_step(x, sync)
 
-    def _train_step(self, x):
+    def _train_step(self, x, sync):
         burnin = self.burnin_iters()
         with_grad = torch.is_grad_enabled() and x.requires_grad
         conv = conv_input = None
@@ -639,28 +722,62 @@ class CBN(SmallBatchNorm):
                 theta = conv_weight(conv)
             with torch.no_grad():
                 past = self.past_statistics(theta, window, dtype)
-        if past is None:
-            y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, None, None,
-                                                       None, self.eps)
-        else:
+        kept = (None, None, None)  # the kept past means and variances (zero elsewhere), keep
+        if past is not None:
             mu, nu, keep, _ = past
-            kept_mu = torch.where(keep, mu, 0)
-            kept_var = torch.where(keep, nu - mu.square(), 0)
-            y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, kept_mu,
-                                                       kept_var, keep, self.eps)
+            kept = (torch.where(keep, mu, 0), torch.where(keep, nu - mu.square(), 0), keep)
+        union_count = None
+        if sync:
+            y, mu_t, var_t, union_count = self._union_normalize(x, dtype, *kept)
+        else:
+            y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, *kept, self.eps)
         with torch.no_grad():
             finite = torch.isfinite(mu_t) & torch.isfinite(var_t)
             self.warn_if_nonfinite(finite)
+            if sync:
+                finite = finite & (union_count > 0)
             if window > 0:
-                self._push(x, mu_t, var_t, finite, conv, conv_input, theta, dtype)
-            self._update_running(x, mu_t, var_t, finite)
+                self._push(x, mu_t, var_t, finite, conv, conv_input, theta, dtype, union_count)
+            self._update_running(x, mu_t, var_t, finite, union_count)
         return y
 
-    def _push(self, x, mu_t, var_t, finite, conv, conv_input, theta, dtype):
+    def _union_normalize(self, x, dtype, kept_mu, kept_var, keep):
+        """The output for ``sync_stats``: mu_t and var_t are the union's
+        (:func:`mmnorm.layers._dist.union_moments`), pooled with the kept past
+        entries (or None) as in :class:`_CrossIterationNorm`, whose equations this
+        writes with autograd ops so that the gradient reaches every process's
+        input through mu_t and var_t. Returns (y, mu_t, var_t, union count), the
+        statistics detached."""
+        xs = x.to(dtype)
+        mu_t, var_t, count = union_moments(xs)
+        mu, sigma2 = mu_t, var_t
+        if keep is not None:
+            mu, sigma2, _ = pooled_statistics(mu_t, var_t, kept_mu, kept_var, keep)
+        shape = self.channel_shape(xs)
+        scale = self.weight.to(dtype) * (sigma2 + self.eps).rsqrt()
+        y = (xs - mu.view(shape)) * scale.view(shape) + self.bias.to(dtype).view(shape)
+        return y.to(x.dtype), mu_t.detach(), var_t.detach(), count
+
+    @staticmethod
+    def _union_derivatives(conv, conv_input, x, dtype, theta, union_count):
+        """dmu/dtheta and dnu/dtheta of the union: the derivative sums of all
+        processes (one all-reduce) over the union's element count."""
+        patch_sum, weight_grad = conv_statistic_derivative_sums(conv, conv_input, x, dtype, theta)
+        sums = all_reduce_sum(torch.cat([patch_sum.flatten(), weight_grad.flatten()]))
+        scale = union_count.clamp_min(1)
+        split = patch_sum.numel()
+        return (sums[:split].view_as(patch_sum) / scale,
+                sums[split:].view_as(weight_grad) * (2 / scale))
+
+    def _push(self, x, mu_t, var_t, finite, conv, conv_input, theta, dtype, union_count=None):
         shapes = {'history_mean': (self.num_features,), 'history_sqmean': (self.num_features,),
                   'history_valid': (self.num_features,)}
         if self.rho != 0:
-            dmu, dnu = conv_statistic_derivatives(conv, conv_input, x, dtype, theta)
+            if union_count is None:
+                dmu, dnu = conv_statistic_derivatives(conv, conv_input, x, dtype, theta)
+            else:
+                dmu, dnu = self._union_derivatives(conv, conv_input, x, dtype, theta,
+                                                   union_count)
             shapes.update(history_dmean=dmu.shape, history_dsqmean=dnu.shape,
                           history_weight=theta.shape)
         self._ensure_history(shapes)
@@ -684,10 +801,18 @@ class CBN(SmallBatchNorm):
         self.history_valid[slot] = valid
         self._increment('history_pushes')
 
-    def _update_running(self, x, mu_t, var_t, finite):
+    def _update_running(self, x, mu_t, var_t, finite, union_count=None):
+        """BN's running-statistic update from this step's mu_t and biased var_t
+        (C,); the unbiased variance uses x's count, or ``union_count`` (0-dim
+        tensor, sync_stats), where running_var changes only if it is > 1."""
         m = self.momentum
         new_mean = (1 - m) * self.running_mean + m * mu_t
         self.update_where_finite(self.running_mean, new_mean, finite)
+        if union_count is not None:
+            unbias = union_count / (union_count - 1).clamp_min(1)
+            new_var = (1 - m) * self.running_var + m * var_t * unbias
+            self.update_where_finite(self.running_var, new_var, finite & (union_count > 1))
+            return
         count = x.numel() // x.size(1)
         if count > 1:
             new_var = (1 - m) * self.running_var + m * var_t * (count / (count - 1))
@@ -702,8 +827,7 @@ class CBN(SmallBatchNorm):
         keys = [prefix + key for key in _HISTORY + ('history_pushes',)]
         if not any(key in state_dict for key in keys) and prefix + 'running_mean' in state_dict:
             for key in _HISTORY:
-                dtype = torch.bool if key == 'history_valid' else torch.float32
-                state_dict[prefix + key] = torch.zeros(0, dtype=dtype)
+                state_dict[prefix + key] = _history_buffer(key, 0, torch.float32)
             state_dict[prefix + 'history_pushes'] = torch.tensor(0, dtype=torch.long)
             note = 'BatchNorm layout: no cross-iteration history, it starts empty'
             counter = state_dict.get(prefix + 'num_batches_tracked')
@@ -715,9 +839,8 @@ class CBN(SmallBatchNorm):
         for key in _HISTORY:
             incoming = state_dict.get(prefix + key)
             if isinstance(incoming, torch.Tensor) and incoming.shape != getattr(self, key).shape:
-                dtype = torch.bool if key == 'history_valid' else self._history_dtype()
-                setattr(self, key, torch.zeros(incoming.shape, dtype=dtype,
-                                               device=self.running_mean.device))
+                setattr(self, key, _history_buffer(key, incoming.shape, self._history_dtype(),
+                                                   self.running_mean.device))
         return notes
 
     def extra_repr(self):
@@ -725,4 +848,4 @@ class CBN(SmallBatchNorm):
                   else f'burnin={self.burnin}')
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
                 f'buffer_num={self.buffer_num}, rho={self.rho}, {burnin}, '
-                f'two_stage={self.two_stage}')
+                f'two_stage={self.two_stage}, sync_stats={self.sync_stats}')

@@ -48,6 +48,13 @@ Numerical safety, without changing results on ordinary input:
   tensor value, so a step never waits for the device;
 * an empty input is handled by :class:`SmallBatchNorm` (empty output, zero
   gradients, no state change).
+
+Processes (DDP): by default, as in the paper, each process keeps its own
+statistics: the buffers differ between ranks and a checkpoint (written by rank
+0) holds rank 0's. With ``sync_stats=True`` in a multi-process run, chi2_t and
+psi_t are the statistics of the union of all processes' inputs (one all-reduce
+of C + 1 numbers in the forward, one of C numbers in the backward; see
+:class:`MABN`), so every process holds the same buffers.
 """
 import contextlib
 
@@ -55,6 +62,7 @@ import torch
 from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 
+from ._dist import union_mean
 from ._state import SmallBatchNorm, check_number
 
 _AUTOCAST_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,7 +113,9 @@ class MABNFunction(torch.autograd.Function):
     ``buffer_gz`` the backward writes); ``row`` = [t mod m] and ``early``
     (t <= m or t < warmup_iters), both computed at this call's forward, so the
     backward writes the row of its own step even if the layer has been called
-    again since; and the output dtype.
+    again since; the output dtype; and ``sync``: with ``sync_stats`` in a
+    multi-process run, psi_t is the union's (sum(dy * x) and the element count
+    are all-reduced; the backward is then a collective).
 
     Forward: ``y = x * (weight * r * inv_std) + bias``, one fused pass.
 
@@ -133,13 +143,14 @@ class MABNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, inv_std, r, layer, row, early, out_dtype):
+    def forward(ctx, x, weight, bias, inv_std, r, layer, row, early, out_dtype, sync):
         cdtype = inv_std.dtype
         shape = layer.channel_shape(x)
         scale = weight.to(cdtype) * r * inv_std
         y = torch.addcmul(bias.to(cdtype).view(shape), x.to(cdtype), scale.view(shape))
         ctx.save_for_backward(x, weight, inv_std, r)
         ctx.layer, ctx.row, ctx.early, ctx.bias_dtype = layer, row, early, bias.dtype
+        ctx.sync = sync
         return y.to(out_dtype)
 
     @staticmethod
@@ -154,15 +165,24 @@ class MABNFunction(torch.autograd.Function):
             gain = weight.to(cdtype) * r  # g = dy * gain
             coef = gain * inv_std  # dx = dy * coef - x * (psi * inv_std^2)
             need_dx = ctx.needs_input_grad[0]
-            dx, dot, dy_sum = scaled_grad_and_sums(dys, xs, coef, need_dx)  # dot = sum(dy * x)
-            psi_t = coef * dot / count  # mean(g * z)
-            psi = layer.window_statistic(layer.buffer_gz, ctx.row, ctx.early, psi_t)
+            if count > 0:
+                dx, dot, dy_sum = scaled_grad_and_sums(dys, xs, coef, need_dx)  # dot = sum(dy * x)
+            else:  # an empty input on one process under sync_stats
+                dx = torch.zeros_like(xs)
+                dot, dy_sum = torch.zeros_like(coef), torch.zeros_like(coef)
+            present = None
+            if ctx.sync:  # every process gets here in the same order, see MABN "Processes"
+                dot_mean, total = union_mean(dot, count)
+                psi_t, present = coef * dot_mean, total > 0
+            else:
+                psi_t = coef * dot / count  # mean(g * z)
+            psi = layer.window_statistic(layer.buffer_gz, ctx.row, ctx.early, psi_t, present)
             if need_dx:
                 shape = layer.channel_shape(xs)
                 dx = dx.addcmul_(xs, (psi * inv_std.square()).view(shape), value=-1).to(x.dtype)
             dweight = (r * inv_std * dot).to(weight.dtype) if ctx.needs_input_grad[1] else None
             dbias = dy_sum.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
 @MODELS.register_module('MABN')
@@ -186,6 +206,8 @@ class MABN(SmallBatchNorm):
             warmup_iters). Default 1000.
         rmax (float): afterwards r is clipped to [1/rmax, rmax], rmax >= 1.
             Default 5.0.
+        sync_stats (bool): use the statistics of all processes' inputs
+            (see "Processes"). Default False.
 
     Buffers, all in the state dict: ``running_var`` (C,), ``num_batches_tracked``
     (the step counter t), ``buffer_x2`` (m, C) and ``buffer_gz`` (m, C); float32,
@@ -218,6 +240,33 @@ class MABN(SmallBatchNorm):
     as the input was. ``running_var`` is only updated where the new value is
     finite. The next finite step trains normally.
 
+    Processes: by default (``sync_stats=False``), as in the paper, each
+    process of a DDP run keeps its own statistics; the buffers differ between
+    ranks and a checkpoint (written by rank 0) holds rank 0's. With
+    ``sync_stats=True``, when torch.distributed is initialised with more than
+    one process (otherwise the key changes nothing), each training call uses
+    the statistics of the union of all processes' inputs: chi2_t = (sum over
+    processes of sum(x^2)) / (total element count) in the forward (one
+    all-reduce of C + 1 numbers) and psi_t likewise in the backward, weighted
+    by element counts. All processes then write the same rows and hold the
+    same buffers, and the window of m calls covers world_size times more
+    samples. psi_t is linear in the incoming gradient: each process
+    backpropagates its own loss (DDP averages the parameter gradients
+    afterwards), so psi_t is that of a single process on the union whose loss
+    is the sum of the processes' losses. The backward's all-reduce is a
+    blocking collective inside autograd: the k-th synchronised MABN backward of
+    one process meets the k-th of the others. Autograd runs the nodes of a
+    graph in an order fixed by the graph (dependencies, then creation order),
+    so processes that build the same graph - the same layers called the same
+    number of times, in the same order - run these backwards in the same
+    order; DDP's own gradient all-reduces are issued from the same backward
+    pass in the same order on every process and do not reorder them. Hence
+    every process must call the layer as often as the others and
+    backpropagate through every call (a process whose loss ignores a call's
+    output leaves the others waiting, as with SyncBatchNorm). An empty input
+    takes part with a count of 0 and then also advances t and writes the
+    union's rows; if the union is empty, t advances and nothing is written.
+
     Loading state dicts (reported through mmengine's logger, see
     :meth:`convert_state`): a BatchNorm checkpoint (weight, bias, running_mean,
     running_var, num_batches_tracked) and a checkpoint of the original
@@ -229,8 +278,8 @@ class MABN(SmallBatchNorm):
     STATISTIC_BUFFERS = ('running_var', 'buffer_x2', 'buffer_gz')
 
     def __init__(self, num_features, eps=1e-5, momentum=0.98, buffer_size=16, warmup_iters=100,
-                 renorm_start_iter=1000, rmax=5.0):
-        super().__init__(num_features, eps, momentum)
+                 renorm_start_iter=1000, rmax=5.0, sync_stats=False):
+        super().__init__(num_features, eps, momentum, sync_stats)
         name = type(self).__name__
         self.buffer_size = check_number(name, 'buffer_size', buffer_size, integer=True, minimum=0)
         self.warmup_iters = check_number(name, 'warmup_iters', warmup_iters, integer=True,
@@ -243,18 +292,6 @@ class MABN(SmallBatchNorm):
         like = self.running_var
         self.register_buffer('buffer_x2', like.new_zeros(buffer_size, num_features))
         self.register_buffer('buffer_gz', like.new_zeros(buffer_size, num_features))
-
-    def _apply(self, fn, recurse=True):
-        # Statistics buffers stay at least float32 (spec): ``.half()`` or
-        # ``.to(torch.bfloat16)`` would round them and turn a second moment
-        # above 65504 into inf. They follow the module's device and float64.
-        before = {name: self._buffers[name] for name in self.STATISTIC_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype in (torch.float16, torch.bfloat16):
-                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
-        return self
 
     @property
     def renorm_after(self):
@@ -273,19 +310,23 @@ class MABN(SmallBatchNorm):
                 self._buffers[name].zero_()
 
     # -------------------------------------------------------------- training
-    def window_statistic(self, buffer, row, early, value):
+    def window_statistic(self, buffer, row, early, value, present=None):
         """Write the (C,) batch statistic ``value`` into ``buffer[row]`` where
         it is finite (elsewhere the row keeps its value; warns once), and return
         the statistic of this step: ``value`` if ``early``, else the mean of the
         m rows. ``row`` is a 1-element index tensor and ``early`` a 0-dim bool
-        tensor, so nothing here reads a tensor on the host."""
+        tensor, so nothing here reads a tensor on the host. ``present`` (0-dim
+        bool, sync_stats only): False when the union of the processes' inputs
+        is empty, and then nothing is written."""
         finite = torch.isfinite(value)
         self.warn_if_nonfinite(finite)
         rows = torch.arange(buffer.size(0), device=buffer.device) == row
+        if present is not None:
+            rows = rows & present
         self.update_where_finite(buffer, value, rows.unsqueeze(1) & finite)
         return torch.where(early, value, buffer.to(value.dtype).mean(0))
 
-    def _train_forward(self, x):
+    def _train_forward(self, x, sync):
         self.num_batches_tracked.add_(1)
         cdtype = self.stats_dtype(x)
         out_dtype = output_dtype(x)
@@ -297,19 +338,26 @@ class MABN(SmallBatchNorm):
                 count = x.numel() // x.size(1)
                 # One pass over x; the cast comes before squaring (no fp16 overflow).
                 chi2 = torch.linalg.vector_norm(x, 2, self.reduce_dims(x), dtype=cdtype)
-                chi2 = chi2.square().div_(count)
-                v = self.window_statistic(self.buffer_x2, row, early, chi2)
+                present = None
+                if sync:
+                    chi2, total = union_mean(chi2.square(), count)
+                    present = total > 0
+                else:
+                    chi2 = chi2.square().div_(count)
+                v = self.window_statistic(self.buffer_x2, row, early, chi2, present)
                 std = (v + self.eps).sqrt()
                 running = self.running_var.to(cdtype)
                 ratio = std / (running + self.eps).sqrt()
                 r = torch.where(t > self.renorm_after, ratio.clamp(1 / self.rmax, self.rmax),
                                 torch.ones_like(ratio))
                 new_running = self.momentum * running + (1 - self.momentum) * v
-                self.update_where_finite(self.running_var, new_running,
-                                         torch.isfinite(new_running))
+                update = torch.isfinite(new_running)
+                if present is not None:
+                    update = update & present
+                self.update_where_finite(self.running_var, new_running, update)
                 inv_std = std.reciprocal()
             return MABNFunction.apply(x, self.weight, self.bias, inv_std, r, self, row, early,
-                                      out_dtype)
+                                      out_dtype, sync)
 
     # ------------------------------------------------------------- inference
     def _eval_forward(self, x):
@@ -389,7 +437,8 @@ class MABN(SmallBatchNorm):
     def extra_repr(self):
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
                 f'buffer_size={self.buffer_size}, warmup_iters={self.warmup_iters}, '
-                f'renorm_start_iter={self.renorm_start_iter}, rmax={self.rmax}')
+                f'renorm_start_iter={self.renorm_start_iter}, rmax={self.rmax}, '
+                f'sync_stats={self.sync_stats}')
 
 
 def _show(value):

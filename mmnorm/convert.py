@@ -1,0 +1,202 @@
+"""Convert any PyTorch model to small-batch norm layers, keeping its weights.
+
+``convert(model, norm=dict(type='MABN'), conv=dict(type='CenConv'))`` replaces
+every ``nn.BatchNorm2d`` by the layer that ``norm`` builds and, when ``conv`` is
+given, every ``nn.Conv2d`` that feeds one of those BatchNorms (the pairing rule
+of :func:`mmnorm.deploy.conv_norm_pairs`) by the conv that ``conv`` builds, as
+``nn.SyncBatchNorm.convert_sync_batchnorm`` does for SyncBN. What is carried
+over from each BatchNorm of C channels (mean mu, variance var, both (C,)):
+
+* weight and bias (and their ``requires_grad``, unless ``norm`` states
+  ``requires_grad``); eps, unless ``norm`` states it;
+* running_mean and running_var, when the new layer has both (BRN, CBN, BN);
+* when the new layer has a running_var but no running_mean, it normalises the
+  uncentred second moment (MABN, spec section 1: y = weight * x /
+  sqrt(running_var + eps) + bias at inference). It gets the second moment
+  that the BatchNorm's statistics describe, E[x^2] = var + mu^2, and weight
+  and bias rescaled by :func:`bn_to_mabn` so that its inference computes
+  exactly what the BatchNorm's did. The new conv's output differs from the
+  old one's when its weight is transformed (CenConv removes each filter's
+  mean), so with CenConv the network's function is not kept;
+* nothing else: the new layer's step counter and moving-average or history
+  buffers are fresh (t = 0), so its warm-up, renormalisation delay or burn-in
+  runs in full. Statistics a layer does not have (GroupNorm) are dropped.
+
+Each new conv has the old conv's hyper-parameters, device, dtype, weight and
+bias (the raw weight of CenConv/WSConv is the old weight, so the converted
+conv computes with its transformed version). Convs of other kinds (CenConv or
+WSConv already, DCN, hooked convs) are left as they are. Every new module
+has the training mode of the one it replaces.
+"""
+import torch
+from mmcv.cnn import build_conv_layer, build_norm_layer
+from mmengine.registry import MODELS
+from torch import nn
+
+from .deploy import conv_norm_pairs
+from .layers import CenConv, WSConv
+
+__all__ = ['bn_to_mabn', 'convert']
+
+_MABN_RECIPE_NORM = dict(type='MABN')
+_MABN_RECIPE_CONV = dict(type='CenConv')
+
+
+def bn_to_mabn(weight, bias, mean, var, bn_eps, mabn_eps):
+    """BatchNorm's inference statistics, as MABN's.
+
+    BatchNorm at inference is ``weight * (x - mean) / sqrt(var + bn_eps) +
+    bias``; MABN's is ``weight' * x / sqrt(running_var' + mabn_eps) + bias'``
+    with ``running_var'`` the running second moment. With, per channel,
+
+        running_var' = var + mean^2
+        weight'      = weight * sqrt(running_var' + mabn_eps) / sqrt(var + bn_eps)
+        bias'        = bias - weight * mean / sqrt(var + bn_eps)
+
+    the two are the same function of x. All arguments are (C,) tensors except
+    the two eps; computed in float64, returned as (weight', bias',
+    running_var') in the dtypes of weight, bias and var.
+    """
+    w, b, m, v = (t.double() for t in (weight, bias, mean, var))
+    second_moment = v + m.square()
+    bn_std = (v + bn_eps).sqrt()
+    return ((w * (second_moment + mabn_eps).sqrt() / bn_std).to(weight.dtype),
+            (b - w * m / bn_std).to(bias.dtype),
+            second_moment.to(var.dtype))
+
+
+def _layer_class(argument, cfg):
+    """The class that the config dict ``cfg`` (the ``argument`` of convert)
+    names; raises a TypeError or KeyError naming ``argument``."""
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise TypeError(f'convert: {argument} must be a dict with a "type" key, e.g. '
+                        f'{argument}=dict(type={"MABN" if argument == "norm" else "CenConv"!r}), '
+                        f'got {cfg!r}')
+    layer_type = cfg['type']
+    cls = layer_type if isinstance(layer_type, type) else MODELS.get(layer_type)
+    if cls is None:
+        raise KeyError(f'convert: {argument} type {layer_type!r} is not a registered layer '
+                       '(import mmnorm to register MABN, BRN, CBN, CenConv and WSConv)')
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f'convert: {argument} type {layer_type!r} is not an nn.Module class')
+    return cls
+
+
+def _new_norm(bn, name, norm_cfg):
+    """The layer built from ``norm_cfg`` for the BatchNorm2d ``bn`` (at
+    ``name``), with what the module docstring lists carried over."""
+    cfg = dict(norm_cfg)
+    cfg.setdefault('eps', bn.eps)
+    layer = build_norm_layer(cfg, bn.num_features)[1]
+    reference = bn.running_var if bn.running_var is not None else bn.weight
+    if reference is not None:
+        layer.to(device=reference.device, dtype=reference.dtype)
+    weight, bias = getattr(layer, 'weight', None), getattr(layer, 'bias', None)
+    if bn.affine and (weight is None or bias is None):
+        raise ValueError(f'convert: the layer built from norm={norm_cfg!r} has no weight and '
+                         f'bias to keep those of the BatchNorm2d {name!r}')
+    with torch.no_grad():
+        if bn.affine:
+            weight.copy_(bn.weight)
+            bias.copy_(bn.bias)
+            if 'requires_grad' not in norm_cfg:
+                weight.requires_grad_(bn.weight.requires_grad)
+                bias.requires_grad_(bn.bias.requires_grad)
+        new_var = getattr(layer, 'running_var', None)
+        if bn.running_var is not None and new_var is not None:
+            new_mean = getattr(layer, 'running_mean', None)
+            if new_mean is None:  # uncentred: the second moment, same inference
+                if weight is None:
+                    raise ValueError(f'convert: the layer built from norm={norm_cfg!r} has no '
+                                     f'weight and bias to keep the inference of {name!r}')
+                ones = torch.ones_like(bn.running_var)
+                new_weight, new_bias, second_moment = bn_to_mabn(
+                    bn.weight if bn.affine else ones, bn.bias if bn.affine else 0 * ones,
+                    bn.running_mean, bn.running_var, bn.eps, layer.eps)
+                weight.copy_(new_weight)
+                bias.copy_(new_bias)
+                new_var.copy_(second_moment)
+            else:
+                new_mean.copy_(bn.running_mean)
+                new_var.copy_(bn.running_var)
+    layer.train(bn.training)  # (some modules' train() returns None: not chained)
+    return layer
+
+
+def _new_conv(old, conv_cfg):
+    """The conv built from ``conv_cfg`` with ``old``'s hyper-parameters,
+    weight, bias, device, dtype and mode."""
+    layer = build_conv_layer(dict(conv_cfg), old.in_channels, old.out_channels, old.kernel_size,
+                             stride=old.stride, padding=old.padding, dilation=old.dilation,
+                             groups=old.groups, bias=old.bias is not None,
+                             padding_mode=old.padding_mode)
+    layer.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(old.weight)
+        layer.weight.requires_grad_(old.weight.requires_grad)
+        if old.bias is not None:
+            layer.bias.copy_(old.bias)
+            layer.bias.requires_grad_(old.bias.requires_grad)
+    layer.train(old.training)
+    return layer
+
+
+def _is_batch_norm_2d(module):
+    return isinstance(module, nn.BatchNorm2d)
+
+
+def _replacements(module, norm_cfg, conv_cfg):
+    """id(old) -> (old, new) for every module of ``module`` to replace, all
+    built before anything is changed (so a failing build changes nothing)."""
+    plan = {}
+    for name, child in module.named_modules():
+        if _is_batch_norm_2d(child):
+            plan[id(child)] = (child, _new_norm(child, name or '<root>', norm_cfg))
+        elif conv_cfg is not None:
+            for conv_name, _ in conv_norm_pairs(child, _is_batch_norm_2d):
+                conv = child._modules[conv_name]
+                if not isinstance(conv, (CenConv, WSConv)) and id(conv) not in plan:
+                    plan[id(conv)] = (conv, _new_conv(conv, conv_cfg))
+    return plan
+
+
+def convert(module, norm=_MABN_RECIPE_NORM, conv=_MABN_RECIPE_CONV):
+    """Replace every ``nn.BatchNorm2d`` of ``module`` by the layer built from
+    ``norm`` and, unless ``conv`` is None, every ``nn.Conv2d`` feeding one by
+    the conv built from ``conv``, keeping weights (module docstring).
+
+    Args:
+        module (nn.Module): any model (or a single BatchNorm2d).
+        norm (dict): a norm config as in MMDetection's ``norm_cfg``, built
+            with MMCV's ``build_norm_layer``: ``dict(type='MABN')``,
+            ``dict(type='BRN', warmup_iters=500)``, ``dict(type='CBN',
+            buffer_num=3)``, ``dict(type='GN', num_groups=32)``, extra keys
+            (e.g. ``buffer_size``) passed to the layer.
+        conv (dict or None): a conv config as ``conv_cfg``, e.g.
+            ``dict(type='CenConv')`` (MABN's recipe) or ``dict(type='WSConv')``;
+            None keeps the convs.
+
+    Returns:
+        nn.Module: ``module`` converted in place, or the new layer when
+        ``module`` itself is a BatchNorm2d.
+
+    Raises:
+        TypeError, KeyError, ValueError: a bad ``norm`` or ``conv`` (the
+        message names the argument), or a layer that cannot be built for one
+        of the BatchNorms (the message names it). Every new layer is built
+        before the model is touched, so after an error it is unchanged.
+    """
+    _layer_class('norm', norm)
+    if conv is not None:
+        conv_class = _layer_class('conv', conv)
+        if not issubclass(conv_class, nn.Conv2d):
+            raise TypeError(f'convert: conv type {conv["type"]!r} must be an nn.Conv2d '
+                            'subclass (it is built with nn.Conv2d\'s arguments)')
+    plan = _replacements(module, norm, conv)
+    if id(module) in plan:
+        return plan[id(module)][1]
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in plan:
+                parent._modules[name] = plan[id(child)][1]  # a module used twice stays one
+    return module

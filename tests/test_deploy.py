@@ -1,0 +1,414 @@
+"""mmnorm.fuse and tools/deploy.py (issue 7, "Folding for inference").
+
+Every fold is checked by output equality: the model's eval output before
+``fuse`` (computed by the layers themselves) against the folded model's.
+"""
+import copy
+import pickle
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from conftest import REPO, run
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import mmnorm
+from mmnorm.deploy import conv_norm_pairs, format_report, fuse, is_foldable_norm, load_deployed
+from mmnorm.deploy import mmnorm_modules
+
+F64 = torch.float64
+C_IN, C_OUT = 4, 6
+
+
+def frozen_bn(channels):
+    from mmdet.models.layers import FrozenBatchNorm2d
+    return FrozenBatchNorm2d(channels)
+
+
+NORMS = {
+    'BatchNorm2d': lambda c: nn.BatchNorm2d(c),
+    'BatchNorm2d-no-affine': lambda c: nn.BatchNorm2d(c, affine=False),
+    'SyncBatchNorm': lambda c: nn.SyncBatchNorm(c),
+    'FrozenBN': frozen_bn,
+    'MABN': lambda c: mmnorm.MABN(c),
+    'BRN': lambda c: mmnorm.BRN(c),
+    'CBN': lambda c: mmnorm.CBN(c),
+}
+CONVS = {'Conv2d': nn.Conv2d, 'CenConv': mmnorm.CenConv, 'WSConv': mmnorm.WSConv}
+CONV_ARGS = {
+    'bias': dict(kernel_size=3, padding=1, bias=True),
+    'no-bias': dict(kernel_size=3, padding=1, bias=False),
+    'groups': dict(kernel_size=3, padding=1, groups=2, bias=False),
+    'stride': dict(kernel_size=3, stride=2, padding=0, bias=True),
+}
+
+
+def randomize_statistics(model, seed=0):
+    """Non-trivial affine parameters and running statistics for every norm
+    layer (BatchNorm-like, FrozenBN, GroupNorm) of ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if not (isinstance(m, (_BatchNorm, nn.GroupNorm)) or hasattr(m, 'running_var')):
+                continue
+            for name, low, high in (('weight', 0.5, 2.0), ('running_var', 0.5, 2.0),
+                                    ('bias', -0.3, 0.3), ('running_mean', -0.3, 0.3)):
+                t = getattr(m, name, None)
+                if t is not None:
+                    t.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
+    return model
+
+
+def eval_output(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def classes_of(model):
+    return {type(m) for m in model.modules()}
+
+
+@pytest.mark.parametrize('conv_args', sorted(CONV_ARGS))
+@pytest.mark.parametrize('conv_type', sorted(CONVS))
+@pytest.mark.parametrize('norm_type', sorted(NORMS))
+def test_fold_after_conv_gives_the_same_eval_output(norm_type, conv_type, conv_args):
+    torch.manual_seed(0)
+    conv = CONVS[conv_type](C_IN, C_OUT, **CONV_ARGS[conv_args])
+    model = randomize_statistics(nn.Sequential(conv, NORMS[norm_type](C_OUT))).to(F64)
+    x = torch.randn(2, C_IN, 9, 9, dtype=F64)
+    expected = eval_output(model, x)
+    report = Counter()
+    fused = fuse(model, report)
+    assert fused is model
+    assert type(fused[0]) is nn.Conv2d and isinstance(fused[1], nn.Identity)
+    assert fused[0].bias is not None
+    if conv_type == 'Conv2d':
+        assert fused[0] is conv  # folded in place
+    torch.testing.assert_close(eval_output(fused, x), expected, rtol=1e-12, atol=1e-12)
+    norm_name = 'BatchNorm2d' if norm_type.startswith('BatchNorm2d') else norm_type
+    norm_name = 'FrozenBatchNorm2d' if norm_type == 'FrozenBN' else norm_name
+    assert report['folded', norm_name] == 1
+    assert report['replaced', f'{conv_type} -> Conv2d'] == (conv_type != 'Conv2d')
+    assert not mmnorm_modules(fused)
+
+
+@pytest.mark.parametrize('norm_type', ['MABN', 'BRN', 'CBN'])
+def test_norm_not_after_a_conv_becomes_batch_norm_with_the_same_output(norm_type):
+    torch.manual_seed(0)
+    # After an activation, and after a conv whose output goes through a ReLU first.
+    model = randomize_statistics(nn.Sequential(
+        nn.ReLU(), NORMS[norm_type](C_IN), nn.Conv2d(C_IN, C_IN, 3, padding=1), nn.ReLU(),
+        NORMS[norm_type](C_IN), nn.GroupNorm(2, C_IN))).to(F64)
+    x = torch.randn(2, C_IN, 7, 7, dtype=F64)
+    expected = eval_output(model, x)
+    report = Counter()
+    fused = fuse(model, report)
+    assert [type(m) for m in fused] == [nn.ReLU, nn.BatchNorm2d, nn.Conv2d, nn.ReLU,
+                                        nn.BatchNorm2d, nn.GroupNorm]
+    assert not fused[1].training and not fused[4].training
+    torch.testing.assert_close(eval_output(fused, x), expected, rtol=1e-12, atol=1e-12)
+    assert report['replaced', f'{norm_type} -> BatchNorm2d'] == 2
+    assert report['kept', 'GroupNorm'] == 1 and report['kept', 'BatchNorm2d'] == 2
+    assert not any(kind == 'folded' for kind, _ in report)
+
+
+def test_root_layer_is_replaced_and_returned():
+    layer = randomize_statistics(mmnorm.MABN(3)).to(F64)
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    expected = eval_output(layer, x)
+    fused = fuse(layer)
+    assert type(fused) is nn.BatchNorm2d
+    torch.testing.assert_close(eval_output(fused, x), expected, rtol=1e-12, atol=1e-12)
+    conv = mmnorm.CenConv(3, 2, 1)
+    assert type(fuse(conv)) is nn.Conv2d
+
+
+def conv_module(order, **kwargs):
+    from mmcv.cnn import ConvModule
+    return ConvModule(C_IN, C_IN, 3, padding=1, order=order, **kwargs)
+
+
+@pytest.mark.parametrize('order', [('norm', 'conv', 'act'), ('conv', 'act', 'norm')])
+def test_conv_module_whose_norm_is_not_right_after_its_conv_is_not_folded(order):
+    """In-channels equal out-channels, so only the order tells (mmcv's
+    fuse_conv_bn would fold both)."""
+    torch.manual_seed(0)
+    model = randomize_statistics(conv_module(order, norm_cfg=dict(type='MABN'),
+                                             conv_cfg=dict(type='CenConv'))).to(F64)
+    assert conv_norm_pairs(model, is_foldable_norm) == []
+    x = torch.randn(2, C_IN, 6, 6, dtype=F64)
+    expected = eval_output(model, x)
+    fused = fuse(model)
+    assert type(fused.norm) is nn.BatchNorm2d and type(fused.conv) is nn.Conv2d
+    torch.testing.assert_close(eval_output(fused, x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('efficient', [False, True])
+def test_conv_module_folds_also_with_efficient_conv_bn_eval(efficient):
+    torch.manual_seed(0)
+    model = randomize_statistics(conv_module(('conv', 'norm', 'act'), norm_cfg=dict(type='BN'),
+                                             efficient_conv_bn_eval=efficient)).to(F64)
+    assert conv_norm_pairs(model, is_foldable_norm) == [('conv', 'bn')]
+    x = torch.randn(2, C_IN, 6, 6, dtype=F64)
+    expected = eval_output(model, x)
+    fused = fuse(model)
+    assert isinstance(fused.bn, nn.Identity) and fused.norm is fused.bn
+    assert fused.efficient_conv_bn_eval_forward is None
+    torch.testing.assert_close(eval_output(fused, x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_conv_is_not_folded_and_stays_shared():
+    torch.manual_seed(0)
+    conv = mmnorm.CenConv(C_IN, C_IN, 3, padding=1)
+    model = randomize_statistics(nn.Sequential(conv, mmnorm.MABN(C_IN), nn.ReLU(), conv,
+                                               mmnorm.MABN(C_IN))).to(F64)
+    x = torch.randn(2, C_IN, 6, 6, dtype=F64)
+    expected = eval_output(model, x)
+    fused = fuse(model)
+    assert [type(m) for m in fused] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d,
+                                        nn.BatchNorm2d]
+    assert fused[0] is fused[3]
+    torch.testing.assert_close(eval_output(fused, x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_pairing_rule_on_mmdet_resnet_and_heads():
+    """Every norm of MMDetection's ResNet, FPN and 4-conv heads is paired with
+    the conv that feeds it (names as ResNet/ConvModule register them)."""
+    model = build_mask_rcnn('MABN', 'CenConv')
+    pairs = {(name, conv, norm) for name, parent in model.named_modules()
+             for conv, norm in conv_norm_pairs(parent, is_foldable_norm)}
+    norms = {name for name, m in model.named_modules() if isinstance(m, mmnorm.MABN)}
+    assert {f'{p}.{n}' for p, _, n in pairs} == norms
+    assert {('backbone', 'conv1', 'bn1'), ('backbone.layer2.0.downsample', '0', '1'),
+            ('backbone.layer4.1', 'conv2', 'bn2'), ('neck.lateral_convs.0', 'conv', 'bn'),
+            ('roi_head.bbox_head.shared_convs.3', 'conv', 'bn'),
+            ('roi_head.mask_head.convs.3', 'conv', 'bn')} <= pairs
+
+
+# ----------------------------------------------------------- Mask R-CNN
+def build_mask_rcnn(norm_type, conv_type, channels=32, seed=0):
+    """configs/demo/_base_.py's Mask R-CNN (ResNet-18, FPN, 4conv1fc box head,
+    4-conv mask head) with 32 channels, 3 classes, ``norm_type`` and
+    ``conv_type`` in the backbone, FPN and both heads."""
+    import mmdet.models  # noqa: F401
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, DefaultScope
+    cfg = Config.fromfile(REPO / 'configs' / 'demo' / '_base_.py')
+    model = cfg.model
+    norm = (dict(type='GN', num_groups=8, requires_grad=True) if norm_type == 'GN'
+            else dict(type=norm_type, requires_grad=True))
+    model.neck.out_channels = channels
+    model.rpn_head.update(in_channels=channels, feat_channels=channels)
+    model.roi_head.bbox_roi_extractor.out_channels = channels
+    model.roi_head.mask_roi_extractor.out_channels = channels
+    model.roi_head.bbox_head.update(in_channels=channels, conv_out_channels=channels,
+                                    fc_out_channels=64, num_classes=3)
+    model.roi_head.mask_head.update(in_channels=channels, conv_out_channels=channels,
+                                    num_classes=3)
+    model.test_cfg.rcnn.max_per_img = 20
+    for part in (model.backbone, model.neck, model.roi_head.bbox_head, model.roi_head.mask_head):
+        part.norm_cfg, part.conv_cfg = norm, dict(type=conv_type)
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return MODELS.build(model)
+
+
+def demo_batch(seed):
+    from mmdet.testing import demo_mm_inputs
+    torch.manual_seed(seed)
+    return demo_mm_inputs(2, [(3, 96, 128)] * 2, num_items=[3, 3], num_classes=3,
+                          with_mask=True)
+
+
+def assert_same_instances(before, after, score_tol=1e-4, box_tol=1e-3):
+    """``before`` and ``after`` (pred_instances, or their dicts as dumped by
+    tools/test.py --out) hold the same instances, matched by label and nearest
+    box (near-equal scores may be listed in another order): boxes within
+    ``box_tol`` px, scores within ``score_tol``, equal masks."""
+    assert len(before['scores']) == len(after['scores']) > 0
+    dist = (before['bboxes'][:, None] - after['bboxes'][None]).abs().amax(-1)
+    dist[before['labels'][:, None] != after['labels'][None]] = float('inf')
+    match = dist.argmin(1)
+    assert sorted(match.tolist()) == list(range(len(match)))  # one to one
+    assert dist.gather(1, match[:, None]).max() < box_tol
+    torch.testing.assert_close(after['scores'][match], before['scores'], rtol=0, atol=score_tol)
+    masks = after['masks']
+    matched = masks[match] if isinstance(masks, torch.Tensor) else [masks[i] for i in match]
+    if isinstance(masks, torch.Tensor):
+        assert torch.equal(matched, before['masks'])
+    else:  # RLE dicts
+        assert matched == before['masks']
+
+
+@pytest.mark.parametrize('norm_type, conv_type', [('MABN', 'CenConv'), ('GN', 'WSConv')])
+def test_mask_rcnn_predicts_the_same_after_fuse(norm_type, conv_type, one_thread):
+    from mmengine.registry import DefaultScope
+    model = build_mask_rcnn(norm_type, conv_type)
+    if norm_type == 'MABN':
+        # One training forward with momentum 0 makes running_var the second
+        # moment of real activations (so eval activations are normalised).
+        for m in model.modules():
+            if isinstance(m, mmnorm.MABN):
+                m.momentum = 0.0
+    randomize_statistics(model)  # affine parameters; running_var is overwritten below
+    model.train()
+    with torch.no_grad(), DefaultScope.overwrite_default_scope('mmdet'):
+        data = model.data_preprocessor(demo_batch(0), True)
+        model(**data, mode='loss')
+    norms = [m for m in model.modules() if isinstance(m, mmnorm.MABN)]
+    assert all(m.num_batches_tracked == 1 and not torch.equal(m.running_var,
+                                                              torch.ones_like(m.running_var))
+               for m in norms)
+    model.eval()
+    with torch.no_grad():
+        before = model.test_step(demo_batch(1))
+    report = Counter()
+    fused = fuse(model, report)
+    assert not mmnorm_modules(fused)
+    if norm_type == 'MABN':
+        # backbone 20, FPN 8, box head 4, mask head 4: all folded.
+        assert report == Counter({('folded', 'MABN'): 36, ('replaced', 'CenConv -> Conv2d'): 36})
+    else:
+        assert report == Counter({('kept', 'GroupNorm'): 36,
+                                  ('replaced', 'WSConv -> Conv2d'): 36})
+    assert not any(isinstance(m, mmnorm.MABN) for m in fused.modules())
+    with torch.no_grad():
+        after = fused.test_step(demo_batch(1))
+    for b, a in zip(before, after):
+        assert_same_instances(b.pred_instances, a.pred_instances)
+
+
+def test_fused_backbone_exports_with_torch_export(one_thread):
+    """onnx is not installed here, so the export route is torch.export (issue 7
+    names both)."""
+    backbone = build_mask_rcnn('MABN', 'CenConv').backbone
+    randomize_statistics(backbone)
+    x = torch.randn(1, 3, 64, 64)
+    expected = eval_output(backbone, x)
+    fused = fuse(backbone)
+    outputs = eval_output(fused, x)
+    for out, ref in zip(outputs, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    program = torch.export.export(fused, (x,))
+    targets = {node.target for node in program.graph.nodes if node.op == 'call_function'}
+    assert not any('batch_norm' in str(t) for t in targets)  # no norm left in the graph
+    exported = program.module()(x)
+    assert len(exported) == len(outputs) == 4
+    for out, ref in zip(exported, outputs):
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_format_report_lists_each_action():
+    report = Counter({('folded', 'MABN'): 3, ('replaced', 'CenConv -> Conv2d'): 3})
+    assert format_report(report) == ['folded into the conv before them: MABN: 3',
+                                     'replaced: CenConv -> Conv2d: 3',
+                                     'kept as they are: none']
+
+
+# --------------------------------------------------------- the tools, end to end
+CONFIG = REPO / 'tests' / 'configs' / 'tiny_mask_rcnn.py'
+# The tiny config has BRN everywhere; MABN + CenConv in the backbone too.
+MODEL_OPTIONS = ['model.backbone.norm_cfg.type=MABN', 'model.backbone.conv_cfg.type=CenConv']
+
+
+@pytest.fixture(scope='module')
+def deployed(tiny_coco_session, tmp_path_factory):
+    """Train the tiny config 2 iterations, deploy the checkpoint, then test
+    the deployed file and the checkpoint with tools/test.py (--out)."""
+    root = tmp_path_factory.mktemp('deploy')
+    options = tiny_coco_session.cfg_options() + MODEL_OPTIONS
+    run([sys.executable, REPO / 'tools' / 'train.py', CONFIG, '--work-dir', root / 'train',
+         '--cfg-options', *options, 'train_cfg.max_iters=2'])
+    checkpoint, out = root / 'train' / 'iter_2.pth', root / 'deployed.pth'
+    deploy_log = run([sys.executable, REPO / 'tools' / 'deploy.py', CONFIG, checkpoint, out,
+                      '--cfg-options', *options]).stdout
+    logs = {}
+    for name, path in (('deployed', out), ('checkpoint', checkpoint)):
+        logs[name] = run([sys.executable, REPO / 'tools' / 'test.py', CONFIG, path,
+                          '--work-dir', root / f'test_{name}', '--out', root / f'{name}.pkl',
+                          '--cfg-options', *options]).stdout
+    return dict(root=root, checkpoint=checkpoint, out=out, deploy_log=deploy_log, logs=logs,
+                options=options)
+
+
+def test_deploy_tool_reports_and_saves(deployed):
+    log = deployed['deploy_log']
+    # ResNet-18: 20 MABN + 20 CenConv; FPN 8 + mask head 2 BRN.
+    assert '[mmnorm deploy] folded into the conv before them: BRN: 10, MABN: 20' in log
+    assert '[mmnorm deploy] replaced: CenConv -> Conv2d: 20' in log
+    assert '[mmnorm deploy] kept as they are: none' in log
+    content = load_deployed(str(deployed['out']))
+    assert content is not None and not mmnorm_modules(content['deployed_model'])
+    assert content['meta']['checkpoint'] == str(deployed['checkpoint'])
+    assert load_deployed(str(deployed['checkpoint'])) is None  # an ordinary checkpoint
+
+
+def test_test_tool_evaluates_the_deployed_file_like_the_checkpoint(deployed):
+    log = deployed['logs']['deployed']
+    for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'):
+        assert f'{key}:' in log
+    assert 'evaluating the deployed (folded) model' in log
+    assert 'Load checkpoint from' not in log
+    assert 'Load checkpoint from' in deployed['logs']['checkpoint']
+    preds = {}
+    for name in ('deployed', 'checkpoint'):
+        with open(deployed['root'] / f'{name}.pkl', 'rb') as f:
+            preds[name] = pickle.load(f)
+    assert len(preds['deployed']) == len(preds['checkpoint']) == 2
+    for folded, original in zip(preds['deployed'], preds['checkpoint']):
+        assert_same_instances(original['pred_instances'], folded['pred_instances'])
+
+
+LOAD_WITHOUT_MMNORM = r'''
+import sys
+sys.modules['mmnorm'] = None  # any import of mmnorm now fails
+import torch
+content = torch.load(sys.argv[1], map_location='cpu', weights_only=False)
+model = content['deployed_model'].eval()
+assert not [m for m in model.modules() if type(m).__module__.startswith('mmnorm')]
+assert not [k for k in sys.modules if k.startswith('mmnorm') and sys.modules[k] is not None]
+with torch.no_grad():
+    feats = model.extract_feat(torch.load(sys.argv[2]))
+torch.save([f.clone() for f in feats], sys.argv[3])
+print('loaded', type(model).__name__)
+'''
+
+
+def test_deployed_file_loads_and_runs_without_mmnorm(deployed, tmp_path):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, DefaultScope
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 128, 128)
+    torch.save(x, tmp_path / 'x.pt')
+    proc = run([sys.executable, '-c', LOAD_WITHOUT_MMNORM, deployed['out'], tmp_path / 'x.pt',
+                tmp_path / 'feats.pt'])
+    assert 'loaded MaskRCNN' in proc.stdout
+    # The same features as the unfused model with the checkpoint's weights.
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict(dict(option.split('=', 1) for option in MODEL_OPTIONS))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    checkpoint = torch.load(deployed['checkpoint'], map_location='cpu', weights_only=False)
+    model.load_state_dict(checkpoint['state_dict'], strict=True)
+    assert any(isinstance(m, mmnorm.MABN) for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        expected = model.extract_feat(x)
+    for out, ref in zip(torch.load(tmp_path / 'feats.pt'), expected):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_load_deployed_leaves_other_files_alone(tmp_path):
+    assert load_deployed(str(tmp_path / 'missing.pth')) is None
+    legacy = tmp_path / 'legacy.pth'
+    torch.save({'state_dict': {}}, legacy, _use_new_zipfile_serialization=False)
+    assert load_deployed(str(legacy)) is None
+    plain = tmp_path / 'module.pth'
+    torch.save({'state_dict': {'w': torch.ones(2)}}, plain)
+    assert load_deployed(str(plain)) is None
+    module = copy.deepcopy(nn.Conv2d(1, 1, 1))
+    torch.save({'deployed_model': module, 'meta': {}}, plain)
+    assert isinstance(load_deployed(str(plain))['deployed_model'], nn.Conv2d)
