@@ -36,7 +36,8 @@ def convert_sync_batchnorm(module, implementation='torch'):
     if kept:
         counts = {name: kept.count(name) for name in sorted(set(kept))}
         print_log(f'sync_bn={implementation!r}: kept {counts} as they are (mmnorm layers keep '
-                  'per-process statistics); other BatchNorm layers became SyncBN',
+                  'per-process statistics unless their config sets sync_stats=True); other '
+                  'BatchNorm layers became SyncBN',
                   logger='current', level=30)
     return module
 

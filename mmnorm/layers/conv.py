@@ -73,7 +73,13 @@ class _TransformedWeightConv(nn.Conv2d):
         return cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.transformed_weight(), self.bias)
+        """(N, C_in, H, W) or (C_in, H, W) -> the convolution with the
+        transformed weight. torch's error for a bad input (wrong channel
+        count or rank) is re-raised with this layer's name in front."""
+        try:
+            return self._conv_forward(x, self.transformed_weight(), self.bias)
+        except RuntimeError as error:
+            raise RuntimeError(f'{type(self).__name__}: {error}') from error
 
     def train(self, mode: bool = True):
         self._eval_weight_cache = None
