@@ -11,9 +11,15 @@ to the environments this project runs in lives here.
 * :func:`setup_distributed` - make ``--launcher pytorch|slurm|mpi`` work on
   machines without CUDA (gloo backend, DDP without ``device_ids``), leaving
   the usual NCCL path untouched when CUDA is available.
+* ``--amp`` on machines without an accelerator (:mod:`mmnorm.amp`) and an
+  exact ``--resume`` (:mod:`mmnorm.resume`), both switched on by
+  :func:`build_runner`.
 * :func:`load_config` and :func:`build_runner` - the steps both tools take,
-  in order: the two fixes above, the config with its overrides and work dir,
-  a check that the data is on disk, distributed set-up, the runner.
+  in order: the checkpoint and ``pkg_resources`` fixes, the config with its
+  overrides and work dir, a check that the data and the checkpoint to load
+  are usable (:mod:`mmnorm.checkpoint_check`), distributed set-up, mixed
+  precision on the CPU, the runner, atomic checkpoint writes and the
+  random-state hook.
 
 This module deliberately does not import mmnorm's layers.
 """
@@ -33,12 +39,20 @@ from mmengine.registry import MODEL_WRAPPERS, RUNNERS
 from mmengine.runner import Runner
 from torch.nn.parallel import DistributedDataParallel
 
-from .datacheck import check_data_present
+from . import checkpoint_check
+from .amp import use_cpu_amp
+from .datacheck import DataNotFoundError, check_data_present
+from .resume import ResumeRandomStateHook
 
 __all__ = [
-    'CPUDistributedDataParallel', 'add_common_args', 'build_runner', 'parse_common', 'load_config', 'require_pkg_resources',
+    'CPUDistributedDataParallel', 'USER_ERRORS',
+    'add_common_args', 'build_runner', 'parse_common', 'load_config', 'require_pkg_resources',
     'setup_distributed', 'trust_checkpoints', 'report_rank_finished'
 ]
+
+#: The errors the tools report as ``error: MESSAGE`` (exit status 1) without a
+#: traceback: bad input the user can fix, with a message that says how.
+USER_ERRORS = (DataNotFoundError, checkpoint_check.CheckpointFileError)
 
 #: Port used for the rendezvous when neither the config nor the environment
 #: names one (the same default as torch.distributed and mmengine).
@@ -349,10 +363,34 @@ def load_config(path, cfg_options=None, work_dir=None, launcher='none'):
     return cfg
 
 
+def _check_checkpoint(cfg, phase) -> None:
+    """Raise ``CheckpointFileError`` if the checkpoint the run will load is
+    missing, truncated or corrupt: ``--resume`` without a path (the one
+    ``WORK_DIR/last_checkpoint`` names), ``--resume PATH`` or ``load_from`` when
+    training, the CHECKPOINT argument when testing."""
+    resume = phase == 'train' and bool(cfg.get('resume'))
+    if resume and cfg.get('load_from') is None:
+        checkpoint_check.latest_checkpoint(cfg.work_dir)
+    elif cfg.get('load_from'):
+        what = '--resume' if resume else 'load_from' if phase == 'train' else 'checkpoint'
+        checkpoint_check.verify_checkpoint(cfg.load_from, what)
+
+
 def build_runner(cfg, phase):
-    """Check that the data of ``phase`` ('train' or 'test') is on disk (a clear
-    error otherwise), set up distributed training for ``cfg.launcher``, and
-    build the runner the config asks for."""
+    """Check that the data of ``phase`` ('train' or 'test') is on disk and that
+    the checkpoint to load is intact (clear errors otherwise, see
+    ``USER_ERRORS``), set up distributed training for ``cfg.launcher`` and AMP
+    on the CPU, and build the runner the config asks for. For training, its
+    checkpoints are then written atomically and carry the random state
+    (:class:`ResumeRandomStateHook`)."""
     check_data_present(cfg, phase)
+    _check_checkpoint(cfg, phase)
     setup_distributed(cfg, cfg.launcher)
-    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    if phase == 'train':
+        use_cpu_amp(cfg)
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    if phase == 'train':
+        checkpoint_check.make_checkpoint_saves_atomic(runner)
+        if not any(isinstance(hook, ResumeRandomStateHook) for hook in runner.hooks):
+            runner.register_hook(ResumeRandomStateHook())
+    return runner

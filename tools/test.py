@@ -14,7 +14,6 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
 from mmnorm import deploy, runtime
-from mmnorm.datacheck import DataNotFoundError
 
 
 def parse_args():
@@ -59,5 +58,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except DataNotFoundError as error:
+    except runtime.USER_ERRORS as error:
         sys.exit(f'error: {error}')

@@ -11,7 +11,6 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
 from mmnorm import runtime
-from mmnorm.datacheck import DataNotFoundError
 
 
 def parse_args():
@@ -19,12 +18,14 @@ def parse_args():
     p.add_argument('config', help='train config file path')
     p.add_argument('--work-dir', help='the dir to save logs and models')
     p.add_argument('--amp', action='store_true',
-                   help='enable automatic-mixed-precision training')
+                   help='enable automatic-mixed-precision training (without a GPU: '
+                   'bfloat16 autocast on the CPU, see mmnorm.amp.CPUAmpOptimWrapper)')
     p.add_argument('--auto-scale-lr', action='store_true',
                    help='scale the LR by the actual total batch size')
     p.add_argument('--resume', nargs='?', type=str, const='auto',
                    help='resume from this checkpoint; without a path, from '
-                   'the latest checkpoint in the work dir')
+                   'the latest checkpoint in the work dir (a truncated or corrupt one is '
+                   'refused, see mmnorm.checkpoint_check)')
     runtime.add_common_args(p)
     args = runtime.parse_common(p)
     return args
@@ -58,5 +59,5 @@ def main():
 if __name__ == '__main__':
     try:
         main()
-    except DataNotFoundError as error:
+    except runtime.USER_ERRORS as error:
         sys.exit(f'error: {error}')
