@@ -192,7 +192,19 @@ class AtomicLocalBackend(LocalBackend):
     """``LocalBackend`` whose ``put`` writes ``PATH.partial``, fsyncs it and
     renames it onto ``PATH``, then fsyncs the folder. A leftover
     ``PATH.partial`` is what a killed write leaves; the next save to ``PATH``
-    overwrites it."""
+    overwrites it.
+
+    ``remove`` of a file is deferred until the next ``put`` into the same
+    folder has completed: mmengine's ``CheckpointHook`` with
+    ``max_keep_ckpts`` removes the oldest checkpoint *before* it writes the
+    new one, so a run killed while saving would otherwise keep no usable
+    checkpoint (with ``max_keep_ckpts=1``, none at all). The hook and
+    ``Runner.save_checkpoint`` build separate backend instances, so the
+    pending removals are kept per process, per folder, on the class.
+    """
+
+    #: folder -> files whose removal waits for the next completed put there
+    _pending_removals = {}
 
     def put(self, obj: bytes, filepath) -> None:
         filepath = str(filepath)
@@ -205,6 +217,15 @@ class AtomicLocalBackend(LocalBackend):
             os.fsync(f.fileno())
         os.replace(partial, filepath)
         _fsync_directory(directory)
+        for old in self._pending_removals.pop(directory, []):
+            if osp.abspath(old) != osp.abspath(filepath) and osp.isfile(old):
+                os.remove(old)
+
+    def remove(self, filepath) -> None:
+        """Remove ``filepath`` once the next put into its folder completes."""
+        filepath = str(filepath)
+        directory = osp.dirname(osp.abspath(filepath))
+        self._pending_removals.setdefault(directory, []).append(filepath)
 
 
 def make_checkpoint_saves_atomic(runner) -> None:

@@ -414,6 +414,34 @@ def test_atomic_put_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
     assert (tmp_path / 'iter_4.pth.partial').read_bytes() == b'new' * 5000
 
 
+def test_removal_of_the_old_checkpoint_waits_for_the_new_one(tmp_path, monkeypatch):
+    """mmengine's CheckpointHook (max_keep_ckpts) removes the old checkpoint
+    before it saves the new one; through the atomic backend the old file
+    survives a save that dies, and goes once a save completes."""
+    hook_backend = checkpoint_check.AtomicLocalBackend()  # the hook's instance
+    save_backend = checkpoint_check.AtomicLocalBackend()  # save_checkpoint's own
+    old, new = tmp_path / 'iter_4.pth', tmp_path / 'iter_8.pth'
+    save_backend.put(b'old', old)
+    hook_backend.remove(old)
+    assert old.read_bytes() == b'old'  # still there: nothing new is on disk yet
+
+    def die(src, dst):
+        raise KeyboardInterrupt('killed before the rename')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_check.os, 'replace', die)
+        with pytest.raises(KeyboardInterrupt):
+            save_backend.put(b'new', new)
+    assert old.read_bytes() == b'old' and not new.exists()
+    save_backend.put(b'new', new)
+    assert new.read_bytes() == b'new' and not old.exists()
+    other = tmp_path / 'elsewhere'
+    save_backend.put(b'x', other / 'iter_1.pth')
+    hook_backend.remove(other / 'iter_1.pth')
+    save_backend.put(b'y', tmp_path / 'iter_12.pth')  # another folder: no effect there
+    assert (other / 'iter_1.pth').exists()
+
+
 def test_runner_checkpoint_hook_uses_atomic_backend(tmp_path, monkeypatch):
     """make_checkpoint_saves_atomic sets the backend on default CheckpointHooks
     only; mmengine's save_checkpoint then writes through it."""
