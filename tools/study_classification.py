@@ -230,7 +230,7 @@ def write_report(summary, results, args):
     plt.close(fig)
 
     header = ('norm', 'images per norm batch', 'top-1 % (mean)', 'spread (max-min)', 'seeds',
-              'minutes per run', 'paper, ImageNet R-50 top-1')
+              'minutes per run (wall, shared machine)', 'paper, ImageNet R-50 top-1')
     table = [(label, images, f'{mean:.2f}', f'{spread:.2f}', n,
               f'{np.mean([r["seconds"] for r in results[row]]) / 60:.1f}',
               '-' if ROWS[row][4] is None else f'{ROWS[row][4]:.2f} (paper)')
