@@ -6,12 +6,17 @@ and the losses, evaluation records carry the metrics (e.g.
 ``coco/bbox_mAP``). The study and main-job scripts in ``tools/`` read them
 with :func:`read_scalars` instead of parsing logs.
 """
+import datetime
 import glob
 import json
 import os.path as osp
+import re
 from typing import List, Optional, Sequence
 
-__all__ = ['last_record_with', 'markdown_table', 'read_scalars']
+__all__ = ['last_record_with', 'logged_minutes', 'markdown_table', 'read_scalars']
+
+#: The time stamp mmengine's logger puts at the start of every line.
+_LOG_TIME = re.compile(r'^(\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}) ')
 
 
 def read_scalars(work_dir: str, since: float = 0.0) -> Optional[List[dict]]:
@@ -23,6 +28,21 @@ def read_scalars(work_dir: str, since: float = 0.0) -> Optional[List[dict]]:
         return None
     with open(max(files, key=osp.getmtime)) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def logged_minutes(work_dir: str) -> Optional[float]:
+    """Wall time in minutes from the first to the last time-stamped line of
+    the newest ``WORK_DIR/TIMESTAMP/TIMESTAMP.log`` (the whole run: training
+    and evaluation), or None if there is no such log."""
+    logs = glob.glob(osp.join(work_dir, '*', '*.log'))
+    if not logs:
+        return None
+    with open(max(logs, key=osp.getmtime)) as f:
+        stamps = [m.group(1) for m in map(_LOG_TIME.match, f) if m]
+    if len(stamps) < 2:
+        return None
+    first, last = (datetime.datetime.strptime(s, '%Y/%m/%d %H:%M:%S') for s in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds() / 60
 
 
 def last_record_with(records: Optional[Sequence[dict]], keys: Sequence[str]) -> Optional[dict]:

@@ -16,7 +16,6 @@ import os
 import os.path as osp
 import subprocess
 import sys
-import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 METRICS = ('coco/bbox_mAP', 'coco/segm_mAP')
@@ -59,18 +58,16 @@ def data_root_options(data_root):
 
 
 def train(config, work_dir, cfg_options):
-    """Run tools/train.py; returns the wall time in seconds."""
+    """Run tools/train.py."""
     cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), config, '--work-dir', work_dir]
     if cfg_options:
         cmd += ['--cfg-options', *cfg_options]
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')  # one core per run: comparable timings
     print('[study] ' + ' '.join(cmd), flush=True)
-    start = time.time()
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     if rc != 0:
         sys.exit(f'[study] {config} failed with exit status {rc}')
-    return time.time() - start
 
 
 def losses(records):
@@ -99,7 +96,7 @@ def plot(curves, path):
 def main():
     args = parse_args()
     from mmnorm import scenes
-    from mmnorm.results import last_record_with, markdown_table, read_scalars
+    from mmnorm.results import last_record_with, logged_minutes, markdown_table, read_scalars
     cfg_options = list(args.cfg_options)
     if args.data_root is None:
         scenes.prepare(osp.join(ROOT, scenes.DEFAULT_OUT_DIR))
@@ -111,9 +108,8 @@ def main():
         label, config_name, images = ROWS[name]
         work_dir = osp.join(osp.abspath(args.work_dir), name)
         records = None if args.retrain else read_scalars(work_dir)
-        seconds = None
         if last_record_with(records, METRICS) is None:
-            seconds = train(osp.join(ROOT, 'configs', 'demo', config_name), work_dir, cfg_options)
+            train(osp.join(ROOT, 'configs', 'demo', config_name), work_dir, cfg_options)
             records = read_scalars(work_dir)
         result = last_record_with(records, METRICS)
         if result is None:
@@ -122,7 +118,7 @@ def main():
         curves[label] = (iters, values)
         table.append((label, images, max(iters, default=0),
                       f'{100 * result[METRICS[0]]:.1f}', f'{100 * result[METRICS[1]]:.1f}',
-                      '-' if seconds is None else f'{seconds / 60:.1f}'))
+                      f'{logged_minutes(work_dir):.1f}'))
         print(f'[study] {label}: box AP {table[-1][3]}, mask AP {table[-1][4]}', flush=True)
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -133,7 +129,8 @@ def main():
         f.write('# Detection study: the demo Mask R-CNN on the Fashion-MNIST scenes\n\n'
                 'Made by `python tools/study_detection.py` (one run per row, one seed, '
                 'one thread each; COCO box / mask AP x 100 on the 300 val scenes; time '
-                'is wall time of tools/train.py, "-" when read back from an earlier run). '
+                'is the wall time of training and evaluation from the run\'s log, on a '
+                'machine shared with other jobs, so only a rough guide). '
                 'ResNet-18 Mask R-CNN from scratch, configs in `configs/demo/`.\n\n')
         f.write(markdown_table(header, table))
         f.write('\n![training loss](detection_study_loss.png)\n')
