@@ -13,6 +13,7 @@ PAIRED_COLUMNS = ('fwd ms (layer / base)', 'fwd+bwd ms (layer / base)', 'eval ms
                   'saved for backward + output MB (layer / base)')
 RATIO_COLUMNS = ('fwd x', 'fwd+bwd x', 'eval x', 'memory x')
 HISTORY = 'CBN history MB (layer / base)'
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 TINY = ['--scale', '0.05', '--repeats', '1', '--min-time', '0', '--warmup', '1', '--threads', '1']
 
 
@@ -58,6 +59,7 @@ def test_tiny_run(bench, tmp_path, capsys, keep_threads):
     markdown = bench.main(argv)
     assert markdown in capsys.readouterr().out
     assert out.read_text() == markdown
+    assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
     assert '--layers MABN wsconv' in markdown and 'torch ' in markdown
 
     table, aims = parse_tables(markdown)
@@ -81,6 +83,17 @@ def test_tiny_run(bench, tmp_path, capsys, keep_threads):
         ('MABN', 'fwd+bwd <= 1.5x'), ('WSConv', 'fwd+bwd <= 1.1x'),
         ('WSConv', 'eval = 1.0x (<= 1.05x, noise)')]
     assert all(r['verdict'] in ('met', 'MISSED') for r in aims['rows'])
+
+    # --plot-from reads the ratios back from the written table and redraws the plot.
+    points = bench.points_from_markdown(markdown)
+    assert [(row.name, shape) for row, shape, _ in points] == (
+        [('MABN', s) for s in SHAPES] + [('WSConv', s) for s in SHAPES])
+    for (_, _, ratios), row in zip(points, table['rows']):
+        assert ratios == {'fwd+bwd': float(row['fwd+bwd x'].rstrip('x')),
+                          'eval': float(row['eval x'].rstrip('x'))}
+    out.with_suffix('.png').unlink()
+    assert bench.main(['--plot-from', str(out)]) is None
+    assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_cbn_rows(bench, keep_threads):
@@ -172,6 +185,8 @@ def test_failing_layer_becomes_a_row(bench, monkeypatch):
                for r in table['rows'][:4])
     assert all(min(numbers(r['fwd+bwd ms (layer / base)'])) > 0 for r in table['rows'][4:])
     assert aims['rows'][0]['verdict'] == 'not measured'
+    # the plot leaves the rows that were not measured out
+    assert [row.name for row, _, _ in bench.points_from_markdown(markdown)] == ['BRN'] * 4
 
 
 def test_unknown_layer_is_an_error(bench):

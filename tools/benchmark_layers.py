@@ -2,6 +2,12 @@
 
     python tools/benchmark_layers.py [--scale 0.5] [--repeats 5] [--threads N]
         [--layers MABN BRN ...] [--out docs/layer_benchmark.md]
+    python tools/benchmark_layers.py --plot-from docs/layer_benchmark.md
+
+With ``--out``, the plot of the fwd+bwd and eval ratios (grouped bars per layer
+and shape, the aims as red lines) is written next to the markdown, with the
+suffix .png; ``--plot-from`` draws it from the table of an earlier run instead
+of measuring.
 
 For every layer and every shape, the layer and its baseline are built at the
 same shape and measured alternately (layer, baseline, baseline, layer, ...), so
@@ -525,6 +531,74 @@ def report(results, args, argv, device, shapes, load):
     return '\n'.join(lines) + '\n'
 
 
+# -------------------------------------------------------------------- plot
+PLOTTED = ('fwd+bwd', 'eval')
+
+
+def points_from_results(results):
+    """(row, shape name, {metric: ratio}) per measured result, for ``plot``."""
+    return [(r.row, r.shape.name, {m: r.ratio(m) for m in PLOTTED})
+            for r in results if not r.error]
+
+
+def points_from_markdown(markdown):
+    """The same points, read back from the main table of ``report``'s markdown
+    (the table whose header has 'shape'; rows not measured are left out)."""
+    rows = {(row.name, row.baseline): row for row in ROWS}
+    tables, current = [], None
+    for line in markdown.splitlines():
+        if not line.startswith('|'):
+            current = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+        if current is None:
+            current = [cells]
+            tables.append(current)
+        elif not set(''.join(cells)) <= set('-'):
+            current.append(cells)
+    main = next((t for t in tables if 'shape' in t[0]), None)
+    if main is None:
+        raise ValueError('--plot-from: no table with a "shape" column in the markdown')
+    points = []
+    for record in (dict(zip(main[0], cells)) for cells in main[1:]):
+        if record['fwd ms (layer / base)'].startswith('not measured'):
+            continue
+        row = rows.get((record['layer'], record['baseline']))
+        if row is None:
+            raise ValueError(f'--plot-from: no benchmark row {record["layer"]} vs '
+                             f'{record["baseline"]} (known: {sorted(rows)})')
+        ratios = {m: float(record[f'{m} x'].rstrip('x')) for m in PLOTTED}
+        points.append((row, record['shape'].rsplit(' ', 1)[0], ratios))
+    return points
+
+
+def plot(points, path):
+    """Grouped bars of the fwd+bwd and eval ratios: one group per benchmark row,
+    one bar per shape; each aim a red dashed line over its row's group."""
+    from matplotlib.figure import Figure
+    import numpy as np
+    groups = list(dict.fromkeys(row for row, _, _ in points))
+    shapes = list(dict.fromkeys(shape for _, shape, _ in points))
+    width = 0.8 / len(shapes)
+    fig = Figure(figsize=(max(8.0, 1.7 * len(groups)), 7.0), layout='constrained')
+    for axis, metric in zip(fig.subplots(len(PLOTTED), 1), PLOTTED):
+        for j, shape in enumerate(shapes):
+            xs, ys = zip(*[(groups.index(row) + (j - (len(shapes) - 1) / 2) * width,
+                            ratios[metric]) for row, name, ratios in points if name == shape])
+            axis.bar(xs, ys, width, label=shape)
+        for i, row in enumerate(groups):
+            for aim in row.aims:
+                if aim.metric == metric:
+                    axis.hlines(aim.limit, i - 0.45, i + 0.45, colors='red', linestyles='--')
+        axis.axhline(1.0, color='black', linewidth=0.8)
+        axis.set_xticks(np.arange(len(groups)),
+                        [f'{row.name}\nvs {row.baseline}' for row in groups], fontsize='small')
+        axis.set_ylabel(f'{metric}: layer / baseline')
+        axis.legend(fontsize='small', title='shape (red dashes: aims)', title_fontsize='small')
+    fig.suptitle('mmnorm layers next to their baselines (ratios of median times)')
+    fig.savefig(path, dpi=100)
+
+
 # -------------------------------------------------------------------- main
 def parse_args(argv):
     names = [row.key for row in ROWS]
@@ -542,7 +616,10 @@ def parse_args(argv):
     p.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
     p.add_argument('--layers', nargs='+', metavar='NAME', help=f'a subset of {names}')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--out', help='also write the markdown to this file')
+    p.add_argument('--out', help='also write the markdown to this file, and the plot as .png '
+                   'next to it')
+    p.add_argument('--plot-from', metavar='MD', help='only draw the plot (MD with .png) from '
+                   'the table in MD, written by an earlier run')
     args = p.parse_args(argv)
     if args.scale <= 0 or args.repeats < 1 or args.warmup < 0 or args.min_time < 0:
         p.error('--scale must be > 0, --repeats >= 1, --warmup >= 0, --min-time >= 0')
@@ -556,9 +633,14 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    """Run the benchmark; print the markdown and return it."""
+    """Run the benchmark; print the markdown and return it (None with --plot-from)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.plot_from:
+        source = Path(args.plot_from)
+        plot(points_from_markdown(source.read_text()), source.with_suffix('.png'))
+        print(f'wrote {source.with_suffix(".png")}')
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -578,6 +660,7 @@ def main(argv=None):
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown)
+        plot(points_from_results(results), Path(args.out).with_suffix('.png'))
     return markdown
 
 
