@@ -158,7 +158,9 @@ def test_reference_matches_cbn(bench):
     torch.testing.assert_close(cbn[1].running_var, reference.running_var)
     bench.check_history_full(reference)
     k, c, weight = 3, 5, conv.weight.numel()
-    assert bench.history_bytes(cbn) == k * (8 * (2 * c + 3 * 3 * 3 + 2 * weight) + c)
+    # float64 mu, nu (C each), dmu (in x kh x kw), dnu and theta (weight-sized),
+    # and the int64 per-channel valid flags, per stored step
+    assert bench.history_bytes(cbn) == k * 8 * (2 * c + 3 * 3 * 3 + 2 * weight + c)
     assert bench.history_bytes(reference) == k * 8 * (2 * c + 3 * weight)
 
 
