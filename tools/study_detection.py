@@ -2,7 +2,7 @@
 norm at 2 images per batch (and BN at 8 as the large-batch reference), the
 same iteration budget for all.
 
-    python tools/study_detection.py            # 3 h 01 min here, on a shared machine
+    python tools/study_detection.py   # the 7 runs: 3 h 01 min of wall time in all here (shared machine)
 
 Each row is one ``tools/train.py`` run of a config in ``configs/demo/`` under
 ``WORK_DIR/NAME``; box and mask AP are MMDetection's COCO metric on the 300
