@@ -336,8 +336,8 @@ def deployed(tiny_coco_session, tmp_path_factory):
 
 def test_deploy_tool_reports_and_saves(deployed):
     log = deployed['deploy_log']
-    # ResNet-18: 20 MABN + 20 CenConv; FPN 8 + mask head 2 BRN.
-    assert '[mmnorm deploy] folded into the conv before them: BRN: 10, MABN: 20' in log
+    # ResNet-18: 20 MABN + 20 CenConv; FPN 8 + 4-conv box head 4 + 2-conv mask head 2 BRN.
+    assert '[mmnorm deploy] folded into the conv before them: BRN: 14, MABN: 20' in log
     assert '[mmnorm deploy] replaced: CenConv -> Conv2d: 20' in log
     assert '[mmnorm deploy] kept as they are: none' in log
     content = load_deployed(str(deployed['out']))
