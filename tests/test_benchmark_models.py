@@ -74,6 +74,16 @@ def test_tiny_run_with_memory_and_profile(bench, tmp_path, capsys, keep_threads)
     assert float(profiles[0]['rows'][-1]['MABN']) > 0  # the total
     assert 'Largest increases MABN - FrozenBN:' in markdown
 
+    # --plot-from reads the ratios back from the table and redraws the plot.
+    ratios = bench.ratios_from_markdown(markdown)
+    assert list(ratios) == ['FrozenBN', 'MABN']
+    for name, row in rows.items():
+        assert ratios[name] == {key: float(row[column].rstrip('x'))
+                                for key, column in bench.RATIO_COLUMNS.items()}
+    out.with_suffix('.png').unlink()
+    assert bench.main(['--plot-from', str(out)]) is None
+    assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
+
 
 def test_fused_and_no_norm_rows(bench, keep_threads):
     """The issue-7 rows: inference only, the same architecture (checked by the
@@ -93,6 +103,9 @@ def test_fused_and_no_norm_rows(bench, keep_threads):
     assert fold['measured'] == f'{fused / plain:.2f}x'
     assert re.fullmatch(r'(equal|different) \(tolerance 5%\)', fold['verdict'])
     assert 'same parameter and buffer shapes: yes.' in markdown
+    ratios = bench.ratios_from_markdown(markdown)
+    assert math.isnan(ratios['no norm']['train']) and math.isnan(ratios['no norm']['train memory'])
+    assert ratios['no norm']['inference'] == float(rows['no norm']['inference x'].rstrip('x'))
 
 
 def test_no_norm_model_is_the_fused_architecture(bench):
@@ -121,7 +134,8 @@ def test_batch_is_deterministic_and_masks_fill_the_boxes(bench):
         assert image.shape == (3, 64, 96) and image.dtype == torch.uint8
         assert torch.equal(image, other)
         boxes, masks = sample.gt_instances.bboxes, sample.gt_instances.masks.masks
-        assert boxes.shape == (bench.GT_PER_IMAGE, 4) and masks.shape == (bench.GT_PER_IMAGE, 64, 96)
+        assert boxes.shape == (bench.GT_PER_IMAGE, 4)
+        assert masks.shape == (bench.GT_PER_IMAGE, 64, 96)
         for (x0, y0, x1, y1), mask in zip(boxes.int().tolist(), masks):
             assert mask.sum() == (x1 - x0) * (y1 - y0) > 0
             assert mask[y0:y1, x0:x1].all()
@@ -145,7 +159,8 @@ def test_model_config_changes(bench):
     small = bench.model_config(by_key['gnws'], 0.5)
     assert small.model.backbone.init_cfg is None
     assert small.model.train_cfg.rcnn.sampler.num == 128
-    assert small.model.test_cfg.rpn.max_per_img == 250 and small.model.test_cfg.rcnn.max_per_img == 25
+    assert small.model.test_cfg.rpn.max_per_img == 250
+    assert small.model.test_cfg.rcnn.max_per_img == 25
     assert bench.image_size(1.0) == (512, 832) and bench.image_size(0.1) == (64, 96)
 
 

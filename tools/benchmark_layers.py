@@ -541,10 +541,8 @@ def points_from_results(results):
             for r in results if not r.error]
 
 
-def points_from_markdown(markdown):
-    """The same points, read back from the main table of ``report``'s markdown
-    (the table whose header has 'shape'; rows not measured are left out)."""
-    rows = {(row.name, row.baseline): row for row in ROWS}
+def markdown_tables(markdown):
+    """Every table in ``markdown`` as a list of rows of dicts (header -> cell)."""
     tables, current = [], None
     for line in markdown.splitlines():
         if not line.startswith('|'):
@@ -552,15 +550,22 @@ def points_from_markdown(markdown):
             continue
         cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
         if current is None:
-            current = [cells]
+            header, current = cells, []
             tables.append(current)
         elif not set(''.join(cells)) <= set('-'):
-            current.append(cells)
-    main = next((t for t in tables if 'shape' in t[0]), None)
+            current.append(dict(zip(header, cells)))
+    return tables
+
+
+def points_from_markdown(markdown):
+    """The same points, read back from the main table of ``report``'s markdown
+    (the table with a 'shape' column; rows not measured are left out)."""
+    rows = {(row.name, row.baseline): row for row in ROWS}
+    main = next((t for t in markdown_tables(markdown) if t and 'shape' in t[0]), None)
     if main is None:
         raise ValueError('--plot-from: no table with a "shape" column in the markdown')
     points = []
-    for record in (dict(zip(main[0], cells)) for cells in main[1:]):
+    for record in main:
         if record['fwd ms (layer / base)'].startswith('not measured'):
             continue
         row = rows.get((record['layer'], record['baseline']))

@@ -2,6 +2,7 @@
 
     python tools/benchmark_models.py [--scale 1] [--repeats 5] [--warmup 2] [--threads 1]
         [--methods frozenbn mabn ...] [--skip-memory] [--profile] [--out docs/model_benchmark.md]
+    python tools/benchmark_models.py --plot-from docs/model_benchmark.md
 
 Every model is built from this project's COCO config of its method (no
 pretrained weights: ``backbone.init_cfg=None``; MMDetection's own
@@ -43,9 +44,9 @@ the rounds (``benchmark_layers.median_times``). Training first, then inference.
 
 Memory (``--measure-memory-of METHOD``, run by the main process in a fresh
 subprocess per method): after the model is built and has run one training
-iteration (CBN: until its history is full), the resident set size (RSS, ``VmRSS``) is read, the
-kernel's peak RSS of the process (``VmHWM``) is reset to it
-(``/proc/self/clear_refs``), one iteration runs, and the peak minus the RSS
+iteration (CBN: until its history is full), the resident set size (RSS,
+``VmRSS``) is read, the kernel's peak RSS of the process (``VmHWM``) is reset
+to it (``/proc/self/clear_refs``), one iteration runs, and the peak minus the RSS
 before it is the iteration's memory, in KiB; the same then for inference (eval
 mode, one warm-up inference). ``VmHWM`` is what ``getrusage``'s ``ru_maxrss``
 reports as long as no thread of the process has exited; after a thread exit
@@ -55,6 +56,10 @@ glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at MMAP_THRESHOLD, so that every
 allocation of that size or more (every sizeable tensor) gets its own mapping
 and goes back to the system when freed: RSS then follows the live tensors
 instead of what the allocator kept from earlier iterations.
+
+With ``--out`` the plot of the ratios (time, and memory when measured) is
+written next to the markdown as .png; ``--plot-from`` redraws it from the
+table of an earlier run.
 
 ``--profile`` (or a missed MABN aim) adds a profile of one training iteration
 of FrozenBN, BN and MABN (``torch.profiler``): the self CPU time of every op is
@@ -81,7 +86,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from benchmark_layers import check_history_full, fmt_ms, median_times, steps_to_fill
+from benchmark_layers import (check_history_full, fmt_ms, markdown_tables, median_times,
+                              steps_to_fill)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = (512, 832)  # (H, W) at --scale 1, multiples of 32 (the configs' pad size divisor)
@@ -257,7 +263,8 @@ def make_batch(scale, seed=0):
         sample = DetDataSample(metainfo=dict(img_id=index, img_shape=(h, w), ori_shape=(h, w),
                                              scale_factor=(1.0, 1.0)))
         sample.gt_instances = InstanceData(
-            bboxes=torch.from_numpy(boxes), labels=torch.from_numpy(rng.integers(0, 80, GT_PER_IMAGE)),
+            bboxes=torch.from_numpy(boxes),
+            labels=torch.from_numpy(rng.integers(0, 80, GT_PER_IMAGE)),
             masks=BitmapMasks(masks, h, w))
         inputs.append(torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)))
         samples.append(sample)
@@ -683,34 +690,60 @@ def report(results, args, argv, loads, fold_check, profiles):
     return '\n'.join(lines) + '\n'
 
 
-def plot(results, path):
-    """Bar chart of the time ratios (and memory ratios, when measured) per method."""
-    from matplotlib.figure import Figure
+RATIO_COLUMNS = {'train': 'train x', 'inference': 'inference x',
+                 'train memory': 'train memory x', 'inference memory': 'inference memory x'}
+
+
+def ratios_from_results(results):
+    """Method name -> {key of RATIO_COLUMNS: ratio to FrozenBN (nan: not measured)},
+    for the methods measured."""
     base = next(r for r in results if r.method.key == BASELINE)
-    measured = [r for r in results if not r.error]
-    names = [r.method.name for r in measured]
-    panels = [('time / FrozenBN', [
-        ('training iteration', [ratio(r.train[0], base.train[0]) if r.train and base.train
-                                else math.nan for r in measured]),
-        ('inference', [ratio(r.infer, base.infer) for r in measured])])]
-    if base.memory:
-        panels.append(('peak memory / FrozenBN', [
-            (label, [ratio(r.memory.get(phase), base.memory.get(phase)) if r.memory.get(phase)
-                     else math.nan for r in measured])
-            for label, phase in (('training iteration', 'train'), ('inference', 'inference'))]))
-    fig = Figure(figsize=(max(6.0, 1.1 * len(names)), 3.6 * len(panels)), layout='constrained')
+
+    def train_time(r):
+        return r.train[0] if r.train else math.nan
+
+    return {r.method.name: {
+        'train': ratio(train_time(r), train_time(base)),
+        'inference': ratio(r.infer, base.infer),
+        'train memory': ratio(r.memory.get('train', math.nan), base.memory.get('train')),
+        'inference memory': ratio(r.memory.get('inference', math.nan),
+                                  base.memory.get('inference'))}
+        for r in results if not r.error}
+
+
+def ratios_from_markdown(markdown):
+    """The same, read back from the table of ``report``'s markdown."""
+    table = next((t for t in markdown_tables(markdown) if t and 'method' in t[0]), None)
+    if table is None:
+        raise ValueError('--plot-from: no table with a "method" column in the markdown')
+    return {row['method']: {key: float(row[column].rstrip('x'))
+                            if re.fullmatch(r'[\d.]+x', row[column]) else math.nan
+                            for key, column in RATIO_COLUMNS.items()}
+            for row in table if not row['train ms (min-max)'].startswith('not measured')}
+
+
+def plot(ratios, path):
+    """Bars of the time ratios (and memory ratios, when measured) per method,
+    training and inference side by side; ``ratios`` as ``ratios_from_results``."""
+    from matplotlib.figure import Figure
+    names = list(ratios)
+    panels = [('time / FrozenBN', '')]
+    if any(not math.isnan(r['train memory']) for r in ratios.values()):
+        panels.append(('peak memory / FrozenBN', ' memory'))
+    fig = Figure(figsize=(max(7.0, 1.3 * len(names)), 3.6 * len(panels)), layout='constrained')
     x = np.arange(len(names))
-    for axis, (label, series) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
-        width = 0.8 / len(series)
-        for i, (name, values) in enumerate(series):
-            axis.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    for axis, (label, suffix) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        for i, (phase, series) in enumerate((('training iteration', 'train'),
+                                             ('inference', 'inference'))):
+            axis.bar(x + (i - 0.5) * 0.4, [ratios[n][series + suffix] for n in names], 0.4,
+                     label=phase)
         axis.axhline(1.0, color='black', linewidth=0.8)
-        if label.startswith('time'):
+        if not suffix:
             axis.axhline(AIM[1], color='red', linestyle='--', linewidth=1,
                          label=f'aim: MABN training <= {AIM[1]}x')
         axis.set_xticks(x, names)
         axis.set_ylabel(label)
-        axis.legend(fontsize='small')
+        axis.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.0, 1.0))
     fig.suptitle('Mask R-CNN R-50-FPN, 2 images, CPU: ratios to frozen BN')
     fig.savefig(path, dpi=100)
 
@@ -732,6 +765,8 @@ def parse_args(argv):
                    help='profile a training iteration of FrozenBN, BN and MABN even when the '
                    'MABN aim is met')
     p.add_argument('--out', help='also write the markdown here, and the plot as .png next to it')
+    p.add_argument('--plot-from', metavar='MD', help='only draw the plot (MD with .png) from '
+                   'the table in MD, written by an earlier run')
     p.add_argument('--measure-memory-of', metavar='NAME', choices=keys,
                    help='internal: measure the memory of one method and print it')
     args = p.parse_args(argv)
@@ -750,9 +785,15 @@ def load_average():
 
 
 def main(argv=None):
-    """Run the benchmark; print the markdown and return it."""
+    """Run the benchmark; print the markdown and return it (None with --plot-from,
+    the memory dict with --measure-memory-of)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.plot_from:
+        source = Path(args.plot_from)
+        plot(ratios_from_markdown(source.read_text()), source.with_suffix('.png'))
+        print(f'wrote {source.with_suffix(".png")}')
+        return None
     torch.set_num_threads(args.threads)
     if args.measure_memory_of:
         return measure_memory_here(next(m for m in METHODS if m.key == args.measure_memory_of),
@@ -793,7 +834,7 @@ def main(argv=None):
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(markdown)
-        plot(results, out.with_suffix('.png'))
+        plot(ratios_from_results(results), out.with_suffix('.png'))
     return markdown
 
 
