@@ -1,6 +1,8 @@
 """Shared pytest fixtures and helpers."""
+import importlib.util
 import json
 import os
+import sys
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -30,6 +32,27 @@ def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def load_tool(name):
+    """The script ``tools/NAME.py`` imported as a module, with tools/ on
+    sys.path as when it runs as a script (one tool may import another)."""
+    tools = str(REPO / 'tools')
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    """Restore torch's intra-op thread count after a test that sets it."""
+    import torch
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

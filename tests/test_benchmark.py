@@ -1,11 +1,10 @@
 """tools/benchmark_layers.py runs on a tiny setting and prints the table it
 promises: the expected rows and columns, positive numbers, the aims summary.
 No timing assertions: the numbers of a tiny run are noise."""
-import importlib.util
 import re
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_tool
 
 SCRIPT = REPO / 'tools' / 'benchmark_layers.py'
 SHAPES = ('res2 stage', 'FPN P3', 'box head', 'mask head')
@@ -19,10 +18,7 @@ TINY = ['--scale', '0.05', '--repeats', '1', '--min-time', '0', '--warmup', '1',
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('benchmark_layers', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('benchmark_layers')
 
 
 def parse_tables(markdown):
@@ -43,14 +39,6 @@ def parse_tables(markdown):
 
 def numbers(cell):
     return [float(v) for v in re.findall(r'\d+(?:\.\d+)?', cell)]
-
-
-@pytest.fixture
-def keep_threads():
-    import torch
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_run(bench, tmp_path, capsys, keep_threads):

@@ -2,14 +2,12 @@
 and writes what it promises: the rows, positive times and memory from the
 subprocess, the aims, the profile and the plot; its inputs and configs are
 what the docstring says. No timing assertions: a tiny run's numbers are noise."""
-import importlib.util
 import math
 import re
-import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_tool
 from test_benchmark import numbers, parse_tables
 
 TOOLS = REPO / 'tools'
@@ -19,19 +17,7 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 @pytest.fixture(scope='module')
 def bench():
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))  # as when run as a script: benchmark_layers is found
-    spec = importlib.util.spec_from_file_location('benchmark_models', TOOLS / 'benchmark_models.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    return load_tool('benchmark_models')
 
 
 def test_tiny_run_with_memory_and_profile(bench, tmp_path, capsys, keep_threads):

@@ -2,7 +2,6 @@
 tools/study_classification.py (normalization batch on Fashion-MNIST) and
 tools/study_detection.py (the demo Mask R-CNN per norm on the scenes).
 The real runs are in docs/; these tests only show the scripts work."""
-import importlib.util
 import json
 import math
 import os
@@ -11,19 +10,12 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run, tool_env
+from conftest import REPO, load_tool, run, tool_env
 from mmnorm.fashion_mnist import DEFAULT_DATA_ROOT
 
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(os.path.join(DEFAULT_DATA_ROOT, 'train-images-idx3-ubyte.gz')),
     reason='Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)')
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
