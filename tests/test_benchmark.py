@@ -4,9 +4,8 @@ No timing assertions: the numbers of a tiny run are noise."""
 import re
 
 import pytest
-from conftest import REPO, load_tool
+from conftest import load_tool
 
-SCRIPT = REPO / 'tools' / 'benchmark_layers.py'
 SHAPES = ('res2 stage', 'FPN P3', 'box head', 'mask head')
 PAIRED_COLUMNS = ('fwd ms (layer / base)', 'fwd+bwd ms (layer / base)', 'eval ms (layer / base)',
                   'saved for backward + output MB (layer / base)')

@@ -7,10 +7,9 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, load_tool
+from conftest import load_tool
 from test_benchmark import numbers, parse_tables
 
-TOOLS = REPO / 'tools'
 TINY = ['--scale', '0.1', '--repeats', '1', '--warmup', '1', '--threads', '1']
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
