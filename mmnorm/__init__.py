@@ -10,11 +10,19 @@ metric of the small-scale studies.
 :mod:`mmnorm.deploy`); ``mmnorm.convert(model, norm=..., conv=...)`` turns the
 BatchNorms (and the convs feeding them) of any PyTorch model into these layers
 (:mod:`mmnorm.convert`).
+
+The layers, ``convert`` and ``fuse`` need torch >= 2.0 and mmengine only; what
+needs mmcv or mmdet (the tools' runtime, checkpoint conversion) is imported
+where it is used.
 """
-from . import classifier, fashion_mnist, hooks, sync_bn  # noqa: F401  (registration; see sync_bn)
-from .convert import convert
-from .deploy import fuse
-from .layers import BRN, CBN, MABN, CenConv, WSConv
+from .compat import MINIMUM_TORCH, require_torch
+
+require_torch(MINIMUM_TORCH, 'mmnorm')
+
+from . import classifier, fashion_mnist, hooks, sync_bn  # noqa: E402, F401  (registration)
+from .convert import convert  # noqa: E402
+from .deploy import fuse  # noqa: E402
+from .layers import BRN, CBN, MABN, CenConv, WSConv  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['BRN', 'CBN', 'CenConv', 'MABN', 'WSConv', 'convert', 'fuse']

@@ -18,6 +18,8 @@ from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
+from .compat import require_torch
+
 __all__ = ['CPUAmpOptimWrapper', 'FLOAT32_MMCV_OPS', 'run_mmcv_ops_in_float32', 'use_cpu_amp']
 
 
@@ -59,6 +61,7 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
         else:
             raise TypeError(f'{name}: loss_scale must be "dynamic", a float or a dict of '
                             f'GradScaler arguments, got {loss_scale!r}')
+        require_torch((2, 3), f'{name} (mixed precision without a GPU: the CPU GradScaler)')
         # Skips AmpOptimWrapper.__init__ (the accelerator assertion, the CUDA
         # scaler) and sets the attributes it would set.
         OptimWrapper.__init__(self, **kwargs)
@@ -124,6 +127,7 @@ def use_cpu_amp(cfg) -> None:
     float32-only CPU ops in float32 under autocast (logged)."""
     wrapper = cfg.get('optim_wrapper') or {}
     if wrapper.get('type') in ('AmpOptimWrapper', AmpOptimWrapper) and get_device() == 'cpu':
+        require_torch((2, 3), '--amp without a GPU (the CPU GradScaler)')
         cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
         run_mmcv_ops_in_float32()
         ops = ', '.join(name for _, name in FLOAT32_MMCV_OPS)

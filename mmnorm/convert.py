@@ -28,8 +28,9 @@ conv computes with its transformed version). Convs of other kinds (CenConv or
 WSConv already, DCN, hooked convs) are left as they are. Every new module
 has the training mode of the one it replaces.
 """
+import importlib
+
 import torch
-from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.registry import MODELS
 from torch import nn
 
@@ -73,21 +74,52 @@ def _layer_class(argument, cfg):
                         f'{argument}=dict(type={"MABN" if argument == "norm" else "CenConv"!r}), '
                         f'got {cfg!r}')
     layer_type = cfg['type']
-    cls = layer_type if isinstance(layer_type, type) else MODELS.get(layer_type)
+    cls = layer_type if isinstance(layer_type, type) else _registered(layer_type)
     if cls is None:
         raise KeyError(f'convert: {argument} type {layer_type!r} is not a registered layer '
-                       '(import mmnorm to register MABN, BRN, CBN, CenConv and WSConv)')
+                       '(import mmnorm to register MABN, BRN, CBN, CenConv and WSConv; '
+                       'MMCV\'s own types, e.g. GN, need mmcv)')
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f'convert: {argument} type {layer_type!r} is not an nn.Module class')
     return cls
 
 
-def _new_norm(bn, name, norm_cfg):
-    """The layer built from ``norm_cfg`` for the BatchNorm2d ``bn`` (at
-    ``name``), with what the module docstring lists carried over."""
+def _registered(name):
+    """The class registered as ``name`` in mmengine's root ``MODELS``, or
+    None. MMCV registers its own types (BN, GN, Conv2d, ...) there when
+    ``mmcv.cnn`` is imported: that import happens here, only for a name not
+    registered yet, so converting to mmnorm's layers needs no mmcv."""
+    if MODELS.get(name) is None:
+        try:
+            importlib.import_module('mmcv.cnn')
+        except ModuleNotFoundError as error:  # no mmcv: the caller's error says so
+            if error.name != 'mmcv':
+                raise
+    return MODELS.get(name)
+
+
+def _build_norm(cls, cfg, num_features):
+    """``cls`` built for ``num_features`` channels from the other keys of
+    ``cfg``, as MMCV's ``build_norm_layer`` builds it (GroupNorm takes
+    ``num_channels``; ``requires_grad`` is set on the parameters)."""
+    kwargs = {key: value for key, value in cfg.items() if key != 'type'}
+    requires_grad = kwargs.pop('requires_grad', True)
+    if issubclass(cls, nn.GroupNorm):
+        kwargs['num_channels'] = num_features
+        layer = cls(**kwargs)
+    else:
+        layer = cls(num_features, **kwargs)
+    for param in layer.parameters():
+        param.requires_grad = requires_grad
+    return layer
+
+
+def _new_norm(bn, name, norm_class, norm_cfg):
+    """The ``norm_class`` layer built from ``norm_cfg`` for the BatchNorm2d
+    ``bn`` (at ``name``), with what the module docstring lists carried over."""
     cfg = dict(norm_cfg)
     cfg.setdefault('eps', bn.eps)
-    layer = build_norm_layer(cfg, bn.num_features)[1]
+    layer = _build_norm(norm_class, cfg, bn.num_features)
     reference = bn.running_var if bn.running_var is not None else bn.weight
     if reference is not None:
         layer.to(device=reference.device, dtype=reference.dtype)
@@ -123,13 +155,13 @@ def _new_norm(bn, name, norm_cfg):
     return layer
 
 
-def _new_conv(old, conv_cfg):
-    """The conv built from ``conv_cfg`` with ``old``'s hyper-parameters,
-    weight, bias, device, dtype and mode."""
-    layer = build_conv_layer(dict(conv_cfg), old.in_channels, old.out_channels, old.kernel_size,
-                             stride=old.stride, padding=old.padding, dilation=old.dilation,
-                             groups=old.groups, bias=old.bias is not None,
-                             padding_mode=old.padding_mode)
+def _new_conv(old, conv_class, conv_cfg):
+    """The ``conv_class`` conv built from the other keys of ``conv_cfg`` with
+    ``old``'s hyper-parameters, weight, bias, device, dtype and mode."""
+    kwargs = {key: value for key, value in conv_cfg.items() if key != 'type'}
+    layer = conv_class(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
+                       padding=old.padding, dilation=old.dilation, groups=old.groups,
+                       bias=old.bias is not None, padding_mode=old.padding_mode, **kwargs)
     layer.to(device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(old.weight)
@@ -145,18 +177,18 @@ def _is_batch_norm_2d(module):
     return isinstance(module, nn.BatchNorm2d)
 
 
-def _replacements(module, norm_cfg, conv_cfg):
+def _replacements(module, norm_class, norm_cfg, conv_class, conv_cfg):
     """id(old) -> (old, new) for every module of ``module`` to replace, all
     built before anything is changed (so a failing build changes nothing)."""
     plan = {}
     for name, child in module.named_modules():
         if _is_batch_norm_2d(child):
-            plan[id(child)] = (child, _new_norm(child, name or '<root>', norm_cfg))
+            plan[id(child)] = (child, _new_norm(child, name or '<root>', norm_class, norm_cfg))
         elif conv_cfg is not None:
             for conv_name, _ in conv_norm_pairs(child, _is_batch_norm_2d):
                 conv = child._modules[conv_name]
                 if not isinstance(conv, (CenConv, WSConv)) and id(conv) not in plan:
-                    plan[id(conv)] = (conv, _new_conv(conv, conv_cfg))
+                    plan[id(conv)] = (conv, _new_conv(conv, conv_class, conv_cfg))
     return plan
 
 
@@ -168,7 +200,7 @@ def convert(module, norm=_MABN_RECIPE_NORM, conv=_MABN_RECIPE_CONV):
     Args:
         module (nn.Module): any model (or a single BatchNorm2d).
         norm (dict): a norm config as in MMDetection's ``norm_cfg``, built
-            with MMCV's ``build_norm_layer``: ``dict(type='MABN')``,
+            as MMCV's ``build_norm_layer`` does: ``dict(type='MABN')``,
             ``dict(type='BRN', warmup_iters=500)``, ``dict(type='CBN',
             buffer_num=3)``, ``dict(type='GN', num_groups=32)``, extra keys
             (e.g. ``buffer_size``) passed to the layer.
@@ -186,13 +218,14 @@ def convert(module, norm=_MABN_RECIPE_NORM, conv=_MABN_RECIPE_CONV):
         of the BatchNorms (the message names it). Every new layer is built
         before the model is touched, so after an error it is unchanged.
     """
-    _layer_class('norm', norm)
+    norm_class = _layer_class('norm', norm)
+    conv_class = None
     if conv is not None:
         conv_class = _layer_class('conv', conv)
         if not issubclass(conv_class, nn.Conv2d):
             raise TypeError(f'convert: conv type {conv["type"]!r} must be an nn.Conv2d '
                             'subclass (it is built with nn.Conv2d\'s arguments)')
-    plan = _replacements(module, norm, conv)
+    plan = _replacements(module, norm_class, norm, conv_class, conv)
     if id(module) in plan:
         return plan[id(module)][1]
     for parent in list(module.modules()):

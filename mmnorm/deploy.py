@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
+from .compat import torch_version
 from .layers import CenConv, WSConv
 from .layers._state import SmallBatchNorm
 from .layers.cbn import _computes_like_conv2d, conv_weight
@@ -300,12 +301,13 @@ def load_deployed(path):
     checkpoint loading).
 
     The file is unpickled with ``weights_only=False``: only pass files you
-    trust. Tensors are memory-mapped while checking, so an ordinary
-    checkpoint is not read into memory here."""
+    trust. Tensors are memory-mapped while checking (torch >= 2.1; torch 2.0
+    reads the file into memory), so an ordinary checkpoint is not read here."""
     if not osp.isfile(path):
         return None
+    mapped = dict(mmap=True) if torch_version() >= (2, 1) else {}
     try:
-        content = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+        content = torch.load(path, map_location='cpu', weights_only=False, **mapped)
     except RuntimeError:  # e.g. the legacy (non-zip) format, which cannot be mapped
         return None
     if isinstance(content, dict) and isinstance(content.get(DEPLOYED_KEY), nn.Module):

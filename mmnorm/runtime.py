@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint_check
 from .amp import use_cpu_amp
+from .compat import TorchTooOldError
 from .datacheck import DataNotFoundError, check_data_present
 from .resume import ResumeRandomStateHook
 
@@ -52,7 +53,7 @@ __all__ = [
 
 #: The errors the tools report as ``error: MESSAGE`` (exit status 1) without a
 #: traceback: bad input the user can fix, with a message that says how.
-USER_ERRORS = (DataNotFoundError, checkpoint_check.CheckpointFileError)
+USER_ERRORS = (DataNotFoundError, checkpoint_check.CheckpointFileError, TorchTooOldError)
 
 #: Port used for the rendezvous when neither the config nor the environment
 #: names one (the same default as torch.distributed and mmengine).

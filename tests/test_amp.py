@@ -5,7 +5,9 @@ with ``torch.amp.GradScaler('cpu')`` (CPUAmpOptimWrapper) and runs mmcv's
 float32-only CPU ops (NMS, RoIAlign) in float32 under autocast. The
 end-to-end test trains each demo config (MABN, CBN, BRN, GN + WS; shrunk as in
 tests/test_faults.py) for 30 iterations with ``--amp``: every loss is finite
-and the checkpoint's parameters and buffers are finite float32.
+and the checkpoint's parameters and buffers are finite float32. PyTorch's
+CPU GradScaler exists from torch 2.3 on: on older torch ``--amp`` without a
+GPU stops with an error naming the feature and the version it needs.
 """
 import math
 import re
@@ -16,8 +18,13 @@ from mmcv.ops import nms, roi_align
 from test_faults import load_ckpt, scene_data, train_demo  # noqa: F401  (scene_data: fixture)
 
 from mmnorm import amp
+from mmnorm.compat import TorchTooOldError, torch_version
 
 AMP_ITERS = 30
+CPU_GRAD_SCALER = torch_version() >= (2, 3)
+needs_cpu_grad_scaler = pytest.mark.skipif(
+    not CPU_GRAD_SCALER, reason=f'the CPU GradScaler needs torch >= 2.3 (this is '
+    f'{torch.__version__}); test_amp_without_gpu_refused_before_torch_2_3 checks the error')
 
 #: Buffers each method's layers must have in the checkpoint (checked float32).
 NORM_BUFFERS = {
@@ -28,6 +35,7 @@ NORM_BUFFERS = {
 }
 
 
+@needs_cpu_grad_scaler
 @pytest.mark.parametrize('method', ['mabn', 'cbn', 'brn', 'gnws'])
 def test_amp_trains_demo_config(method, scene_data, tmp_path):  # noqa: F811
     out = train_demo(method, tmp_path, scene_data, '--amp', max_iters=AMP_ITERS,
@@ -53,6 +61,7 @@ def test_amp_trains_demo_config(method, scene_data, tmp_path):  # noqa: F811
         assert 'backbone.layer1.0.gn1.weight' in state
 
 
+@needs_cpu_grad_scaler
 def test_cpu_amp_wrapper_steps_in_bfloat16_and_checks_arguments():
     """Under the wrapper's context a conv runs in bfloat16; a step with a
     non-finite gradient is skipped and the scale halved; bad arguments name
@@ -81,6 +90,26 @@ def test_cpu_amp_wrapper_steps_in_bfloat16_and_checks_arguments():
     with pytest.raises(TypeError, match='CPUAmpOptimWrapper: loss_scale must be'):
         amp.CPUAmpOptimWrapper(optimizer=torch.optim.SGD(conv.parameters(), lr=0.1),
                                    loss_scale='static')
+
+
+def test_amp_without_gpu_refused_before_torch_2_3(scene_data, tmp_path, monkeypatch):  # noqa: F811
+    """On torch < 2.3 the tool stops with one line naming the feature and the
+    versions (run for real on such a torch, else with the version patched in
+    process); the wrapper's constructor says the same."""
+    if not CPU_GRAD_SCALER:
+        proc = train_demo('mabn', tmp_path, scene_data, '--amp', max_iters=2, check=False)
+        assert proc.returncode == 1, proc.stdout[-3000:]
+        assert proc.stdout.strip().splitlines()[-1] == (
+            'error: --amp without a GPU (the CPU GradScaler) needs torch >= 2.3; this '
+            f'environment has torch {torch.__version__}')
+    monkeypatch.setattr(torch, '__version__', '2.2.2')
+    with pytest.raises(TorchTooOldError, match=r'^--amp without a GPU \(the CPU GradScaler\) '
+                       r'needs torch >= 2\.3; this environment has torch 2\.2\.2$'):
+        amp.use_cpu_amp(dict(optim_wrapper=dict(type='AmpOptimWrapper')))
+    with pytest.raises(TorchTooOldError, match=r'^CPUAmpOptimWrapper \(mixed precision without '
+                       r'a GPU: the CPU GradScaler\) needs torch >= 2\.3'):
+        amp.CPUAmpOptimWrapper(optimizer=torch.optim.SGD(torch.nn.Linear(1, 1).parameters(),
+                                                         lr=0.1))
 
 
 def test_mmcv_ops_run_in_float32_under_cpu_autocast():

@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# One entry point for both README commands:
-#   bash tools/bootstrap.sh main   set up, then train the main job on the embedded data
-#   bash tools/bootstrap.sh test   set up, then run the test suite
-# Set-up is idempotent: a second run reuses .venv and pip's cache of the mmcv wheel.
+# One entry point for the README's commands:
+#   bash tools/bootstrap.sh main                  set up, then train the main job on the embedded data
+#   bash tools/bootstrap.sh test                  set up, then run the test suite
+#   bash tools/bootstrap.sh --stack torch2.1 test the same on the users' stack
+#   bash tools/bootstrap.sh [--stack S] setup     set up only
+# Stacks (exact pins in requirements/):
+#   default   .venv: torch 2.13.0 CPU (or the torch python3 already has), requirements/openmmlab.txt
+#   torch2.1  .venv-torch2.1: torch 2.1.2 and torchvision 0.16.2 from PyPI, the same OpenMMLab pins
+# Set-up is idempotent. mmcv is built from source once per torch version and kept
+# (tools/install_mmcv.py): a wheel built for another torch is never installed.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${MMNORM_VENV:-$ROOT/.venv}"
-PYTHON_BASE="${PYTHON:-python3}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 REQ="$ROOT/requirements"
+PYTHON_BASE="${PYTHON:-python3}"
+STACK=default
+if [ "${1:-}" = "--stack" ]; then
+    STACK="${2:-}"
+    shift 2 || true
+fi
+case "$STACK" in
+    default) VENV="${MMNORM_VENV:-$ROOT/.venv}" ;;
+    torch2.1) VENV="${MMNORM_VENV:-$ROOT/.venv-torch2.1}" ;;
+    *) echo "unknown stack '$STACK' (default or torch2.1)" >&2; exit 2 ;;
+esac
 
 say() { printf '[mmnorm setup] %s\n' "$*"; }
 
 make_venv() {
     if [ -x "$VENV/bin/python" ]; then
         say "reusing virtual environment $VENV"
-        return
-    fi
-    if "$PYTHON_BASE" -c 'import torch' 2>/dev/null; then
+    elif [ "$STACK" = default ] && "$PYTHON_BASE" -c 'import torch' 2>/dev/null; then
         say "creating $VENV with access to the torch already installed for $PYTHON_BASE"
         "$PYTHON_BASE" -m venv --system-site-packages "$VENV"
     else
@@ -26,37 +39,27 @@ make_venv() {
     fi
 }
 
-pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check "$@"; }
-
-installed() { "$VENV/bin/python" - "$1" "$2" <<'PY' 2>/dev/null
-import sys
-from importlib.metadata import version
-sys.exit(0 if version(sys.argv[1]) == sys.argv[2] else 1)
-PY
-}
+pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
 
 install_stack() {
-    if "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+    if [ "$STACK" = torch2.1 ]; then
+        say "installing the torch 2.1 stack (torch 2.1.2 from PyPI, about 2.5 GB the first time)"
+        pip_install -r "$REQ/torch2.1.txt"
+    elif "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
         say "keeping torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
     else
         say "installing torch (CPU build)"
-        pip_install -q -r "$REQ/torch-cpu.txt"
+        pip_install -r "$REQ/torch-cpu.txt"
     fi
     # After torch, and in a separate call: torch 2.13 asks for setuptools >= 77.0.3, which pip
     # cannot resolve together with mmcv's setuptools<70; the old setuptools is what mmcv's build
     # and mmengine's pkg_resources need, and torch only uses setuptools to build extensions.
-    pip_install -q -r "$REQ/build.txt"
-    if installed mmcv 2.1.0 && "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
-        say "mmcv 2.1.0 with compiled ops is installed"
-    else
-        say "building mmcv 2.1.0 with its compiled ops from source:"
-        say "  this takes about 20 minutes on 2 cores the first time; pip caches the wheel afterwards"
-        MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-2}" \
-            pip_install --no-build-isolation -r "$REQ/runtime.txt" -r "$REQ/tests.txt" -r "$REQ/build.txt"
-    fi
-    say "installing the remaining pinned packages and mmnorm (editable)"
-    pip_install -q -r "$REQ/runtime.txt" -r "$REQ/tests.txt" -r "$REQ/build.txt"
-    pip_install -q --no-build-isolation --no-deps -e "$ROOT"
+    pip_install -r "$REQ/build.txt"
+    say "installing the pinned packages (mmcv apart) and mmnorm (editable)"
+    pip_install -r <(grep -v '^mmcv==' "$REQ/openmmlab.txt") -r "$REQ/tests.txt" -r "$REQ/build.txt"
+    pip_install --no-build-isolation --no-deps -e "$ROOT"
+    "$VENV/bin/python" "$ROOT/tools/install_mmcv.py" "$(sed -n 's/^mmcv==//p' "$REQ/openmmlab.txt")"
+    pip_install -r "$REQ/openmmlab.txt"  # checks the whole stack, mmcv included
 }
 
 ensure_fashion_mnist() {
@@ -86,6 +89,7 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 case "${1:-}" in
     main) shift; exec "$VENV/bin/python" "$ROOT/tools/main_job.py" "$@" ;;
     test) shift; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" tests ;;
-    setup) say "done" ;;
-    *) echo "usage: bash tools/bootstrap.sh {main|test|setup} [args]" >&2; exit 2 ;;
+    setup) say "done: activate the environment with  source ${VENV#"$ROOT"/}/bin/activate" ;;
+    *) echo "usage: bash tools/bootstrap.sh [--stack default|torch2.1] {main|test|setup} [args]" >&2
+       exit 2 ;;
 esac

@@ -68,11 +68,26 @@ from ._state import SmallBatchNorm, check_number
 _AUTOCAST_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _autocast_state(device_type):
+    """(enabled, dtype) of autocast on ``device_type``, (False, None) where it
+    has none. torch >= 2.4 answers for every device type; torch 2.0-2.3 has
+    per-device functions, used here for the CPU and CUDA."""
+    if hasattr(torch.amp, 'is_autocast_available'):
+        if not torch.amp.is_autocast_available(device_type):
+            return False, None
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    if device_type == 'cpu':
+        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    if device_type == 'cuda':
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return False, None
+
+
 def _without_autocast(device_type):
     """A context that turns autocast off on ``device_type`` (if it has one), so
     that the statistics and the fused elementwise ops run in the dtypes chosen
     here, whatever autocast lists they are on."""
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_state(device_type)[1] is not None:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -81,11 +96,8 @@ def output_dtype(x):
     """The dtype of the layer's output for input ``x``: the autocast dtype when
     autocast is on for ``x``'s device and would cast ``x`` (float64 is never
     cast), otherwise ``x``'s own dtype."""
-    device_type = x.device.type
-    if (x.dtype in _AUTOCAST_CAST_DTYPES and torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    enabled, dtype = _autocast_state(x.device.type)
+    return dtype if enabled and x.dtype in _AUTOCAST_CAST_DTYPES else x.dtype
 
 
 def scaled_grad_and_sums(dy, x, scale, need_scaled):
