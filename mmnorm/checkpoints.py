@@ -193,13 +193,23 @@ class ConversionReport:
 
 
 # --------------------------------------------------------------------- source
+def _load_weights_only(path):
+    """``torch.load(weights_only=True)``, with ``collections.Counter`` allowed
+    where torch can allow a class for one call (``safe_globals``, torch >=
+    2.5); older torch refuses a file that holds one (the caller says so)."""
+    if not hasattr(torch.serialization, 'safe_globals'):
+        return torch.load(path, map_location='cpu', weights_only=True)
+    with torch.serialization.safe_globals([Counter]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def read_source(path, trust=False):
     """(state dict, notes) of the checkpoint file ``path``.
 
     Loaded with ``torch.load(weights_only=True)`` (``collections.Counter``
-    allowed: the authors' classification checkpoints store a MultiStepLR
-    state); only with ``trust`` does a file that needs more get unpickled in
-    full. The weights are the ``'model'`` entry (maskrcnn-benchmark, the
+    allowed from torch 2.5 on: the authors' classification checkpoints store a
+    MultiStepLR state); only with ``trust`` does a file that needs more get
+    unpickled in full. The weights are the ``'model'`` entry (maskrcnn-benchmark, the
     authors' classification code), the ``'state_dict'`` entry (mmengine) or
     the file itself; a ``module.`` prefix on every key is removed.
     """
@@ -207,11 +217,12 @@ def read_source(path, trust=False):
     if not path.is_file():
         raise ConversionError(f'source checkpoint {path} does not exist')
     try:
-        with torch.serialization.safe_globals([Counter]):
-            loaded = torch.load(path, map_location='cpu', weights_only=True)
+        loaded = _load_weights_only(path)
     except pickle.UnpicklingError as err:
         if not trust:
             reason = str(err).strip().splitlines()[0]
+            if 'collections.Counter' in reason and not hasattr(torch.serialization, 'safe_globals'):
+                reason += '; torch < 2.5 cannot allow it in weights-only loading'
             raise ConversionError(
                 f'{path}: torch.load(weights_only=True) refused the file ({reason}); if you '
                 'trust it, pass trust=True (--trust) to unpickle it in full') from err

@@ -16,6 +16,33 @@ TINY_CLASSES = ('rectangle', 'ellipse')
 TOOL_TIMEOUT = 600
 
 
+def _cpu_refusal(operation):
+    """The first line of torch's error for ``operation()``, or None if it runs."""
+    import torch
+    try:
+        operation()
+    except RuntimeError as error:
+        return f'torch {torch.__version__} on the CPU: {str(error).splitlines()[0]}'
+    return None
+
+
+def _float16_autocast():
+    import torch
+    with torch.autocast('cpu', dtype=torch.float16):
+        pass
+
+
+def _float16_conv():
+    import torch
+    torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3).half(), torch.ones(1, 1, 1, 1).half())
+
+
+#: Why float16 autocast / a float16 conv cannot run on this torch's CPU (torch
+#: 2.1 supports bfloat16 only there), or None where they can.
+NO_CPU_FLOAT16_AUTOCAST = _cpu_refusal(_float16_autocast)
+NO_CPU_FLOAT16_CONV = _cpu_refusal(_float16_conv)
+
+
 def tool_env(**extra):
     """The environment the tools run in: without the weights-only override, so
     the tools' own trusted-loading fix (mmnorm.runtime) is what is tested."""

@@ -281,24 +281,38 @@ def test_mask_rcnn_predicts_the_same_after_fuse(norm_type, conv_type, one_thread
         assert_same_instances(b.pred_instances, a.pred_instances)
 
 
-def test_fused_backbone_exports_with_torch_export(one_thread):
+EXPORT_FUSED_BACKBONE = """
+import torch
+from test_deploy import build_mask_rcnn, eval_output, randomize_statistics
+from mmnorm import fuse
+
+torch.set_num_threads(1)
+backbone = build_mask_rcnn('MABN', 'CenConv').backbone
+randomize_statistics(backbone)
+x = torch.randn(1, 3, 64, 64)
+expected = eval_output(backbone, x)
+fused = fuse(backbone)
+outputs = eval_output(fused, x)
+for out, ref in zip(outputs, expected):
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+program = torch.export.export(fused, (x,))
+targets = {node.target for node in program.graph.nodes if node.op == 'call_function'}
+assert not any('batch_norm' in str(t) for t in targets), targets  # no norm left in the graph
+exported = program.module()(x)
+assert len(exported) == len(outputs) == 4
+for out, ref in zip(exported, outputs):
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+print('exported')
+"""
+
+
+def test_fused_backbone_exports_with_torch_export():
     """onnx is not installed here, so the export route is torch.export (issue 7
-    names both)."""
-    backbone = build_mask_rcnn('MABN', 'CenConv').backbone
-    randomize_statistics(backbone)
-    x = torch.randn(1, 3, 64, 64)
-    expected = eval_output(backbone, x)
-    fused = fuse(backbone)
-    outputs = eval_output(fused, x)
-    for out, ref in zip(outputs, expected):
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    program = torch.export.export(fused, (x,))
-    targets = {node.target for node in program.graph.nodes if node.op == 'call_function'}
-    assert not any('batch_norm' in str(t) for t in targets)  # no norm left in the graph
-    exported = program.module()(x)
-    assert len(exported) == len(outputs) == 4
-    for out, ref in zip(exported, outputs):
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    names both). In a fresh process: once a CBN has been built, its
+    process-wide forward hook is traced too, which torch 2.1's strict export
+    refuses (``id()`` of a tensor); torch 2.13 exports either way."""
+    out = run([sys.executable, '-c', EXPORT_FUSED_BACKBONE], cwd=REPO / 'tests').stdout
+    assert out.strip().splitlines()[-1] == 'exported', out[-3000:]
 
 
 def test_format_report_lists_each_action():

@@ -67,7 +67,8 @@ def environment(tmp_path_factory):
     def set_torch(version, cuda):
         (site / 'torch').mkdir(exist_ok=True)
         (site / 'torch' / '__init__.py').write_text(
-            f'__version__ = {version!r}\nclass version:\n    cuda = {cuda!r}\n')
+            f'__version__ = {version!r}\nclass version:\n    cuda = {cuda!r}\n'
+            'class cuda:\n    is_available = staticmethod(lambda: False)\n')
 
     source = root / 'mmcv_source'
     source.mkdir()
@@ -93,7 +94,7 @@ def test_switching_torch_never_keeps_an_mmcv_built_for_another(environment, tmp_
     set_torch('2.13.0+cpu', None)
     assert install() == 'built'
     assert install() == 'present'
-    new_key = 'torch2.13.0+cpu-cudanone-cp%d%d' % sys.version_info[:2]
+    new_key = 'torch2.13.0+cpu-cudanone-cpuops-cp%d%d' % sys.version_info[:2]
     assert [p.name for p in cache.iterdir()] == [new_key]
 
     # the environment's torch changes: the installed mmcv no longer imports
@@ -103,7 +104,7 @@ def test_switching_torch_never_keeps_an_mmcv_built_for_another(environment, tmp_
     out = capfd.readouterr().out
     assert 'the installed mmcv is not usable here (ImportError: mmcv/_ext.so: undefined symbol' \
         in out
-    old_key = 'torch2.1.2+cu121-cuda12.1-cp%d%d' % sys.version_info[:2]
+    old_key = 'torch2.1.2+cu121-cuda12.1-cpuops-cp%d%d' % sys.version_info[:2]
     assert sorted(p.name for p in cache.iterdir()) == sorted([new_key, old_key])
     assert install() == 'present'
 

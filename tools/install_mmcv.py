@@ -6,7 +6,9 @@ mmcv's ops are compiled against one torch: a wheel built for another torch
 installs but ``import mmcv.ops`` fails with ``undefined symbol``. pip's wheel
 cache does not know that, so this script builds the wheel itself (pip's cache
 off) and keeps it under ``DIR/<key>/``, the key naming the torch version, its
-CUDA version and the Python tag (e.g. ``torch2.1.2-cuda12.1-cp311``). Steps:
+CUDA version, whether mmcv's CUDA ops are compiled (a GPU is visible or
+FORCE_CUDA=1) and the Python tag (e.g. ``torch2.1.2+cu121-cuda12.1-cpuops-cp311``).
+Steps:
 
 1. mmcv VERSION installed and ``import mmcv.ops`` works: nothing to do.
 2. a kept wheel for this key: install it, then check ``import mmcv.ops``.
@@ -25,8 +27,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-KEY_SCRIPT = ('import sys, torch; '
-              'print(f"torch{torch.__version__}-cuda{torch.version.cuda or \'none\'}'
+# mmcv compiles its CUDA ops where torch sees a GPU or FORCE_CUDA=1 is set (its setup.py)
+KEY_SCRIPT = ('import os, sys, torch; '
+              'ops = "cuda" if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1" '
+              'else "cpu"; '
+              'print(f"torch{torch.__version__}-cuda{torch.version.cuda or \'none\'}-{ops}ops'
               '-cp{sys.version_info[0]}{sys.version_info[1]}")')
 CHECK_SCRIPT = ('import sys; from importlib.metadata import version; import mmcv.ops; '
                 'sys.exit(0 if version("mmcv") == sys.argv[1] else 3)')
