@@ -7,9 +7,9 @@ them: norm layers ``MABN``, ``CBN``, ``BRN``; conv layers ``CenConv``,
 metric of the small-scale studies.
 
 ``mmnorm.fuse(model)`` folds a model for inference (no mmnorm module left, see
-:mod:`mmnorm.deploy`); ``mmnorm.convert(model, norm=..., conv=...)`` turns the
+:mod:`mmnorm.surgery.fuse`); ``mmnorm.convert(model, norm=..., conv=...)`` turns the
 BatchNorms (and the convs feeding them) of any PyTorch model into these layers
-(:mod:`mmnorm.convert`).
+(:mod:`mmnorm.surgery.convert`).
 
 The layers, ``convert`` and ``fuse`` need torch >= 2.0 and mmengine only; what
 needs mmcv or mmdet (the tools' runtime, checkpoint conversion) is imported
@@ -19,10 +19,12 @@ from .compat import MINIMUM_TORCH, require_torch
 
 require_torch(MINIMUM_TORCH, 'mmnorm')
 
-from . import classifier, fashion_mnist, hooks, sync_bn  # noqa: E402, F401  (registration)
-from .convert import convert  # noqa: E402
-from .deploy import fuse  # noqa: E402
+from .datasets import fashion_mnist  # noqa: E402, F401  (registration)
+from .engine import hooks, sync_bn  # noqa: E402, F401  (registration)
 from .layers import BRN, CBN, MABN, CenConv, WSConv  # noqa: E402
+from .studies import classifier  # noqa: E402, F401  (registration)
+from .surgery.convert import convert  # noqa: E402
+from .surgery.fuse import fuse  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['BRN', 'CBN', 'CenConv', 'MABN', 'WSConv', 'convert', 'fuse']

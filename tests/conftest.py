@@ -45,7 +45,7 @@ NO_CPU_FLOAT16_CONV = _cpu_refusal(_float16_conv)
 
 def tool_env(**extra):
     """The environment the tools run in: without the weights-only override, so
-    the tools' own trusted-loading fix (mmnorm.runtime) is what is tested."""
+    the tools' own trusted-loading fix (mmnorm.engine.runtime) is what is tested."""
     env = dict(os.environ)
     env.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None)
     env.pop('TORCH_FORCE_WEIGHTS_ONLY_LOAD', None)

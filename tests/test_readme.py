@@ -75,7 +75,7 @@ def test_ci_runs_the_readme_test_commands_of_both_stacks():
 def scratch(tmp_path_factory):
     """One folder for all blocks (a later block reads what an earlier one
     wrote), linking the repository's files; the scenes are prepared."""
-    from mmnorm import scenes
+    from mmnorm.datasets import scenes
     scenes.prepare(str(REPO / scenes.DEFAULT_OUT_DIR))
     folder = tmp_path_factory.mktemp('readme')
     for name in LINKED:

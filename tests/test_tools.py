@@ -1,11 +1,11 @@
 """End-to-end tests of tools/train.py, tools/test.py, tools/dist_train.sh and
 tools/slurm_train.sh (under a stand-in srun) on a tiny Mask R-CNN
 (tests/configs/tiny_mask_rcnn.py) and a tiny COCO set, plus unit tests of
-mmnorm.runtime's distributed set-up on CPU.
+mmnorm.engine.runtime's distributed set-up on CPU.
 
 The tools run in subprocesses with this interpreter. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
 is removed from their environment, so the tools' own trusted-loading fix
-(mmnorm.runtime.trust_checkpoints) is what is tested.
+(mmnorm.engine.runtime.trust_checkpoints) is what is tested.
 """
 import os
 import pickle
@@ -194,7 +194,7 @@ def test_slurm_train_two_cpu_tasks(tiny_coco_session, tmp_path):
 def test_slurm_environment_is_derived(tmp_path, monkeypatch):
     """The Slurm launcher's variables become torch.distributed's, with the
     master address from `scontrol show hostnames` (a stand-in here)."""
-    from mmnorm import runtime
+    from mmnorm.engine import runtime
     write_exe(tmp_path / 'scontrol',
               '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[3-4]" ] '
               '&& printf "node3\\nnode4\\n"\n')
@@ -222,7 +222,7 @@ def test_cpu_ddp_wrapper_single_process(tmp_path):
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODEL_WRAPPERS
-from mmnorm import runtime
+from mmnorm.engine import runtime
 cfg = Config(dict())
 runtime.setup_distributed(cfg, 'pytorch')
 assert torch.distributed.get_backend() == 'gloo'

@@ -5,14 +5,14 @@
 
 Every norm after a conv (MABN, BRN, CBN, BN, FrozenBN) is folded into that
 conv, CenConv and WSConv become plain convs, and the few mmnorm norms not after
-a conv become BatchNorm2d (mmnorm.deploy.fuse). OUT holds the pickled module,
+a conv become BatchNorm2d (mmnorm.surgery.fuse.fuse). OUT holds the pickled module,
 which loads without mmnorm; it is trusted code, as any checkpoint.
 """
 import argparse
 
 from mmengine.config import DictAction
 
-from mmnorm.deploy import deploy_checkpoint, format_report
+from mmnorm.surgery.fuse import deploy_checkpoint, format_report
 
 
 def main():

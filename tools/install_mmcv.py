@@ -47,7 +47,7 @@ def default_cache():
 
 
 def wheel_key(python):
-    """The torch version, CUDA version and Python tag of ``python``."""
+    """The torch version, CUDA version, kind of ops and Python tag of ``python``."""
     return subprocess.run([python, '-c', KEY_SCRIPT], check=True, capture_output=True,
                           text=True).stdout.strip()
 
@@ -125,7 +125,11 @@ def main():
     parser.add_argument('--python', default=sys.executable,
                         help='the interpreter to install into (default: this one)')
     args = parser.parse_args()
-    install_mmcv(args.python, args.version, args.source or f'mmcv=={args.version}', args.cache)
+    try:
+        install_mmcv(args.python, args.version, args.source or f'mmcv=={args.version}', args.cache)
+    except subprocess.CalledProcessError as error:
+        sys.exit(f'error: mmcv {args.version} could not be installed: {" ".join(error.cmd)} '
+                 f'exited with status {error.returncode} (its output is above)')
 
 
 if __name__ == '__main__':

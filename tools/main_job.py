@@ -2,7 +2,7 @@
 [--cfg-options k=v ...]``.
 
 1. Prepares the Fashion-MNIST scenes under data/fmnist_scenes (once; see
-   mmnorm/scenes.py).
+   mmnorm/datasets/scenes.py).
 2. Trains the MABN + CenConv demo Mask R-CNN (configs/demo/mask_rcnn_r18_mabn.py)
    through tools/train.py, which logs iteration, loss and ETA as it goes and
    evaluates with MMDetection's COCO metric at the end.
@@ -43,8 +43,8 @@ def run(cmd):
 
 def main():
     args = parse_args()
-    from mmnorm import scenes
-    from mmnorm.results import last_record_with, read_scalars
+    from mmnorm.datasets import scenes
+    from mmnorm.studies.results import last_record_with, read_scalars
     start = time.time()
     written = scenes.prepare(osp.join(ROOT, scenes.DEFAULT_OUT_DIR))
     print(f'[main job] scenes ready in {time.time() - start:.0f} s: {written}', flush=True)

@@ -3,7 +3,7 @@
     python tools/prepare_scenes.py [--out data/fmnist_scenes] [--num-train 3000]
         [--num-val 300] [--seed 0] [--data-root /usr/share/datasets/fashion-mnist]
 
-See mmnorm/scenes.py for the recipe. Running it again with the same arguments
+See mmnorm/datasets/scenes.py for the recipe. Running it again with the same arguments
 does nothing (the parameters are stored in the JSON files).
 """
 import argparse
@@ -13,8 +13,8 @@ import sys
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mmnorm import scenes  # noqa: E402
-from mmnorm.fashion_mnist import DEFAULT_DATA_ROOT  # noqa: E402
+from mmnorm.datasets import scenes  # noqa: E402
+from mmnorm.datasets.fashion_mnist import DEFAULT_DATA_ROOT  # noqa: E402
 
 
 def parse_args():

@@ -13,7 +13,7 @@ training steps per SGD step, and MABN's 16-step window spans one SGD step.
 Model: MMDetection's ResNet (BasicBlock, depth 18's two blocks per stage) with
 three stages of 16, 32 and 64 channels on the 28 x 28 images (maps of 14, 7, 4
 and 2 pixels after the stem, the max-pool and the stages), global average
-pooling and a linear classifier: :class:`mmnorm.classifier.NormStudyClassifier`
+pooling and a linear classifier: :class:`mmnorm.studies.classifier.NormStudyClassifier`
 built from the registry with each row's ``norm_cfg`` / ``conv_cfg``.
 Training: SGD momentum 0.9, lr 0.1 for 32 images, weight decay 1e-4 (none on
 norm affine parameters), linear warm-up over the first 5 % of the steps, then
@@ -162,7 +162,7 @@ def run(row, seed, steps, data, test_images):
 
 def load_data(data_root):
     """Standardised float32 (N, 1, 28, 28) images and int64 labels."""
-    from mmnorm.fashion_mnist import DEFAULT_DATA_ROOT, load_fashion_mnist
+    from mmnorm.datasets.fashion_mnist import DEFAULT_DATA_ROOT, load_fashion_mnist
     root = data_root or DEFAULT_DATA_ROOT
     train_x, train_y = load_fashion_mnist('train', root)
     test_x, test_y = load_fashion_mnist('test', root)
@@ -200,7 +200,7 @@ def ordering_verdict(summary):
 
 
 def write_report(summary, results, args):
-    from mmnorm.results import markdown_table
+    from mmnorm.studies.results import markdown_table
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt

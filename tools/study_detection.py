@@ -95,8 +95,8 @@ def plot(curves, path):
 
 def main():
     args = parse_args()
-    from mmnorm import scenes
-    from mmnorm.results import last_record_with, logged_minutes, markdown_table, read_scalars
+    from mmnorm.datasets import scenes
+    from mmnorm.studies.results import last_record_with, logged_minutes, markdown_table, read_scalars
     cfg_options = list(args.cfg_options)
     if args.data_root is None:
         scenes.prepare(osp.join(ROOT, scenes.DEFAULT_OUT_DIR))

@@ -13,7 +13,8 @@ from mmdet.evaluation import DumpDetResults
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
-from mmnorm import deploy, runtime
+from mmnorm.surgery import fuse as deploy
+from mmnorm.engine import runtime
 
 
 def parse_args():

@@ -10,7 +10,7 @@ import sys
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
-from mmnorm import runtime
+from mmnorm.engine import runtime
 
 
 def parse_args():
@@ -19,13 +19,13 @@ def parse_args():
     p.add_argument('--work-dir', help='the dir to save logs and models')
     p.add_argument('--amp', action='store_true',
                    help='enable automatic-mixed-precision training (without a GPU: '
-                   'bfloat16 autocast on the CPU, see mmnorm.amp.CPUAmpOptimWrapper)')
+                   'bfloat16 autocast on the CPU, see mmnorm.engine.amp.CPUAmpOptimWrapper)')
     p.add_argument('--auto-scale-lr', action='store_true',
                    help='scale the LR by the actual total batch size')
     p.add_argument('--resume', nargs='?', type=str, const='auto',
                    help='resume from this checkpoint; without a path, from '
                    'the latest checkpoint in the work dir (a truncated or corrupt one is '
-                   'refused, see mmnorm.checkpoint_check)')
+                   'refused, see mmnorm.engine.checkpoint_check)')
     runtime.add_common_args(p)
     args = runtime.parse_common(p)
     return args

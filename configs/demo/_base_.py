@@ -1,5 +1,5 @@
 # The embedded demo, shared by configs/demo/mask_rcnn_r18_*.py: a small Mask
-# R-CNN trained from scratch on the Fashion-MNIST scenes (mmnorm/scenes.py:
+# R-CNN trained from scratch on the Fashion-MNIST scenes (mmnorm/datasets/scenes.py:
 # 128 x 128 grayscale canvases with 2-5 garments of 28-84 px, COCO polygons,
 # 10 classes) at 2 images per batch, in about 10 minutes on 2 CPU cores.
 #
@@ -24,7 +24,7 @@ custom_imports = dict(imports=['mmnorm'], allow_failed_imports=False)
 # ----------------------------------------------------------------- variables
 data_root = 'data/fmnist_scenes/'
 classes = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
-           'Sneaker', 'Bag', 'Ankle boot')  # category ids 1..10, mmnorm.scenes.CATEGORIES
+           'Sneaker', 'Bag', 'Ankle boot')  # category ids 1..10, mmnorm.datasets.scenes.CATEGORIES
 metainfo = dict(classes=classes)
 image_scale = (128, 128)  # the canvas: Resize below is a no-op that records scale_factor
 channels = 64  # FPN, RPN, RoI features, box and mask head convs (R-50 recipe: 256)
@@ -53,7 +53,7 @@ lr = 0.02
 model = dict(
     data_preprocessor=dict(
         # Grayscale PNGs, loaded as 3 equal channels; mean / std of the
-        # train scenes' pixels (mmnorm.scenes), not ImageNet's.
+        # train scenes' pixels (mmnorm.datasets.scenes), not ImageNet's.
         mean=[54.0, 54.0, 54.0],
         std=[50.0, 50.0, 50.0],
         bgr_to_rgb=False),

@@ -96,7 +96,7 @@ iteration (iteration-based, right after their own host read of the loss), so
 the re-read is two integers per layer at those points.
 
 Burn-in: ``burnin`` iterations (steps of this layer), or ``burnin_epochs``
-epochs, converted by :class:`mmnorm.hooks.CBNBurninHook` with the run's real
+epochs, converted by :class:`mmnorm.engine.hooks.CBNBurninHook` with the run's real
 iterations per epoch (``set_iters_per_epoch``); a layer stating epochs that no
 hook converted raises at its first training forward instead of guessing.
 Window w(t): with ``two_stage``, 0 while t <= burnin and k after; otherwise
@@ -485,7 +485,7 @@ class CBN(SmallBatchNorm):
         two_stage (bool): window jumps from 0 to k after burn-in (True) or grows
             as int(k * min(t / burnin, 1)) (False). Default True.
         burnin_epochs (float | None): burn-in in epochs instead of ``burnin``;
-            needs :class:`mmnorm.hooks.CBNBurninHook` (or
+            needs :class:`mmnorm.engine.hooks.CBNBurninHook` (or
             :meth:`set_iters_per_epoch`) before the first training step.
         sync_stats (bool): use the statistics of all processes' inputs (see
             "DDP" in the module docstring). Default False: each process keeps

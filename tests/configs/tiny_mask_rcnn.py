@@ -1,5 +1,5 @@
 # A Mask R-CNN small enough to train a few iterations on 2 CPU cores, for the
-# tests of the tools (tests/test_tools.py, tests/test_deploy.py): the demo
+# tests of the tools (tests/test_tools.py, tests/surgery/test_fuse.py): the demo
 # model (configs/demo/_base_.py) with BRN everywhere, 32 channels, a 2-conv
 # mask head, 2 classes and 4 iterations. Nothing is downloaded.
 #

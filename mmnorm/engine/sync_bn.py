@@ -14,7 +14,7 @@ from mmengine.logging import print_log
 from mmengine.model.utils import convert_sync_batchnorm as mmengine_convert_sync_batchnorm
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers._state import SmallBatchNorm
+from ..layers._state import SmallBatchNorm
 
 
 def _convert_keeping(module, implementation, kept):

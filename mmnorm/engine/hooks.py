@@ -16,7 +16,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from .layers.cbn import CBN
+from ..layers.cbn import CBN
 
 
 @HOOKS.register_module()

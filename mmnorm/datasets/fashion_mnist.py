@@ -12,7 +12,7 @@ Two layers:
   ``pseudo_collate`` turns a batch into ``dict(inputs=[tensor, ...],
   data_samples=[int, ...])``, which ``ImgDataPreprocessor`` stacks and
   normalises (``default_collate`` gives stacked tensors, also accepted by
-  :class:`mmnorm.classifier.NormStudyClassifier`).
+  :class:`mmnorm.studies.classifier.NormStudyClassifier`).
 
 The files are Debian's ``dataset-fashion-mnist`` package layout:
 ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` in one directory.

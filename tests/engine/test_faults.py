@@ -25,8 +25,8 @@ import pytest
 import torch
 from conftest import REPO, TOOL_TIMEOUT, run, tool_env, write_tiny_coco
 
-from mmnorm import checkpoint_check
-from mmnorm.scenes import CLASSES
+from mmnorm.engine import checkpoint_check
+from mmnorm.datasets.scenes import CLASSES
 
 DEMO = REPO / 'configs' / 'demo'
 MAX_ITERS = 12
@@ -226,7 +226,7 @@ def test_random_state_hook_isolates_validation_and_restores_after_replay():
     """In process: a validation (even one that saves a checkpoint) does not
     move training's random stream; a resume restores the saved state right
     before the first batch after the replay; load_from does not restore."""
-    from mmnorm.resume import ResumeRandomStateHook
+    from mmnorm.engine.resume import ResumeRandomStateHook
 
     def draw():
         return torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()

@@ -1,4 +1,4 @@
-"""The Fashion-MNIST scenes data set (mmnorm/scenes.py, tools/prepare_scenes.py)
+"""The Fashion-MNIST scenes data set (mmnorm/datasets/scenes.py, tools/prepare_scenes.py)
 and the demo configs that train on it (configs/demo/).
 
 The scene tests read the real Fashion-MNIST files (Debian's
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmnorm import scenes
-from mmnorm.fashion_mnist import CLASSES, DEFAULT_DATA_ROOT, load_fashion_mnist
+from mmnorm.datasets import scenes
+from mmnorm.datasets.fashion_mnist import CLASSES, DEFAULT_DATA_ROOT, load_fashion_mnist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / 'configs' / 'demo'
 
 pytestmark = pytest.mark.skipif(

@@ -11,13 +11,13 @@ to the environments this project runs in lives here.
 * :func:`setup_distributed` - make ``--launcher pytorch|slurm|mpi`` work on
   machines without CUDA (gloo backend, DDP without ``device_ids``), leaving
   the usual NCCL path untouched when CUDA is available.
-* ``--amp`` on machines without an accelerator (:mod:`mmnorm.amp`) and an
-  exact ``--resume`` (:mod:`mmnorm.resume`), both switched on by
+* ``--amp`` on machines without an accelerator (:mod:`mmnorm.engine.amp`) and an
+  exact ``--resume`` (:mod:`mmnorm.engine.resume`), both switched on by
   :func:`build_runner`.
 * :func:`load_config` and :func:`build_runner` - the steps both tools take,
   in order: the checkpoint and ``pkg_resources`` fixes, the config with its
   overrides and work dir, a check that the data and the checkpoint to load
-  are usable (:mod:`mmnorm.checkpoint_check`), distributed set-up, mixed
+  are usable (:mod:`mmnorm.engine.checkpoint_check`), distributed set-up, mixed
   precision on the CPU, the runner, atomic checkpoint writes and the
   random-state hook.
 
@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint_check
 from .amp import use_cpu_amp
-from .compat import TorchTooOldError
+from ..compat import TorchTooOldError
 from .datacheck import DataNotFoundError, check_data_present
 from .resume import ResumeRandomStateHook
 

@@ -161,7 +161,7 @@ def mask_to_polygons(mask):
     1-2 px wide parts of a garment. So the contours are traced on the mask
     upsampled 2x (nearest) and mapped back with (u + 0.5) / 2: the polygons
     then run a quarter pixel inside the pixel edges and rasterise back to
-    exactly the mask (checked in tests/test_scenes.py). Holes are not
+    exactly the mask (checked in tests/datasets/test_scenes.py). Holes are not
     represented (:func:`make_scene` never produces them); degenerate contours
     (fewer than 3 points or no area) are skipped.
     """
@@ -359,7 +359,7 @@ def write_split(out_dir, split, num_images, seed, images, labels, data_root=DEFA
     for name in os.listdir(image_dir):
         if _IMAGE_NAME.match(name) and name not in keep:
             os.remove(osp.join(image_dir, name))
-    info = dict(description='Fashion-MNIST scenes (mmnorm.scenes): garments composed on '
+    info = dict(description='Fashion-MNIST scenes (mmnorm.datasets.scenes): garments composed on '
                 f'{canvas_size}x{canvas_size} canvases, visible-silhouette masks',
                 version=str(RECIPE_VERSION), params=params,
                 stats=dict(num_images=num_images, num_annotations=len(annotations),
@@ -386,7 +386,7 @@ def prepare(out_dir=DEFAULT_OUT_DIR, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=
         data_root (str): Directory of the Fashion-MNIST idx files.
         canvas_size (int): Side of the square images.
         loader (callable): ``loader(fmnist_split, data_root) -> (images,
-            labels)``; :func:`mmnorm.fashion_mnist.load_fashion_mnist` by default.
+            labels)``; :func:`mmnorm.datasets.fashion_mnist.load_fashion_mnist` by default.
 
     Returns:
         dict: ``'train'`` and ``'val'`` -> the :func:`write_split` record, or,

@@ -15,11 +15,11 @@ from mmengine.registry import DATASETS, METRICS, MODELS
 from mmengine.runner import Runner
 
 import mmnorm  # noqa: F401
-from mmnorm.classifier import ClassificationAccuracy, NormStudyClassifier
-from mmnorm.fashion_mnist import (CLASSES, DEFAULT_DATA_ROOT, IMAGES_MAGIC,
+from mmnorm.studies.classifier import ClassificationAccuracy, NormStudyClassifier
+from mmnorm.datasets.fashion_mnist import (CLASSES, DEFAULT_DATA_ROOT, IMAGES_MAGIC,
                                   FashionMNIST, load_fashion_mnist, read_idx)
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = osp.join(ROOT, 'configs', 'fmnist', 'cls_r18_brn.py')
 BRN = MODELS.get('BRN')
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmnorm
-from mmnorm.convert import convert
-from mmnorm.deploy import fuse
+from mmnorm.surgery.convert import convert
+from mmnorm.surgery.fuse import fuse
 
 F64 = torch.float64
 

@@ -104,9 +104,9 @@ from pathlib import Path
 
 import torch
 
+from ..layers import MABN, CenConv
+from ..layers._state import SmallBatchNorm
 from .convert import bn_to_mabn
-from .layers import MABN, CenConv
-from .layers._state import SmallBatchNorm
 
 __all__ = ['LAYOUTS', 'NORMS', 'ConversionError', 'ConversionReport', 'build_target',
            'convert_checkpoint', 'convert_state_dict', 'read_source']

@@ -22,7 +22,7 @@ first become ``nn.Conv2d`` with their transformed weight (W_hat, see
 ``mmnorm/layers/conv.py``), which is then folded the same way.
 
 Which conv feeds which norm is decided from the module tree alone, by
-:func:`conv_norm_pairs` (also used by :func:`mmnorm.convert.convert`): the
+:func:`conv_norm_pairs` (also used by :func:`mmnorm.surgery.convert.convert`): the
 rule MMCV's ``fuse_conv_bn`` applies, with the checks that make it safe on
 MMDetection models.
 """
@@ -36,10 +36,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
-from .compat import torch_version
-from .layers import CenConv, WSConv
-from .layers._state import SmallBatchNorm
-from .layers.cbn import _computes_like_conv2d, conv_weight
+from ..compat import torch_version
+from ..layers import CenConv, WSConv
+from ..layers._state import SmallBatchNorm
+from ..layers.cbn import _computes_like_conv2d, conv_weight
 
 __all__ = ['conv_norm_pairs', 'deploy_checkpoint', 'format_report', 'fuse', 'load_deployed',
            'mmnorm_modules', 'save_deployed', 'use_deployed_model']
@@ -335,7 +335,7 @@ def deploy_checkpoint(config, checkpoint, out, cfg_options=None):
     from mmengine.registry import MODELS, DefaultScope
     from mmengine.runner import load_checkpoint
 
-    from .runtime import load_config
+    from ..engine.runtime import load_config
     cfg = load_config(config, cfg_options)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
         model = MODELS.build(cfg.model)

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmnorm
-from mmnorm.deploy import conv_norm_pairs, format_report, fuse, is_foldable_norm, load_deployed
-from mmnorm.deploy import mmnorm_modules
+from mmnorm.surgery.fuse import conv_norm_pairs, format_report, fuse, is_foldable_norm, load_deployed
+from mmnorm.surgery.fuse import mmnorm_modules
 
 F64 = torch.float64
 C_IN, C_OUT = 4, 6
@@ -283,7 +283,7 @@ def test_mask_rcnn_predicts_the_same_after_fuse(norm_type, conv_type, one_thread
 
 EXPORT_FUSED_BACKBONE = """
 import torch
-from test_deploy import build_mask_rcnn, eval_output, randomize_statistics
+from test_fuse import build_mask_rcnn, eval_output, randomize_statistics
 from mmnorm import fuse
 
 torch.set_num_threads(1)
@@ -311,7 +311,7 @@ def test_fused_backbone_exports_with_torch_export():
     names both). In a fresh process: once a CBN has been built, its
     process-wide forward hook is traced too, which torch 2.1's strict export
     refuses (``id()`` of a tensor); torch 2.13 exports either way."""
-    out = run([sys.executable, '-c', EXPORT_FUSED_BACKBONE], cwd=REPO / 'tests').stdout
+    out = run([sys.executable, '-c', EXPORT_FUSED_BACKBONE], cwd=REPO / 'tests' / 'surgery').stdout
     assert out.strip().splitlines()[-1] == 'exported', out[-3000:]
 
 

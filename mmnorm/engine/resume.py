@@ -1,6 +1,6 @@
 """Exact ``--resume``: the random states of the interrupted run go into every
 checkpoint and come back on resume (:class:`ResumeRandomStateHook`, which
-``mmnorm.runtime.build_runner`` registers for training)."""
+``mmnorm.engine.runtime.build_runner`` registers for training)."""
 import logging
 import random
 
@@ -56,7 +56,7 @@ class _RestoreBeforeBatch:
 class ResumeRandomStateHook(Hook):
     """Resume with the random state the interrupted run had, so that
     ``--resume`` repeats the uninterrupted run (exactly, with deterministic
-    settings, one process; tested in tests/test_faults.py).
+    settings, one process; tested in tests/engine/test_faults.py).
 
     What mmengine 0.10.7 restores by itself (``Runner.resume``): the model's
     parameters and buffers, the optimizer (with an AMP loss scaler), the
@@ -121,7 +121,7 @@ class ResumeRandomStateHook(Hook):
             return  # load_from, not a resume: the run starts its own random stream
         if state is None:
             print_log('mmnorm: the resumed checkpoint has no random state (written without '
-                      'mmnorm.resume.ResumeRandomStateHook): data augmentation and sampling '
+                      'mmnorm.engine.resume.ResumeRandomStateHook): data augmentation and sampling '
                       'will differ from an uninterrupted run', logger='current',
                       level=logging.WARNING)
             return

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, load_tool, run, tool_env
-from mmnorm.fashion_mnist import DEFAULT_DATA_ROOT
+from mmnorm.datasets.fashion_mnist import DEFAULT_DATA_ROOT
 
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(os.path.join(DEFAULT_DATA_ROOT, 'train-images-idx3-ubyte.gz')),
@@ -88,7 +88,7 @@ def test_classification_study_writes_table_and_plot_and_reuses_runs(tmp_path):
 
 # ----------------------------------------------------------------- detection
 def test_detection_study_trains_each_row_and_reads_back(tmp_path):
-    from mmnorm import scenes
+    from mmnorm.datasets import scenes
     data = tmp_path / 'scenes'
     scenes.prepare(str(data), num_train=8, num_val=4, seed=0)
     work, out = tmp_path / 'work', tmp_path / 'out'
@@ -111,7 +111,7 @@ def test_detection_study_trains_each_row_and_reads_back(tmp_path):
 
 
 def test_logged_minutes_spans_the_newest_log(tmp_path):
-    from mmnorm.results import logged_minutes
+    from mmnorm.studies.results import logged_minutes
     assert logged_minutes(str(tmp_path)) is None
     run_dir = tmp_path / '20261122_080457'
     run_dir.mkdir()

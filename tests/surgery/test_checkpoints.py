@@ -1,4 +1,4 @@
-"""tools/convert_checkpoint.py and mmnorm/checkpoints.py.
+"""tools/convert_checkpoint.py and mmnorm/surgery/checkpoints.py.
 
 Source checkpoints are built here from an independent description of each
 layout (torchvision's ResNet-50; the MABN authors' maskrcnn-benchmark Mask
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import REPO, run
 from mmengine.config import Config
 
-from mmnorm.checkpoints import (ConversionError, ConversionReport, build_target,
+from mmnorm.surgery.checkpoints import (ConversionError, ConversionReport, build_target,
                                 convert_checkpoint, convert_state_dict, read_source)
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -1,10 +1,10 @@
 """Mixed precision (issue 8): ``tools/train.py --amp`` on the CPU.
 
-Without an accelerator, mmnorm.amp runs ``--amp`` as bfloat16 autocast
+Without an accelerator, mmnorm.engine.amp runs ``--amp`` as bfloat16 autocast
 with ``torch.amp.GradScaler('cpu')`` (CPUAmpOptimWrapper) and runs mmcv's
 float32-only CPU ops (NMS, RoIAlign) in float32 under autocast. The
 end-to-end test trains each demo config (MABN, CBN, BRN, GN + WS; shrunk as in
-tests/test_faults.py) for 30 iterations with ``--amp``: every loss is finite
+tests/engine/test_faults.py) for 30 iterations with ``--amp``: every loss is finite
 and the checkpoint's parameters and buffers are finite float32. PyTorch's
 CPU GradScaler exists from torch 2.3 on: on older torch ``--amp`` without a
 GPU stops with an error naming the feature and the version it needs.
@@ -17,7 +17,7 @@ import torch
 from mmcv.ops import nms, roi_align
 from test_faults import load_ckpt, scene_data, train_demo  # noqa: F401  (scene_data: fixture)
 
-from mmnorm import amp
+from mmnorm.engine import amp
 from mmnorm.compat import TorchTooOldError, torch_version
 
 AMP_ITERS = 30

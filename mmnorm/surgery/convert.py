@@ -3,7 +3,7 @@
 ``convert(model, norm=dict(type='MABN'), conv=dict(type='CenConv'))`` replaces
 every ``nn.BatchNorm2d`` by the layer that ``norm`` builds and, when ``conv`` is
 given, every ``nn.Conv2d`` that feeds one of those BatchNorms (the pairing rule
-of :func:`mmnorm.deploy.conv_norm_pairs`) by the conv that ``conv`` builds, as
+of :func:`mmnorm.surgery.fuse.conv_norm_pairs`) by the conv that ``conv`` builds, as
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for SyncBN. What is carried
 over from each BatchNorm of C channels (mean mu, variance var, both (C,)):
 
@@ -34,8 +34,8 @@ import torch
 from mmengine.registry import MODELS
 from torch import nn
 
-from .deploy import conv_norm_pairs
-from .layers import CenConv, WSConv
+from ..layers import CenConv, WSConv
+from .fuse import conv_norm_pairs
 
 __all__ = ['bn_to_mabn', 'convert']
 
