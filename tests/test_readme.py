@@ -98,3 +98,6 @@ def test_readme_block_runs_as_written(block, scratch):
     if any(line.startswith('bash tools/bootstrap.sh main') for line in block):
         assert re.search(r'\[main job\] box AP \d\.\d{3}, mask AP \d\.\d{3}', out), out[-3000:]
     assert git_status() == before  # nothing written into the repository outside ignored paths
+    installed = run([sys.executable, '-c', 'import mmnorm; print(mmnorm.__file__)'],
+                    cwd=scratch.parent).stdout.strip().splitlines()[-1]
+    assert installed == str(REPO / 'mmnorm' / '__init__.py')  # the set-up's mmnorm is this one

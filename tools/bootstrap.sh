@@ -11,7 +11,7 @@
 # (tools/install_mmcv.py): a wheel built for another torch is never installed.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+ROOT="$(cd -P "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REQ="$ROOT/requirements"
 PYTHON_BASE="${PYTHON:-python3}"
 STACK=default

@@ -1,5 +1,6 @@
 """The evidence scripts of issue 6 run end to end on a tiny setting:
-tools/study_classification.py (normalization batch on Fashion-MNIST) and
+tools/study_classification.py (normalization batch on Fashion-MNIST, logic in
+mmnorm/studies/classification.py) and
 tools/study_detection.py (the demo Mask R-CNN per norm on the scenes).
 The real runs are in docs/; these tests only show the scripts work."""
 import json
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, load_tool, run, tool_env
+from conftest import REPO, run, tool_env
 from mmnorm.datasets.fashion_mnist import DEFAULT_DATA_ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope='module')
 def cls_study():
-    return load_tool('study_classification')
+    from mmnorm.studies import classification
+    return classification
 
 
 def table_rows(markdown):
