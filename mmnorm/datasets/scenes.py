@@ -1,52 +1,24 @@
 """Fashion-MNIST scenes: a small COCO-format instance-segmentation data set.
 
-The embedded default of this project trains a real Mask R-CNN on this
-machine (2 CPU cores, no GPU, no download). This module composes its data
-from the Fashion-MNIST files (Debian's ``dataset-fashion-mnist``) and writes
-it as PNG images plus COCO JSON that MMDetection's ``CocoDataset`` and
-``CocoMetric`` read unchanged.
+The embedded default of this project trains a real Mask R-CNN on this machine
+(2 CPU cores, no GPU, no download). This module composes its data from the
+Fashion-MNIST files (Debian's ``dataset-fashion-mnist``) and writes it as PNG
+images plus COCO JSON that MMDetection's ``CocoDataset`` and ``CocoMetric``
+read unchanged.
 
-Recipe of one scene (all randomness from one ``numpy.random.Generator``):
+Recipe of one scene, in short: a ``canvas_size`` x ``canvas_size`` grayscale
+canvas (default 128) with a dark, noisy background; 2 to 5 garments, each a
+Fashion-MNIST image resized to 28 to 84 px and pasted over the earlier ones;
+each annotation is the garment's VISIBLE silhouette (holes filled, occluded
+parts removed), given as exact polygons with ``bbox``, ``area``, category ids
+1..10 (:data:`CATEGORIES`) and its provenance (``fmnist_split``,
+``fmnist_index``, ``scale``). Placements that would hide too much of an
+earlier garment are rejected, so every garment drawn is annotated.
 
-1. Canvas: ``canvas_size`` x ``canvas_size`` grayscale (default 128 x 128), a
-   dark background (Fashion-MNIST garments are light ink on black) with a
-   random level in [10, 50], a random linear gradient of up to +-15 grey
-   levels across the canvas, and light Gaussian noise (sigma in [2, 6]) over
-   the whole finished image.
-2. Garments: 2 to 5 (uniform), each a random image of the source split,
-   resized with ``cv2.resize`` (bilinear) to ``round(28 * s)`` pixels, s
-   uniform in [1, 3] (28 to 84 px), its ink multiplied by a contrast gain in
-   [0.6, 1], at a uniform random position that keeps the 28*s frame inside the
-   canvas. Later garments are pasted over earlier ones: they occlude them.
-3. Silhouette of a garment: its resized ink above ``INK_THRESHOLD`` with the
-   holes filled (background not 4-connected to the frame's border joins the
-   garment), so a dark print inside a shirt still belongs to the shirt (and
-   the loop of a bag's handle is filled: the silhouette is the outline);
-   specks smaller than ``MIN_FRAGMENT_AREA`` are removed. Exactly the
-   silhouette's pixels are pasted. A garment whose silhouette is smaller than
-   ``MIN_VISIBLE_AREA`` is dropped.
-4. Annotation mask = the VISIBLE silhouette: the garment's silhouette minus
-   the silhouettes of all later garments. A placement is rejected (and up to
-   ``PLACEMENT_TRIES`` other positions tried, after which the garment is
-   dropped) if it would leave any earlier garment with less than
-   ``MIN_VISIBLE_FRACTION`` (40 %) of its silhouette visible, fewer than
-   ``MIN_VISIBLE_AREA`` visible pixels, a visible fragment smaller than
-   ``MIN_FRAGMENT_AREA`` pixels, or a hole (a garment lying inside another
-   one's outline). So every garment drawn in an image is annotated, and every
-   annotation is a sensible instance; occlusion may still split a garment into
-   several pieces (several polygons).
-5. COCO record: polygons from ``cv2.findContours`` (:func:`mask_to_polygons`,
-   which is exact: ``pycocotools`` rasterises them back to the same pixels),
-   ``bbox`` [x, y, w, h] and ``area`` from the mask, ``iscrowd`` 0, category ids
-   1..10 with the real Fashion-MNIST names (:data:`CATEGORIES`). Each
-   annotation also records its provenance: ``fmnist_split`` and
-   ``fmnist_index`` (the source image) and the ``scale`` it was drawn at.
-
-Train scenes are drawn from the Fashion-MNIST training split, val scenes from
-its test split, so no garment image is shared between them. Scene ``i`` of a
-split uses its own generator ``numpy.random.default_rng([seed, split code,
-i])`` (:func:`scene_rng`): the data set is deterministic for a seed, and a
-smaller set is a prefix of a larger one.
+Train scenes come from Fashion-MNIST's training split, val scenes from its
+test split. Scene ``i`` of a split uses ``numpy.random.default_rng([seed,
+split code, i])`` (:func:`scene_rng`): the data set is deterministic for a
+seed, and a smaller set is a prefix of a larger one.
 
 Layout (``prepare('data/fmnist_scenes')``)::
 
@@ -55,26 +27,12 @@ Layout (``prepare('data/fmnist_scenes')``)::
     data/fmnist_scenes/annotations/instances_train.json
     data/fmnist_scenes/annotations/instances_val.json
 
-Every parameter that determines the content is stored in the JSON's
-``info.params``; :func:`prepare` does nothing for a split whose JSON holds the
-same parameters and whose images all exist. The JSON is written last and
-atomically, so an interrupted run is redone, never mistaken for complete.
+:func:`prepare` skips a split whose JSON (written last, atomically) holds the
+same ``info.params`` and whose images all exist.
 
-Sizes and why. The demo must be an honest Mask R-CNN training that fits this
-machine (2 CPU cores, no GPU) in about 10 minutes. With the demo model
-(ResNet-18, 64-channel FPN and 4-conv heads, configs/demo/_base_.py) one
-iteration of 2 images of 128 x 128 costs 0.4-0.6 CPU seconds (measured; BN
-cheapest, GN+WS and CBN dearest), so the budget is 1,000 iterations = 2,000
-images. Hence ``NUM_TRAIN`` = 2,000 train scenes: the run sees each scene
-once, so nothing is memorised and the training loss is an honest estimate.
-``NUM_VAL`` = 300 val scenes hold about 1,000 instances, enough for a COCO AP
-that does not hinge on a few objects, and are evaluated in about 35 s
-(0.1 s per image). The canvas is 128 px because the garments are 28 px images
-shown at 1x-3x (never blurred beyond that): 28-84 px objects then span about
-a tenth to two thirds of the image, the range where the FPN's stride-4 to
-stride-16 levels see them, and a 128 x 128 image has 65 times fewer pixels
-than a COCO image resized to 1333 x 800. Writing the default set takes about
-20 seconds and 38 MB of disk (PNG noise does not compress much).
+See docs/scenes.md for the full recipe with its thresholds and for why the
+sizes (``NUM_TRAIN`` = 2,000, ``NUM_VAL`` = 300, 128 px) were chosen, with
+the measured costs.
 """
 import json
 import os
@@ -220,7 +178,7 @@ def _placement_ok(instances, new_sil):
 
 def make_scene(rng, images, labels, canvas_size=CANVAS_SIZE, min_objects=MIN_OBJECTS,
                max_objects=MAX_OBJECTS, min_scale=MIN_SCALE, max_scale=MAX_SCALE):
-    """Compose one scene (see the module docstring for the recipe).
+    """Compose one scene (the recipe: the module docstring and docs/scenes.md).
 
     Args:
         rng (np.random.Generator): The scene's generator (:func:`scene_rng`).

@@ -1,51 +1,28 @@
 """What the project's normalization layers share.
 
 Every norm layer of mmnorm (MABN, CBN, BRN) subclasses :class:`SmallBatchNorm`,
-itself a ``torch.nn.modules.batchnorm._BatchNorm``. That inheritance is what
-makes MMDetection and MMEngine treat them as batch norms without any change on
-their side: ResNet's ``norm_eval`` and ``init_weights``, the optimizer
-constructor's ``norm_decay_mult`` and mmcv's layer naming (``bn1``,
-``downsample.1``, ``ConvModule.bn``) all test ``isinstance(m, _BatchNorm)`` or
-read ``_abbr_``.
+itself a ``torch.nn.modules.batchnorm._BatchNorm``, so MMDetection and
+MMEngine treat them as batch norms (``norm_eval``, ``norm_decay_mult``, mmcv's
+``bn`` naming) without any change on their side.
 
 Shared here, written once:
 
 * configuration checks that name the layer and the offending key;
-* the input contract: channels on dim 1, any rank from 2 (N, C) to 5
-  (N, C, D, H, W); statistics reduce over every dim but 1;
-* the statistics dtype: float32 for half inputs (AMP), float64 stays float64;
-  the statistics buffers (``STATISTIC_BUFFERS``) stay at least float32 when
-  the module is cast to float16 or bfloat16;
-* empty input (e.g. zero RoIs): an empty output, zero gradients, no state change
-  (with ``sync_stats`` in a multi-process run the layer still takes part in the
-  step's collectives, see below);
-* the non-finite guard: a channel whose statistic is inf/NaN keeps its old
-  buffer value, and the layer warns once;
-* ``sync_stats`` (config key, default False): whether a training step uses
-  statistics of this process's input only, as in the papers (each process of a
-  DDP run then keeps its own buffers, and a checkpoint, written by rank 0,
-  holds rank 0's), or of the union of all processes' inputs. With True, when
-  torch.distributed is initialised with more than one process, each layer
-  averages its per-step statistics over the default process group (weighted
-  by the per-process element counts; :mod:`mmnorm.layers._dist`), so every
-  process holds the same buffers and a moving window covers world_size times
-  more samples. Otherwise (one process, or torch.distributed not initialised)
-  the key changes nothing. Every process must then call each such layer the
-  same number of times per step and backpropagate through every call, as
-  SyncBatchNorm requires; an empty input on one process takes part with an
-  element count of 0, and if the union is empty the step stores nothing (the
-  step counter still advances on every process, which keeps them equal);
-* averaging by mmengine's SyncBuffersHook (every buffer's mean over the
-  processes, integers through a float32 division that is then truncated):
-  with ``sync_stats`` the buffers are the same everywhere and stay as they
-  are; without it, equal step counters stay equal (exactly while world_size * t
-  < 2**24, the float32 integer range), ring rows written at the same steps
-  average into the statistics of the union of those steps' inputs (equal
-  batch sizes), and counters that differ (a process skipped empty inputs)
-  become their truncated mean on every process (see CBN for its ring);
-* loading a state dict that was written by another layout (BatchNorm, the
-  original authors' code): each layer converts what it knows, and every
-  conversion is logged, so no key is dropped silently.
+* input: channels on dim 1, rank 2 (N, C) to 5 (N, C, D, H, W); statistics
+  reduce over every dim but 1;
+* dtypes: float32 statistics for half inputs, float64 stays float64; the
+  ``STATISTIC_BUFFERS`` stay at least float32 under ``.half()``/bfloat16;
+* empty input: an empty output, zero gradients, no state change;
+* non-finite guard: a channel whose statistic is inf/NaN keeps its old buffer
+  value, and the layer warns once;
+* ``sync_stats`` (default False): per-process statistics, as in the papers,
+  or those of the union of all processes' inputs;
+* state dicts written by another layout (BatchNorm, the original authors'
+  code) are converted and every conversion is logged.
+
+See docs/layer_state.md for why the base class matters to MMDetection, what
+``sync_stats`` requires of every process, and what mmengine's SyncBuffersHook
+does to the buffers.
 """
 import warnings
 from numbers import Integral, Real

@@ -3,8 +3,9 @@ Normalization", CVPR 2021), spec section 3.
 
 The layer averages the statistics of the last k + 1 training steps (k =
 ``buffer_num``), after moving each old statistic to the current weight theta_t
-of the conv that feeds the layer with a first-order Taylor step. Per channel c,
-with x the layer's input (the conv's output) and M = N * H * W:
+of the conv that feeds the layer with a first-order Taylor step (scaled by
+``rho``; rho = 0 is the naive average). Per channel, with x the layer's input
+(the conv's output), channels on dim 1:
 
     mu_t = mean(x)            nu_t = mean(x^2)         (attached to the graph)
     mu_tau(theta_t) = mu_tau + rho * <dmu_tau/dtheta, theta_t - theta_tau>
@@ -14,156 +15,26 @@ with x the layer's input (the conv's output) and M = N * H * W:
     sigma2 = max(mean over {t} + kept tau of nu  -  mu^2, 0)
     y      = weight * (x - mu) / sqrt(sigma2 + eps) + bias
 
-Gradients flow through mu_t and nu_t only: the past statistics, their
-derivatives, theta_t and theta_tau are constants. sigma2 is evaluated in the
-algebraically identical pooled form mean_i(v_i + (mu_i - mu)^2), v_i = nu_i -
-mu_i^2 (the current v_t is PyTorch BN's batch variance), which avoids the
-cancellation of E[x^2] - mu^2 when |mu| >> std; with no past entry it is the
-batch variance exactly. Every term is >= 0, so the clamp of the spec never
-fires. The running statistics follow PyTorch BN: running_mean <- (1 - m) *
-running_mean + m * mu_t, running_var <- (1 - m) * running_var + m * unbiased
-var_t (momentum m weighs the NEW value, default 0.1).
+Gradients flow through mu_t and nu_t only. running_mean and running_var follow
+PyTorch BN (momentum weighs the NEW value, default 0.1; unbiased variance).
+During burn-in (``burnin`` iterations, or ``burnin_epochs`` converted by
+``CBNBurninHook``) and when the input carries no gradient the layer is plain
+BN; in eval mode it is BN with the running statistics.
 
-Plain BN (batch statistics, the same running-statistic update, nothing stored)
-is used during burn-in and when the input carries no gradient (grad mode off
-or x.requires_grad False, e.g. a frozen stem); in eval mode (``norm_eval``,
-frozen stages) the layer is BN with the running statistics.
+The feeding conv is found by a global forward hook, so ``norm_cfg=dict(type=
+'CBN')`` after an ``nn.Conv2d``, CenConv or WSConv needs no wiring; any other
+producer raises an error that names the layer (unless rho = 0). State is in
+buffers saved with the checkpoint: the step counter ``num_batches_tracked``,
+``history_pushes`` and the ring ``history_*`` (empty until the first push), so
+a resumed run continues bit-for-bit. Half input gets float32 statistics and
+an output of its own dtype; an empty input returns an empty output and changes
+no state; a non-finite statistic never enters the buffers. A step makes no
+device-to-host synchronisation.
 
-Derivatives (computed in forward under ``no_grad``, no ``autograd.grad``):
-
-* dmu/dtheta[o, c, i, j] is the mean, over samples and output positions, of the
-  (zero-, reflect-, ... padded) input value seen by kernel offset (i, j). It
-  does not depend on o within a group, so it is stored compactly with shape
-  (C_in, kh, kw) - rows g * C_in/groups ... of group g - and obtained from the
-  batch-summed input by one strided-view reduction: no convolution.
-* dnu/dtheta = 2 / M * (weight gradient of the conv with grad_output = x): one
-  ``convolution_backward`` call that computes only the weight gradient.
-
-Finding the conv (nothing for the user to wire): the first CBN constructed in
-a process installs one global module forward hook
-(``torch.nn.modules.module.register_module_forward_hook``). For every module
-call whose output is a tensor that requires grad, the hook records a small tag
-for the output tensor in a module-level table keyed by the tensor (a weak
-reference to it; the entry goes when the tensor is freed, and the tensor itself
-is not touched, so pickling or copying activations is unaffected): for an
-``nn.Conv2d`` a weak reference to the conv, the conv's input tensor and the
-version counters of both; for any other module a weak reference to it, unless
-the tensor still carries a valid tag (a module that returns a conv's output
-unchanged keeps the conv as producer). At its
-training forward, CBN reads the tag of its own input: the conv must be the
-producer and neither tensor may have been modified in place since. Nothing is
-stored on the layer across steps, so binding is unaffected by deepcopy, DDP,
-``.to()``, checkpoint loading, and holds no reference that keeps a model alive.
-This covers ResNet (stem, every block norm, ``downsample = Sequential(conv,
-norm)``), mmcv's ``ConvModule`` (FPN, box and mask head convs) and any
-``nn.Sequential(conv, norm)``. Supported producers: ``nn.Conv2d`` and mmcv's
-``Conv`` wrapper (same computation), any ``nn.Conv2d`` subclass with a
-``transformed_weight()`` method that convolves with that weight (mmnorm's
-CenConv, WSConv: theta is then the transformed weight, which is what the
-statistics depend on), all ``padding_mode`` values and string paddings. Any
-other producer - an activation, a pooling, an unknown conv subclass, a module
-called with its input as keyword, or a tensor changed in place - raises an
-error that names the layer (its qualified name in the model that is being
-called, found on the call stack) and the producer, unless ``rho=0``, which
-needs no conv. The check runs at every training forward with gradient, burn-in
-included, so a misplaced layer fails at the first step. Limitations: a conv
-called through ``conv.forward(...)`` directly bypasses module hooks;
-``torch.utils.checkpoint`` (``with_cp``) re-runs the forward during backward,
-which counts a second step (as it updates BN's running statistics twice).
-The history does not record which conv filled it: a layer fed by different
-convs of the same weight shape (a norm shared across convs) is compensated
-with whichever conv feeds the current step.
-
-State (all buffers, saved in the state dict, on the layer's device, moved by
-``.to()``): ``num_batches_tracked`` is the step counter t (incremented before
-every training forward, also during burn-in; an empty input changes nothing);
-``history_pushes`` counts pushes (ring slot = pushes mod k); the ring
-``history_mean``/``history_sqmean`` (k, C), ``history_valid`` (k, C) int64
-(1 = valid, 0 = not; an integer, not a bool, see "Averaging buffers" below),
-``history_dmean`` (k, C_in, kh, kw), ``history_dsqmean`` and ``history_weight``
-(k, *conv weight shape). The derivative buffers stay empty with rho = 0. The
-ring's shapes are only known once the conv is seen: they are empty (0,) until
-the first push, and loading a state dict shapes them like the incoming ones, so
-a fresh layer loads a trained one's state and continues bit-for-bit. The
-history is stored in the buffers' float dtype, at least float32. Windows and
-counts are decided on the host from mirrors of the two counters, re-read from
-the device when a counter tensor was replaced or changed in place (its version
-counter) and after every ``train()`` call, so a step makes no device-to-host
-synchronisation. ``train()`` is what catches writes through ``.data``, which
-bump no version counter (mmengine's SyncBuffersHook writes so, between
-epochs); mmengine's loops call it once per epoch (epoch-based) or per
-iteration (iteration-based, right after their own host read of the loss), so
-the re-read is two integers per layer at those points.
-
-Burn-in: ``burnin`` iterations (steps of this layer), or ``burnin_epochs``
-epochs, converted by :class:`mmnorm.engine.hooks.CBNBurninHook` with the run's real
-iterations per epoch (``set_iters_per_epoch``); a layer stating epochs that no
-hook converted raises at its first training forward instead of guessing.
-Window w(t): with ``two_stage``, 0 while t <= burnin and k after; otherwise
-int(k * min(t / burnin, 1)). w(t) = 0 means plain BN and no push; otherwise the
-newest min(w(t), pushes) entries are averaged with the current step and the
-current step is pushed. A layer called several times per iteration (a head
-shared across levels) counts each call as a step.
-
-Robustness: half inputs get float32 statistics and an output of the input's
-dtype, and the running statistics and the history stay float32 when the
-module is cast to float16 or bfloat16 (a variance above 65504 would be inf);
-an empty input returns an empty output and changes no state (base class);
-N * H * W = 1 works (running_var is then left unchanged: an unbiased
-variance does not exist); a non-finite statistic never enters the running
-statistics or the ring (non-finite numbers are stored as 0, the channel's
-entry is flagged 0 in ``history_valid`` and never averaged), and the layer
-warns once.
-
-Loading a BatchNorm state dict (no history keys): the history starts empty and
-the step counter restarts at 0 so that burn-in runs in full; both are logged.
-DDP: by default (``sync_stats=False``), as in the paper, each rank keeps its
-own history and running statistics, and a checkpoint (written by rank 0) holds
-rank 0's; use ``broadcast_buffers=False`` (mmengine's default wrapper config),
-otherwise DDP overwrites every rank's buffers with rank 0's at each forward, as
-it does for BN's running statistics. With ``sync_stats=True``, when
-torch.distributed is initialised with more than one process (otherwise the key
-changes nothing), each step uses the statistics of the union of all processes'
-inputs, as a single process that sees them all would: mu_t and nu_t (one
-all-gather of 2C + 1 numbers per process, differentiable: the gradient reaches
-every process's input, as in SyncBatchNorm) and the derivatives dmu/dtheta and
-dnu/dtheta, which are per-process means too and are averaged weighted by
-element counts (one all-reduce of the two derivative sums, C_in * kh * kw +
-the weight's size; under DDP the conv weights, hence theta, are the same on
-every process). The running statistics use the union's count. Every process
-then pushes the same entries and holds the same buffers, and the window of
-k + 1 steps covers world_size times more samples. The forward and backward are
-collectives: every process must call the layer as often as the others and
-backpropagate through every call; an empty input takes part with a count of 0
-(and advances t and pushes like the others); if the union is empty, the step
-pushes an entry flagged invalid and leaves the running statistics alone.
-
-Averaging buffers (mmengine's SyncBuffersHook averages every buffer across
-processes after each training epoch, the integers through a float32
-division whose result is truncated): with ``sync_stats`` all processes hold
-the same buffers, so the average changes nothing. Without it, when all
-processes have taken the same number of steps (equal counters, ring slots
-aligned), each averaged slot is the entry of the union of that step's
-inputs (for equal batch sizes: the mean of the per-process means, second
-moments and derivatives), a valid history; ``history_valid`` is an integer so
-that its truncated mean is 1 only where the entry was valid on every process
-(a bool would be or-ed, and a slot valid on one process only would average a
-stored 0 in). Counters that differ (a process skipped empty inputs) become
-their truncated mean, the same on every process, and the rings then mix steps
-of different ages; the layer reads the new counters at the next ``train()``.
-Averaged-model hooks that copy buffers into a copy made before the first
-training step (mmengine's EMAHook) meet ring buffers of a different shape; such
-a copy must be made after the first post-burn-in step.
-
-Cost, measured on 2 CPU cores (1 thread, ``torch.nn.Conv2d`` + layer, forward +
-backward, 2 images): 1.3-1.55x conv + ``BatchNorm2d`` at ResNet stage shapes
-with 56x56 and 28x28 maps and at 50x50, 1.7x for a 256->256 3x3 conv on 14x14
-maps, where the weight-sized work per step dominates (the weight-gradient
-convolution is most of the extra; the two-``autograd.grad`` method costs
-1.9-3.0x). The history holds 2k weight-sized tensors + k (C_in, kh, kw), about
-6x the conv weight for k = 3 (float32, Mask R-CNN R-50-FPN: about 540 MiB for
-the backbone, 77 MiB for the FPN, 54 MiB for each 4-conv head). The global hook
-adds about 2-3 us per module call, about 0.3 % of a ResNet-50 forward.
+See docs/cbn.md for the derivatives (no ``autograd.grad``), how the conv is
+found and its limits, the state and its host mirrors, burn-in windows,
+loading a BatchNorm state dict, "DDP" (``sync_stats``), "Averaging buffers"
+(SyncBuffersHook, EMAHook) and the measured cost.
 """
 import sys
 import weakref
@@ -405,7 +276,7 @@ def pooled_statistics(mu_t, var_t, past_mu, past_var, keep):
 
 class _CrossIterationNorm(torch.autograd.Function):
     """y = weight * (x - mu) / sqrt(sigma2 + eps) + bias with the pooled
-    statistics of the module docstring; differentiable in x (through mu_t and
+    statistics of the module docstring (mu, sigma2); differentiable in x (through mu_t and
     nu_t), weight and bias. Also returns mu_t and var_t (biased), not
     differentiable.
 
@@ -462,7 +333,7 @@ _HISTORY = ('history_mean', 'history_sqmean', 'history_valid', 'history_dmean',
 
 def _history_buffer(key, shape, float_dtype, device=None):
     """Zeros for the ring buffer ``key``: int64 for ``history_valid`` (see
-    "Averaging buffers" in the module docstring), ``float_dtype`` otherwise."""
+    "Averaging buffers" in docs/cbn.md), ``float_dtype`` otherwise."""
     dtype = torch.long if key == 'history_valid' else float_dtype
     return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -488,7 +359,7 @@ class CBN(SmallBatchNorm):
             needs :class:`mmnorm.engine.hooks.CBNBurninHook` (or
             :meth:`set_iters_per_epoch`) before the first training step.
         sync_stats (bool): use the statistics of all processes' inputs (see
-            "DDP" in the module docstring). Default False: each process keeps
+            "DDP" in docs/cbn.md). Default False: each process keeps
             its own, as in the paper.
     """
 

@@ -1,16 +1,15 @@
 """MABN: moving-average batch normalization (Yan et al., "Towards Stabilizing
-Batch Statistics in Backward Propagation of Batch Normalization", ICLR 2020).
+Batch Statistics in Backward Propagation of Batch Normalization", ICLR 2020),
+spec section 1.
 
 With tiny batches the statistics BN uses in the backward pass are as noisy as
-the forward ones. MABN normalises the second moment only (no mean
-subtraction; a weight-centralised conv, ``CenConv``, in front keeps the
-activations roughly zero-mean) and replaces both the forward statistic and the
-backward statistic by a simple moving average (SMA) over the last m steps.
-
-Per channel, for x of shape (N, C, *) reduced over every dim but 1, with t the
-step counter (``num_batches_tracked``, incremented before each training call,
-so the first call has t = 1), m = ``buffer_size`` and ``early`` meaning
-"t <= m or t < warmup_iters":
+the forward ones. MABN normalises the second moment only (no mean subtraction;
+a ``CenConv`` in front keeps activations roughly zero-mean) and replaces both
+the forward and the backward statistic by a simple moving average (SMA) over
+the last m steps. Per channel, x of shape (N, C, *) reduced over every dim but
+1, t = ``num_batches_tracked`` (incremented before each training call, so the
+first call has t = 1), m = ``buffer_size``, ``early`` = "t <= m or t <
+warmup_iters":
 
 forward::
 
@@ -31,30 +30,13 @@ backward (:class:`MABNFunction`), dy the incoming gradient::
     dx     = (g - z * psi) / sqrt(v_t + eps)
     dweight = sum(dy * r * z)                dbias = sum(dy)
 
-inference: ``y = weight * x / sqrt(running_var + eps) + bias``.
+inference: ``y = weight * x / sqrt(running_var + eps) + bias``. ``momentum``
+weighs the OLD value (the reverse of PyTorch BN's convention).
 
-``momentum`` weighs the OLD value (the reverse of PyTorch BN's convention).
-
-Numerical safety, without changing results on ordinary input:
-
-* statistics are float32 for half inputs (x^2 is formed after the cast, so
-  activations around 300 do not overflow fp16) and float64 for float64 input;
-  the output has the input's dtype, or the autocast dtype under autocast;
-* a non-finite chi2_t or psi_t never enters ``buffer_x2``, ``buffer_gz`` or
-  ``running_var``: that channel's row keeps its previous value and the layer
-  warns once (see :class:`MABN` for what v_t and psi are on such a step);
-* the row index t mod m, the warm-up/window choice and the clipping rule are
-  tensor ops on the counter buffer: no ``.item()`` and no Python branch on a
-  tensor value, so a step never waits for the device;
-* an empty input is handled by :class:`SmallBatchNorm` (empty output, zero
-  gradients, no state change).
-
-Processes (DDP): by default, as in the paper, each process keeps its own
-statistics: the buffers differ between ranks and a checkpoint (written by rank
-0) holds rank 0's. With ``sync_stats=True`` in a multi-process run, chi2_t and
-psi_t are the statistics of the union of all processes' inputs (one all-reduce
-of C + 1 numbers in the forward, one of C numbers in the backward; see
-:class:`MABN`), so every process holds the same buffers.
+Half input gets float32 statistics (float64 stays float64); a non-finite
+statistic never enters the buffers; a step never waits for the device; an
+empty input changes no state. ``sync_stats=True`` uses all processes' inputs.
+See docs/mabn.md for these guarantees in detail and for DDP.
 """
 import contextlib
 

@@ -4,96 +4,33 @@ that accounts for every key.
 Three source layouts (``LAYOUTS``):
 
 ``torchvision``
-    torchvision's ImageNet ResNet (``torchvision://resnet50``): ``conv1``,
-    ``bn1``, ``layer{1-4}.{i}.conv{1,2,3}`` / ``bn{1,2,3}`` /
-    ``downsample.0`` (conv) / ``downsample.1`` (BN), ``fc``. MMDetection's
-    ResNet uses the same names, so convs load as they are. The target is a
-    ResNet with MABN, BRN or CBN. BRN and CBN keep BatchNorm's buffers (CBN
-    adds an empty history). MABN has no running_mean and its running_var is a
-    second moment (spec section 1); per channel, with BN's weight w, bias b,
-    mean m, variance v, eps 1e-5 and MABN's eps e::
+    torchvision's ImageNet ResNet (``torchvision://resnet50``) into a ResNet
+    with MABN, BRN or CBN. Names and convs load as they are; BRN and CBN keep
+    BatchNorm's buffers (CBN adds an empty history). MABN has no running_mean
+    and its running_var is a second moment (spec section 1); per channel, with
+    BN's weight w, bias b, mean m, variance v, eps 1e-5 and MABN's eps e::
 
         running_var' = v + m^2
         weight'      = w * sqrt(running_var' + e) / sqrt(v + eps)
         bias'        = b - w * m / sqrt(v + eps)
 
-    so that MABN's inference ``weight' * x / sqrt(running_var' + e) + bias'``
-    equals BN's ``w * (x - m) / sqrt(v + eps) + b`` for every x. This keeps
-    the network's function with plain convs; CenConv removes each filter's
-    mean at run time, so with CenConv the function is not kept (the report
-    says so).
+    so MABN's inference equals BN's for every x with plain convs; with
+    CenConv the function is not kept (the report says so).
 
 ``mabn-detection``
-    The MABN authors' Mask R-CNN (github.com/megvii-model/MABN, ``det/``, built
-    on maskrcnn-benchmark), into the model of ``configs/mask_rcnn_mabn.py``
-    (MMDetection Mask R-CNN R-50-FPN, Shared4Conv1FCBBoxHead, 4-conv
-    FCNMaskHead, MABN + CenConv everywhere). Key map (N = 1..4, i = 0..3)::
-
-        backbone.body.stem.{conv1,bn1}.*               backbone.{conv1,bn1}.*
-        backbone.body.layerS.B.*                       backbone.layerS.B.*
-        backbone.fpn.fpn_innerN.{0,1}.*                neck.lateral_convs.N-1.{conv,bn}.*
-        backbone.fpn.fpn_layerN.{0,1}.*                neck.fpn_convs.N-1.{conv,bn}.*
-        rpn.head.{conv,cls_logits,bbox_pred}.*         rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*
-        rpn.anchor_generator.cell_anchors.L            not used (MMDetection makes anchors)
-        roi_heads.box.feature_extractor.xconvs.{3i,3i+1}.*
-                                                       roi_head.bbox_head.shared_convs.i.{conv,bn}.*
-        roi_heads.box.feature_extractor.fc6.*          roi_head.bbox_head.shared_fcs.0.*
-        roi_heads.box.predictor.cls_score.*            roi_head.bbox_head.fc_cls.*
-        roi_heads.box.predictor.bbox_pred.*            roi_head.bbox_head.fc_reg.*
-        roi_heads.mask.feature_extractor.mask_fcnN.{0,1}.*
-                                                       roi_head.mask_head.convs.N-1.{conv,bn}.*
-        roi_heads.mask.predictor.conv5_mask.*          roi_head.mask_head.upsample.*
-        roi_heads.mask.predictor.mask_fcn_logits.*     roi_head.mask_head.conv_logits.*
-
-    Classes: maskrcnn-benchmark has 81 outputs, index 0 the background and
-    1..80 COCO's categories in category-id order; MMDetection's labels 0..79
-    are the same categories in the same order and its background logit is the
-    last row of ``fc_cls``. So ``cls_score`` rows are rotated (row 0 to the
-    end), ``bbox_pred`` (class-specific, 81 x 4 rows) loses the background's
-    first 4 rows, and ``mask_fcn_logits`` (81 channels) loses channel 0.
-    MABN buffers (``running_var`` (1, C, 1, 1), ``iters``, ``buffer_x2``,
-    ``buffer_gz``) are converted by :meth:`mmnorm.MABN.convert_state`; a
-    window whose length differs from the target's ``buffer_size`` cannot carry
-    over and restarts empty. A ``module.`` prefix (DistributedDataParallel) is
-    removed.
+    The MABN authors' Mask R-CNN (github.com/megvii-model/MABN, ``det/``, on
+    maskrcnn-benchmark) into ``configs/mask_rcnn_mabn.py``: keys renamed,
+    class rows reordered (background last), MABN buffers converted by
+    :meth:`mmnorm.MABN.convert_state`.
 
 ``mabn-imagenet``
-    The authors' ImageNet MABN ResNet-50 (``cls/``), into the backbone of
-    ``configs/mask_rcnn_mabn_imagenet.py`` (MABN + CenConv): torchvision's
-    names; convs are CenConv (weights loaded as they are: both centre each
-    filter at run time the same way); ``fc`` is not used. The classification
-    code's MABN2d stores ``running_var`` (C,), a float counter ``iters`` and
-    ``sta_matrix`` (B, 2B), ``pre_x2``, ``pre_gz`` (B, C); the last three hold
-    a sliding window over the previous step's 2-image groups, which has no
-    counterpart in this project's per-step window: not used, and the window
-    starts empty (counter at 0). The detection code's MABN2d buffers are also
-    accepted (see above).
+    The authors' ImageNet MABN ResNet-50 (``cls/``) into the backbone of
+    ``configs/mask_rcnn_mabn_imagenet.py`` (MABN + CenConv); ``fc`` is not
+    used and the MABN window starts empty.
 
-Sources read for the names and shapes (GitHub, through the project's code
-index): megvii-model/MABN ``det/maskrcnn_benchmark/layers/MABN.py`` (MABN2d
-buffers, window 32 / 2 = 16), ``layers/misc.py`` (CenConv2d: weight only),
-``modeling/backbone/resnet.py`` (stem, stages, ``downsample`` Sequential),
-``modeling/backbone/backbone.py`` (``R-50-FPN-MABN``: FPN convs from
-``conv_with_norm_func(MABN2d, ..., CenConv2d)`` = Sequential(conv, norm)),
-``modeling/make_layers.py``, ``roi_heads/box_head/roi_box_feature_extractors.py``
-(``FPNXconv1fcMABNFeatureExtractor``: ``xconvs`` = [CenConv2d, MABN2d, ReLU]
-x 4, then ``fc6``), ``roi_heads/mask_head/roi_mask_feature_extractors.py``
-(``MaskRCNNFPNMABNFeatureExtractor``: ``mask_fcnN`` = Sequential(CenConv2d,
-MABN2d)), ``configs/e2e_mask_rcnn_R_50_FPN_mabn_2x_*.yaml`` (FPNPredictor,
-MaskRCNNC4Predictor), ``cls/networks/resnet.py``, ``cls/networks/MABN.py``,
-``cls/utils.py`` (checkpoint ``{'model': ..., 'optimizer', 'scheduler',
-'iteration'}``, BGR 0-255 input without normalisation), ``README.md``;
-facebookresearch/maskrcnn-benchmark ``modeling/backbone/fpn.py``
-(``fpn_innerN``/``fpn_layerN`` for C2..C5, ``LastLevelMaxPool`` has no
-weights), ``modeling/rpn/rpn.py``, ``modeling/rpn/anchor_generator.py``
-(``cell_anchors`` BufferList), ``roi_box_predictors.py``,
-``roi_mask_predictors.py``, ``config/defaults.py`` (``STRIDE_IN_1X1 = True``,
-``PIXEL_MEAN``/``PIXEL_STD``/``TO_BGR255``), ``data/datasets/coco.py``
-(contiguous ids), ``utils/checkpoint.py`` (``{'model': ...}``).
-Assumed, not read: the defaults of the authors' fork equal maskrcnn-benchmark's
-(the fork's ``defaults.py`` is not in the index); the contents of the
-published ``R50-wc.pth`` (not downloadable here), hence both MABN2d variants
-are accepted for ``mabn-imagenet``.
+See docs/checkpoint_conversion.md for the full key map, the class-row
+rotation, the buffers of each MABN2d variant, and the sources read (and the
+assumptions made) for the names and shapes.
 """
 import copy
 import pickle
