@@ -1,7 +1,6 @@
 """mmnorm where users are: its declared requirements, the torch versions it
 accepts, and the layers without mmcv or mmdet."""
 import json
-import subprocess
 import sys
 
 import pytest

@@ -8,7 +8,6 @@ write stays there. Only arguments that shrink the work are appended, per
 command (``APPENDED``): 2 training iterations, 8 evaluation scenes, the main
 job's work dir in the scratch folder, ``--dry-run`` for pip.
 """
-import os
 import re
 import sys
 

@@ -121,7 +121,8 @@ def main():
     parser.add_argument('version', help='the mmcv version, e.g. 2.1.0')
     parser.add_argument('--source', help='what pip builds (default: mmcv==VERSION from PyPI)')
     parser.add_argument('--cache', type=Path, default=default_cache(),
-                        help='where built wheels are kept, one folder per torch (default: %(default)s)')
+                        help='where built wheels are kept, one folder per torch '
+                        '(default: %(default)s)')
     parser.add_argument('--python', default=sys.executable,
                         help='the interpreter to install into (default: this one)')
     args = parser.parse_args()

@@ -187,7 +187,8 @@ def write_report(summary, results, steps, seeds, test_images, out_dir):
 
     os.makedirs(out_dir, exist_ok=True)
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = [f'{label.replace(" (8 groups)", "")}\n{images} img' for _, label, images, _, _, _ in summary]
+    labels = [f'{label.replace(" (8 groups)", "")}\n{images} img'
+              for _, label, images, _, _, _ in summary]
     means = [mean for *_, mean, _, _ in summary]
     lows = [mean - min(r['top1'] for r in results[row]) for row, *_, mean, _, _ in summary]
     highs = [max(r['top1'] for r in results[row]) - mean for row, *_, mean, _, _ in summary]
@@ -221,8 +222,9 @@ def write_report(summary, results, steps, seeds, test_images, out_dir):
                 f'{IMAGES_PER_STEP} images = {steps * IMAGES_PER_STEP:,} training images, '
                 f'seeds {", ".join(map(str, seeds))}, top-1 on the first '
                 f'{test_images:,} test images; one thread). The recipe is in the '
-                'docstring of mmnorm/studies/classification.py. The last column is the MABN paper\'s ImageNet '
-                'ResNet-50 table, for the ordering only: a different data set and scale.\n\n')
+                'docstring of mmnorm/studies/classification.py. The last column is the '
+                'MABN paper\'s ImageNet ResNet-50 table, for the ordering only: a different '
+                'data set and scale.\n\n')
         f.write(markdown_table(header, table))
         f.write(f'\n{ordering_verdict(summary)}\n\n![top-1 and loss](classification_study.png)\n')
 

@@ -50,7 +50,7 @@ __all__ = ['LAYOUTS', 'NORMS', 'ConversionError', 'ConversionReport', 'build_tar
 
 LAYOUTS = ('torchvision', 'mabn-detection', 'mabn-imagenet')
 NORMS = ('MABN', 'BRN', 'CBN')
-CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
+CONFIG_DIR = Path(__file__).resolve().parents[2] / 'configs'
 DEFAULT_CONFIGS = {'mabn-detection': CONFIG_DIR / 'mask_rcnn_mabn.py',
                    'mabn-imagenet': CONFIG_DIR / 'mask_rcnn_mabn_imagenet.py'}
 TORCHVISION_BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default, used by torchvision's ResNet

@@ -10,13 +10,13 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import REPO, run
+from conftest import REPO, run, tool_env
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmnorm
-from mmnorm.surgery.fuse import conv_norm_pairs, format_report, fuse, is_foldable_norm, load_deployed
-from mmnorm.surgery.fuse import mmnorm_modules
+from mmnorm.surgery.fuse import (conv_norm_pairs, format_report, fuse, is_foldable_norm,
+                                 load_deployed, mmnorm_modules)
 
 F64 = torch.float64
 C_IN, C_OUT = 4, 6
@@ -311,7 +311,8 @@ def test_fused_backbone_exports_with_torch_export():
     names both). In a fresh process: once a CBN has been built, its
     process-wide forward hook is traced too, which torch 2.1's strict export
     refuses (``id()`` of a tensor); torch 2.13 exports either way."""
-    out = run([sys.executable, '-c', EXPORT_FUSED_BACKBONE], cwd=REPO / 'tests' / 'surgery').stdout
+    out = run([sys.executable, '-c', EXPORT_FUSED_BACKBONE], cwd=REPO / 'tests' / 'surgery',
+              env=tool_env(PYTHONPATH=str(REPO / 'tests'))).stdout
     assert out.strip().splitlines()[-1] == 'exported', out[-3000:]
 
 

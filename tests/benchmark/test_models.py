@@ -1,27 +1,30 @@
 """tools/benchmark_models.py runs on a tiny setting (64x96 images, a few RoIs)
 and writes what it promises: the rows, positive times and memory from the
-subprocess, the aims, the profile and the plot; its inputs and configs are
-what the docstring says. No timing assertions: a tiny run's numbers are noise."""
+subprocess, the aims, the profile and the plot; its inputs and configs
+(mmnorm.benchmark.models) are what the docstring says. No timing assertions:
+a tiny run's numbers are noise."""
 import math
 import re
 
 import pytest
 import torch
 from conftest import load_tool
-from test_benchmark import numbers, parse_tables
+from test_layers import numbers, parse_tables
+
+from mmnorm.benchmark import models
 
 TINY = ['--scale', '0.1', '--repeats', '1', '--warmup', '1', '--threads', '1']
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.fixture(scope='module')
-def bench():
+def tool():
     return load_tool('benchmark_models')
 
 
-def test_tiny_run_with_memory_and_profile(bench, tmp_path, capsys, keep_threads):
+def test_tiny_run_with_memory_and_profile(tool, tmp_path, capsys, keep_threads):
     out = tmp_path / 'docs' / 'model.md'
-    markdown = bench.main(TINY + ['--methods', 'MABN', '--profile', '--out', str(out)])
+    markdown = tool.main(TINY + ['--methods', 'MABN', '--profile', '--out', str(out)])
     assert markdown in capsys.readouterr().out
     assert out.read_text() == markdown
     assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
@@ -60,20 +63,20 @@ def test_tiny_run_with_memory_and_profile(bench, tmp_path, capsys, keep_threads)
     assert 'Largest increases MABN - FrozenBN:' in markdown
 
     # --plot-from reads the ratios back from the table and redraws the plot.
-    ratios = bench.ratios_from_markdown(markdown)
+    ratios = models.ratios_from_markdown(markdown)
     assert list(ratios) == ['FrozenBN', 'MABN']
     for name, row in rows.items():
         assert ratios[name] == {key: float(row[column].rstrip('x'))
-                                for key, column in bench.RATIO_COLUMNS.items()}
+                                for key, column in models.RATIO_COLUMNS.items()}
     out.with_suffix('.png').unlink()
-    assert bench.main(['--plot-from', str(out)]) is None
+    assert tool.main(['--plot-from', str(out)]) is None
     assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
 
 
-def test_fused_and_no_norm_rows(bench, keep_threads):
+def test_fused_and_no_norm_rows(tool, keep_threads):
     """The issue-7 rows: inference only, the same architecture (checked by the
     script), and the fused / no-norm ratio with its verdict."""
-    markdown = bench.main(TINY + ['--methods', 'mabn-fused', 'no-norm', '--skip-memory'])
+    markdown = tool.main(TINY + ['--methods', 'mabn-fused', 'no-norm', '--skip-memory'])
     table, aims = parse_tables(markdown)
     rows = {r['method']: r for r in table['rows']}
     assert list(rows) == ['FrozenBN', 'MABN fused', 'no norm']
@@ -88,18 +91,18 @@ def test_fused_and_no_norm_rows(bench, keep_threads):
     assert fold['measured'] == f'{fused / plain:.2f}x'
     assert re.fullmatch(r'(equal|different) \(tolerance 5%\)', fold['verdict'])
     assert 'same parameter and buffer shapes: yes.' in markdown
-    ratios = bench.ratios_from_markdown(markdown)
+    ratios = models.ratios_from_markdown(markdown)
     assert math.isnan(ratios['no norm']['train']) and math.isnan(ratios['no norm']['train memory'])
     assert ratios['no norm']['inference'] == float(rows['no norm']['inference x'].rstrip('x'))
 
 
-def test_no_norm_model_is_the_fused_architecture(bench):
+def test_no_norm_model_is_the_fused_architecture():
     """``without_norms`` leaves what ``mmnorm.fuse`` leaves (module classes,
     parameter and buffer shapes), the 'no norm' model computes what the folded
     one computes, and ``architecture_differences`` sees a change."""
-    fused, _ = bench.build(bench.METHODS[-2], 0.1)
-    plain, _ = bench.build(bench.METHODS[-1], 0.1)
-    assert bench.architecture_differences(fused, plain) == []
+    fused, _ = models.build(models.METHODS[-2], 0.1)
+    plain, _ = models.build(models.METHODS[-1], 0.1)
+    assert models.architecture_differences(fused, plain) == []
     types = {type(m).__name__ for m in plain.modules()}
     assert not types & {'MABN', 'CenConv'} and 'Identity' in types
     conv = plain.backbone.conv1
@@ -109,18 +112,18 @@ def test_no_norm_model_is_the_fused_architecture(bench):
         for mine, theirs in zip(plain.backbone(x), fused.backbone(x), strict=True):
             torch.testing.assert_close(mine, theirs)
     conv.bias = None
-    assert bench.architecture_differences(fused, plain) == ['backbone.conv1.bias: (64,) / None']
+    assert models.architecture_differences(fused, plain) == ['backbone.conv1.bias: (64,) / None']
 
 
-def test_batch_is_deterministic_and_masks_fill_the_boxes(bench):
-    first, second = bench.make_batch(0.1), bench.make_batch(0.1)
+def test_batch_is_deterministic_and_masks_fill_the_boxes():
+    first, second = models.make_batch(0.1), models.make_batch(0.1)
     assert len(first['inputs']) == 2
     for image, other, sample in zip(first['inputs'], second['inputs'], first['data_samples']):
         assert image.shape == (3, 64, 96) and image.dtype == torch.uint8
         assert torch.equal(image, other)
         boxes, masks = sample.gt_instances.bboxes, sample.gt_instances.masks.masks
-        assert boxes.shape == (bench.GT_PER_IMAGE, 4)
-        assert masks.shape == (bench.GT_PER_IMAGE, 64, 96)
+        assert boxes.shape == (models.GT_PER_IMAGE, 4)
+        assert masks.shape == (models.GT_PER_IMAGE, 64, 96)
         for (x0, y0, x1, y1), mask in zip(boxes.int().tolist(), masks):
             assert mask.sum() == (x1 - x0) * (y1 - y0) > 0
             assert mask[y0:y1, x0:x1].all()
@@ -128,11 +131,11 @@ def test_batch_is_deterministic_and_masks_fill_the_boxes(bench):
                for a, b in zip(first['data_samples'], second['data_samples']))
 
 
-def test_model_config_changes(bench):
+def test_model_config_changes():
     """No pretrained file, CBN burn-in 0, score threshold 0, lr; RoI counts
     untouched at scale 1 and shrunk with the area below it."""
-    by_key = {m.key: m for m in bench.METHODS}
-    cbn = bench.model_config(by_key['cbn'], 1.0)
+    by_key = {m.key: m for m in models.METHODS}
+    cbn = models.model_config(by_key['cbn'], 1.0)
     assert cbn.model.backbone.init_cfg is None
     norms = [cbn.model.neck.norm_cfg, cbn.model.roi_head.bbox_head.norm_cfg,
              cbn.model.roi_head.mask_head.norm_cfg]
@@ -141,15 +144,15 @@ def test_model_config_changes(bench):
     assert cbn.model.test_cfg.rpn.max_per_img == 1000 and cbn.model.test_cfg.rcnn.max_per_img == 100
     assert cbn.model.test_cfg.rcnn.score_thr == 0.0
     assert cbn.optim_wrapper.optimizer.lr == pytest.approx(2e-5)
-    small = bench.model_config(by_key['gnws'], 0.5)
+    small = models.model_config(by_key['gnws'], 0.5)
     assert small.model.backbone.init_cfg is None
     assert small.model.train_cfg.rcnn.sampler.num == 128
     assert small.model.test_cfg.rpn.max_per_img == 250
     assert small.model.test_cfg.rcnn.max_per_img == 25
-    assert bench.image_size(1.0) == (512, 832) and bench.image_size(0.1) == (64, 96)
+    assert models.image_size(1.0) == (512, 832) and models.image_size(0.1) == (64, 96)
 
 
-def test_unknown_method_is_an_error(bench, capsys):
+def test_unknown_method_is_an_error(tool, capsys):
     with pytest.raises(SystemExit):
-        bench.main(['--methods', 'NoSuchNorm'])
+        tool.main(['--methods', 'NoSuchNorm'])
     assert "unknown methods ['nosuchnorm']" in capsys.readouterr().err
