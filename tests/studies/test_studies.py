@@ -1,7 +1,8 @@
 """The evidence scripts of issue 6 run end to end on a tiny setting:
 tools/study_classification.py (normalization batch on Fashion-MNIST, logic in
 mmnorm/studies/classification.py) and
-tools/study_detection.py (the demo Mask R-CNN per norm on the scenes).
+tools/study_detection.py (the demo Mask R-CNN per norm on the scenes, logic in
+mmnorm/studies/detection.py).
 The real runs are in docs/; these tests only show the scripts work."""
 import json
 import math
