@@ -644,11 +644,11 @@ def plot(points, path):
 
 
 # --------------------------------------------------------------------- run
-def plot_from(markdown_path):
-    """Draw the plot of an earlier run from the table in ``markdown_path``,
-    next to it with the suffix .png."""
+def redraw(markdown_path, read_table, draw):
+    """Draw the plot of an earlier run next to ``markdown_path`` (suffix .png):
+    ``draw(read_table(markdown), png_path)``; what --plot-from does."""
     source = Path(markdown_path)
-    plot(points_from_markdown(source.read_text()), source.with_suffix('.png'))
+    draw(read_table(source.read_text()), source.with_suffix('.png'))
     print(f'wrote {source.with_suffix(".png")}')
 
 
@@ -657,7 +657,7 @@ def run(args, argv):
     (parsed from ``argv``) ask; print the markdown and return it (None with
     --plot-from)."""
     if args.plot_from:
-        plot_from(args.plot_from)
+        redraw(args.plot_from, points_from_markdown, plot)
         return None
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -87,7 +87,7 @@ from ..studies.results import markdown_table
 from ..surgery.fuse import fuse
 
 from .layers import (check_history_full, describe_error, fmt_ms, load_average, markdown_tables,
-                     median_times, padded_size, scaled_count, steps_to_fill)
+                     median_times, padded_size, redraw, scaled_count, steps_to_fill)
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / 'tools' / 'benchmark_models.py'  # its --measure-memory-of runs the subprocess
@@ -743,14 +743,6 @@ def plot(ratios, path):
 
 
 # --------------------------------------------------------------------- run
-def plot_from(markdown_path):
-    """Draw the plot of an earlier run from the table in ``markdown_path``,
-    next to it with the suffix .png."""
-    source = Path(markdown_path)
-    plot(ratios_from_markdown(source.read_text()), source.with_suffix('.png'))
-    print(f'wrote {source.with_suffix(".png")}')
-
-
 def build_all(results, scale):
     """(models, optim wrappers, batches), each a dict by method key, for the
     methods of ``results``; a method that cannot be built gets the error in
@@ -785,7 +777,7 @@ def run(args, argv):
     markdown and return it (None with --plot-from, the memory dict with
     --measure-memory-of)."""
     if args.plot_from:
-        plot_from(args.plot_from)
+        redraw(args.plot_from, ratios_from_markdown, plot)
         return None
     torch.set_num_threads(args.threads)
     if args.measure_memory_of:
