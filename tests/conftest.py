@@ -4,6 +4,7 @@ import json
 import os
 import sys
 import socket
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,12 @@ def tool_env(**extra):
     env['PYTHONUNBUFFERED'] = '1'
     env.update(extra)
     return env
+
+
+def write_exe(path, text):
+    """Write ``text`` to ``path`` and make it executable (a stand-in command)."""
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
 def free_port():

@@ -1,7 +1,7 @@
 """End-to-end tests of tools/train.py, tools/test.py, tools/dist_train.sh and
 tools/slurm_train.sh (under a stand-in srun) on a tiny Mask R-CNN
-(tests/configs/tiny_mask_rcnn.py) and a tiny COCO set, plus unit tests of
-mmnorm.engine.runtime's distributed set-up on CPU.
+(tests/configs/tiny_mask_rcnn.py) and a tiny COCO set (the unit tests of
+mmnorm.engine.runtime's distributed set-up are in tests/engine/test_runtime.py).
 
 The tools run in subprocesses with this interpreter. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
 is removed from their environment, so the tools' own trusted-loading fix
@@ -10,11 +10,10 @@ is removed from their environment, so the tools' own trusted-loading fix
 import os
 import pickle
 import shutil
-import stat
 import sys
 
 import pytest
-from conftest import REPO, free_port, run, tool_env
+from conftest import REPO, free_port, run, tool_env, write_exe
 
 from mmnorm.compat import torch_version
 
@@ -155,11 +154,6 @@ FAKE_SCONTROL = """#!/bin/sh
 """
 
 
-def write_exe(path, text):
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 def test_slurm_train_two_cpu_tasks(tiny_coco_session, tmp_path):
     """tools/slurm_train.sh under a stand-in srun/scontrol: the tasks find
     each other from SLURM_* variables and train with gloo."""
@@ -189,59 +183,3 @@ def test_slurm_train_two_cpu_tasks(tiny_coco_session, tmp_path):
     assert 'Distributed launcher: slurm' in out
     assert 'OMP_NUM_THREADS was not set: using 1 thread(s) per process' in out
     assert load_ckpt(work_dir / 'iter_2.pth')['meta']['iter'] == 2
-
-
-def test_slurm_environment_is_derived(tmp_path, monkeypatch):
-    """The Slurm launcher's variables become torch.distributed's, with the
-    master address from `scontrol show hostnames` (a stand-in here)."""
-    from mmnorm.engine import runtime
-    write_exe(tmp_path / 'scontrol',
-              '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[3-4]" ] '
-              '&& printf "node3\\nnode4\\n"\n')
-    monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
-    for key in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE',
-                'LOCAL_RANK'):
-        monkeypatch.setenv(key, 'unset')  # so that monkeypatch restores it
-        monkeypatch.delenv(key)
-    monkeypatch.setenv('SLURM_PROCID', '3')
-    monkeypatch.setenv('SLURM_NTASKS', '4')
-    monkeypatch.setenv('SLURM_LOCALID', '1')
-    monkeypatch.setenv('SLURM_NODELIST', 'node[3-4]')
-    monkeypatch.setenv('PORT', '29999')
-    runtime._env_from_slurm(None)
-    assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == (
-        'node3', '29999')
-    assert (os.environ['RANK'], os.environ['WORLD_SIZE'],
-            os.environ['LOCAL_RANK']) == ('3', '4', '1')
-
-
-def test_cpu_ddp_wrapper_single_process(tmp_path):
-    """setup_distributed on CPU: gloo process group, and a wrapper that
-    accepts the device_ids mmengine's Runner passes."""
-    code = '''
-import torch
-from mmengine.config import Config
-from mmengine.registry import MODEL_WRAPPERS
-from mmnorm.engine import runtime
-cfg = Config(dict())
-runtime.setup_distributed(cfg, 'pytorch')
-assert torch.distributed.get_backend() == 'gloo'
-assert cfg.model_wrapper_cfg['type'] == 'CPUDistributedDataParallel'
-ddp = MODEL_WRAPPERS.build(dict(cfg.model_wrapper_cfg),
-                           default_args=dict(module=torch.nn.Linear(2, 2),
-                                             device_ids=[0]))
-assert ddp.device_ids is None
-print('ok', type(ddp).__name__)
-user_cfg = Config(dict(model_wrapper_cfg=dict(type='MMDistributedDataParallel')))
-runtime.setup_distributed(user_cfg, 'pytorch')  # already initialised
-assert user_cfg.model_wrapper_cfg['type'] == 'MMDistributedDataParallel'
-torch.distributed.destroy_process_group()
-'''
-    env = tool_env(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0',
-                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
-                   CUDA_VISIBLE_DEVICES='')
-    proc = run([sys.executable, '-c', code], env=env)
-    assert 'ok CPUDistributedDataParallel' in proc.stdout
-    assert '[mmnorm rank 0/1] no CUDA: initialised torch.distributed' in proc.stdout
-    assert ('[mmnorm rank 0/1] keeping the config\'s model_wrapper_cfg type '
-            'MMDistributedDataParallel (the Runner passes device_ids') in proc.stdout
