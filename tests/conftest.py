@@ -61,6 +61,16 @@ def write_exe(path, text):
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+def exit_without_teardown():
+    """End a worker process of ``torch.multiprocessing.spawn`` once every rank
+    is done, skipping destructors: torch 2.13's gloo process group, freed with
+    DDP's reducer, can deadlock at exit (its destructor joins the gloo thread
+    while holding the GIL that thread waits for; a CI run hung on it once)."""
+    import torch.distributed as dist
+    dist.barrier()
+    os._exit(0)
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that is free now (for a torchrun rendezvous)."""
     with socket.socket() as s:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from conftest import NO_CPU_FLOAT16_AUTOCAST
+from conftest import NO_CPU_FLOAT16_AUTOCAST, exit_without_teardown
 
 from mmnorm.layers.cbn import CBN, conv_statistic_derivatives, expand_mean_derivative
 
@@ -744,7 +744,8 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
     torch.save(dict(weight=model[0].weight.detach(), history=layer.history_mean.clone(),
                     ages=ages, means=means, pushes=layer.history_pushes.item(),
                     bound=layer.last_conv is model[0]), f'{out_dir}/rank{rank}.pt')
-    dist.destroy_process_group()
+    exit_without_teardown()
+
 
 
 def test_ddp_two_processes_each_rank_keeps_its_own_history(tmp_path):
