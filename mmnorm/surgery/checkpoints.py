@@ -46,7 +46,7 @@ from ..layers._state import SmallBatchNorm
 from .convert import bn_to_mabn
 
 __all__ = ['LAYOUTS', 'NORMS', 'ConversionError', 'ConversionReport', 'build_target',
-           'convert_checkpoint', 'convert_state_dict', 'read_source']
+           'build_with_mmdet', 'convert_checkpoint', 'convert_state_dict', 'read_source']
 
 LAYOUTS = ('torchvision', 'mabn-detection', 'mabn-imagenet')
 NORMS = ('MABN', 'BRN', 'CBN')
@@ -560,6 +560,17 @@ def convert_state_dict(source, layout, target, *, report):
 
 
 # --------------------------------------------------------------------- target
+def build_with_mmdet(cfg):
+    """The module ``cfg`` describes, built by MMDetection's registry whatever
+    the process's default scope is (a Runner built earlier with another
+    ``default_scope`` leaves it set for the whole process)."""
+    import mmdet.models  # noqa: F401  (registers MMDetection's modules)
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return MODELS.build(cfg)
+
+
 def build_target(layout, norm=None, config=None):
     """(module, description) of what ``layout`` converts into.
 
@@ -569,8 +580,6 @@ def build_target(layout, norm=None, config=None):
     (default ``configs/mask_rcnn_mabn_imagenet.py``). ``mabn-detection``: the
     model of ``config`` (default ``configs/mask_rcnn_mabn.py``).
     """
-    import mmdet.models  # noqa: F401  (registers MMDetection's modules)
-    from mmdet.registry import MODELS
     from mmengine.config import Config
 
     if layout not in LAYOUTS:
@@ -587,14 +596,14 @@ def build_target(layout, norm=None, config=None):
             raise ConversionError('torchvision layout: give the target norm (MABN, BRN or CBN) '
                                   'or a config whose backbone has one')
         backbone = dict(type='ResNet', depth=50, norm_cfg=dict(type=norm))
-        return MODELS.build(backbone), f'MMDetection ResNet-50 with {norm}'
+        return build_with_mmdet(backbone), f'MMDetection ResNet-50 with {norm}'
     if not Path(config).is_file():
         raise ConversionError(f'{layout} layout: config {config} does not exist')
     model_cfg = Config.fromfile(str(config)).model
     if layout == 'mabn-detection':
         model_cfg = copy.deepcopy(model_cfg)
         model_cfg.backbone.init_cfg = None
-        model = MODELS.build(model_cfg)
+        model = build_with_mmdet(model_cfg)
         if not any(isinstance(m, MABN) for m in model.modules()):
             raise ConversionError(f'{layout} layout: config {config} has no MABN layer')
         return model, f'the model of {config}'
@@ -605,7 +614,7 @@ def build_target(layout, norm=None, config=None):
     if found not in NORMS or (wanted is not None and found != wanted):
         raise ConversionError(f'{layout} layout: config {config} has backbone norm_cfg type '
                               f'{found!r}; expected {wanted or " or ".join(NORMS)}')
-    return MODELS.build(backbone), f'the backbone of {config} ({found})'
+    return build_with_mmdet(backbone), f'the backbone of {config} ({found})'
 
 
 def convert_checkpoint(source_path, layout, destination=None, *, norm=None, config=None,

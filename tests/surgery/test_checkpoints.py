@@ -20,7 +20,8 @@ from conftest import REPO, run
 from mmengine.config import Config
 
 from mmnorm.surgery.checkpoints import (ConversionError, ConversionReport, build_target,
-                                convert_checkpoint, convert_state_dict, read_source)
+                                       convert_checkpoint, convert_state_dict, read_source)
+from mmnorm.surgery.checkpoints import build_with_mmdet as build
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -201,12 +202,6 @@ IMAGE = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(7), dt
 
 def doubled(state):
     return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def build(cfg):
-    import mmdet.models  # noqa: F401
-    from mmdet.registry import MODELS
-    return MODELS.build(cfg)
 
 
 def listed_keys(text):
