@@ -85,7 +85,8 @@ def scratch(tmp_path_factory):
 @pytest.mark.skipif(sys.prefix != str(REPO / '.venv'),
                     reason="the README's commands use .venv (the default stack), whose suite "
                     'runs them')
-@pytest.mark.parametrize('block', BLOCKS, ids=[without_comment(block[-1])[:48] for block in BLOCKS])
+@pytest.mark.parametrize('block', BLOCKS,
+                         ids=[without_comment(block[-1])[:48] for block in BLOCKS])
 def test_readme_block_runs_as_written(block, scratch):
     before = git_status()
     env = tool_env(PATH='/usr/local/bin:/usr/bin:/bin')
