@@ -24,13 +24,16 @@ See docs/layer_state.md for why the base class matters to MMDetection, what
 ``sync_stats`` requires of every process, and what mmengine's SyncBuffersHook
 does to the buffers.
 """
+import itertools
 import warnings
+import weakref
 from numbers import Integral, Real
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._dist import sync_world
+from ._ops import Operator, compiling
 
 
 def check_number(layer, key, value, *, integer=False, minimum=None, exclusive=True):
@@ -77,9 +80,19 @@ class SmallBatchNorm(_BatchNorm):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True,
                          track_running_stats=True)
         self.sync_stats = sync_stats
+        self._start_nonfinite_note()
+
+    def _start_nonfinite_note(self):
+        # The warning's state is per layer; a copy (deepcopy, unpickling) starts its own.
         self._warned_nonfinite = False
         self._nonfinite_seen = None  # device flag, see warn_if_nonfinite
         self._calls_since_check = 0
+        self._nonfinite_key = next(_KEYS)
+        _LAYERS[self._nonfinite_key] = self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._start_nonfinite_note()
 
     def _apply(self, fn, recurse=True):
         # Statistics buffers stay at least float32 (spec): ``.half()`` or
@@ -145,14 +158,22 @@ class SmallBatchNorm(_BatchNorm):
         buffer.copy_(torch.where(finite, new_value.to(buffer.dtype), buffer))
 
     def warn_if_nonfinite(self, finite):
-        """Warn once if a statistic was not finite (``finite``: (C,) bool).
+        """Warn once if a statistic was not finite (``finite``: (C,) bool);
+        returns ``finite`` (a copy while torch.compile traces: the
+        ``mmnorm::note_nonfinite`` operator, which keeps the graph whole).
 
         Reading the flag forces a device-to-host copy, which is free on the CPU
-        and checked at once there. On accelerators the flag is or-ed into a
+        and done at once there. On accelerators the flag is or-ed into a
         device tensor and read only every ``NONFINITE_CHECK_EVERY`` training
         calls, so the hot path never waits for the device; the guard in
         :meth:`update_where_finite` protects the buffers either way.
         """
+        if compiling():
+            return _NOTE_NONFINITE(finite, self._nonfinite_key)
+        self._note_nonfinite(finite)
+        return finite
+
+    def _note_nonfinite(self, finite):
         if self._warned_nonfinite:
             return
         seen = ~finite.all()
@@ -169,7 +190,7 @@ class SmallBatchNorm(_BatchNorm):
             self._warned_nonfinite = True
             warnings.warn(f'{type(self).__name__}({self.num_features}): a batch statistic was '
                           'inf or NaN; the affected channels kept their previous buffers',
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------ state-dict loads
     def convert_state(self, state_dict, prefix):
@@ -186,3 +207,19 @@ class SmallBatchNorm(_BatchNorm):
                       logger='current')
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+# Layers by their note key, for the operator below (which gets the key, an int).
+_LAYERS = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def _note_nonfinite(finite: torch.Tensor, key: int) -> torch.Tensor:
+    layer = _LAYERS.get(key)
+    if layer is not None:
+        layer._note_nonfinite(finite)
+    return finite.clone()
+
+
+_NOTE_NONFINITE = Operator('note_nonfinite', _note_nonfinite,
+                           lambda finite, key: torch.empty_like(finite))

@@ -9,10 +9,9 @@ Training, per channel c, for x of shape (N, C, *) reduced over every dim but 1:
     y       = weight * ((x - mu_B) / sigma_B * r + d) + bias
 
 r and d are constants for autograd, so y is BatchNorm with batch statistics
-and the affine pair (weight * r, weight * d + bias): the layer runs PyTorch's
-fused batch-norm kernel once (x_hat with the batch mean and 1 / sigma_B, from
-which r and d follow), applies the affine pair in place, and its backward is
-BatchNorm's backward kernel with gamma = weight * r.
+and the affine pair (weight * r, weight * d + bias): the layer computes the
+batch statistics in one pass (r and d follow from them), the output in a
+second, and its backward is BatchNorm's backward kernel with gamma = weight * r.
 
 After the output, the running statistics move towards the batch (the paper's
 algorithm: the running *standard deviation*, not the variance, is averaged):
@@ -47,32 +46,31 @@ from ._state import SmallBatchNorm, check_number
 class RenormalizedBatchNorm(torch.autograd.Function):
     """``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` for x (N, C, *).
 
-    ``correction(mu_B, sigma_B) -> (r, d)`` is called once in the forward with
-    the (C,) batch statistics (float32 or float64, like ``x``), under no_grad:
-    r and d are constants for autograd. Backward: BatchNorm's with
-    gamma = weight * r, so dweight = r * sum(dy * x_hat) + d * sum(dy) and
-    dbias = sum(dy).
+    ``mean`` = mu_B and ``inv_std`` = 1 / sigma_B are x's batch statistics
+    (C,), computed by the caller without autograd; the gradient still flows
+    through them into x, as in BatchNorm. r and d (C,) are constants for
+    autograd. Forward: one pass, ``x * scale + shift`` with per-channel
+    coefficients. Backward: BatchNorm's kernel with gamma = weight * r, so
+    dweight = r * sum(dy * x_hat) + d * sum(dy) and dbias = sum(dy).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, correction, eps):
-        x_hat, mean, inv_std = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-        r, d = correction(mean, inv_std.reciprocal())
+    def forward(ctx, x, weight, bias, mean, inv_std, r, d):
         gamma = weight * r
+        scale = gamma * inv_std
+        shift = weight * d + bias - mean * scale
         shape = SmallBatchNorm.channel_shape(x)
-        y = torch.addcmul((weight * d + bias).view(shape), x_hat, gamma.view(shape), out=x_hat)
         ctx.save_for_backward(x, mean, inv_std, gamma, r, d)
-        ctx.eps = eps
-        return y
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, mean, inv_std, gamma, r, d = ctx.saved_tensors
         dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-            dy.contiguous(), x, gamma, None, None, mean, inv_std, True, ctx.eps,
+            dy, x, gamma, None, None, mean, inv_std, True, 0.0,
             [ctx.needs_input_grad[0], True, True])
-        return dx, dgamma * r + dbeta * d, dbeta, None, None
+        return dx, dgamma * r + dbeta * d, dbeta, None, None, None, None
 
 
 @MODELS.register_module()
@@ -134,8 +132,13 @@ class BRN(SmallBatchNorm):
         dtype = self.stats_dtype(x)
         if sync:
             return self._union_forward(x.to(dtype)).to(x.dtype)
-        y = RenormalizedBatchNorm.apply(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
-                                        self._correct_and_update, self.eps)
+        xs = x.to(dtype)
+        with torch.no_grad():
+            var, mean = torch.var_mean(xs, self.reduce_dims(xs), correction=0)
+            std = (var + self.eps).sqrt()
+            r, d = self._correct_and_update(mean, std)
+        y = RenormalizedBatchNorm.apply(xs, self.weight.to(dtype), self.bias.to(dtype), mean,
+                                        std.reciprocal(), r, d)
         return y.to(x.dtype)
 
     def _union_forward(self, x):
@@ -163,7 +166,7 @@ class BRN(SmallBatchNorm):
         d = torch.clamp((mean_batch - self.running_mean) / std_running, -d_max, d_max)
 
         finite = torch.isfinite(mean_batch) & torch.isfinite(std_batch)
-        self.warn_if_nonfinite(finite)
+        finite = self.warn_if_nonfinite(finite)
         if present is not None:
             finite = finite & present
         new_std = std_running + self.momentum * (std_batch - std_running)

@@ -604,7 +604,7 @@ class CBN(SmallBatchNorm):
             y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, *kept, self.eps)
         with torch.no_grad():
             finite = torch.isfinite(mu_t) & torch.isfinite(var_t)
-            self.warn_if_nonfinite(finite)
+            finite = self.warn_if_nonfinite(finite)
             if sync:
                 finite = finite & (union_count > 0)
             if window > 0:

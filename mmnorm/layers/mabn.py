@@ -22,7 +22,7 @@ forward::
     y      = weight * (r * z) + bias
     running_var <- momentum * running_var + (1 - momentum) * v_t
 
-backward (:class:`MABNFunction`), dy the incoming gradient::
+backward (:data:`train_step`), dy the incoming gradient::
 
     g      = dy * weight * r                 psi_t = mean(g * z)
     buffer_gz[t mod m] <- psi_t
@@ -39,13 +39,13 @@ empty input changes no state. ``sync_stats=True`` uses all processes' inputs.
 See docs/mabn.md for these guarantees in detail and for DDP.
 """
 import contextlib
+from typing import Tuple
 
 import torch
 from mmengine.registry import MODELS
-from torch.autograd.function import once_differentiable
-
 from ._dist import union_mean
-from ._state import SmallBatchNorm, check_number
+from ._ops import Operator, with_backward
+from ._state import _LAYERS, SmallBatchNorm, check_number
 
 _AUTOCAST_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -98,85 +98,122 @@ def scaled_grad_and_sums(dy, x, scale, need_scaled):
                                                      0.0, [need_scaled, True, True])
 
 
-class MABNFunction(torch.autograd.Function):
-    """The training step of MABN as one autograd node.
-
-    Inputs: ``x`` (N, C, *), ``weight``/``bias`` (C,), and constants computed by
-    :meth:`MABN._train_forward` for this step: ``inv_std`` = 1 / sqrt(v_t + eps)
-    and ``r``, both (C,) in the statistics dtype; the ``layer`` (whose
-    ``buffer_gz`` the backward writes); ``row`` = [t mod m] and ``early``
-    (t <= m or t < warmup_iters), both computed at this call's forward, so the
-    backward writes the row of its own step even if the layer has been called
-    again since; the output dtype; and ``sync``: with ``sync_stats`` in a
-    multi-process run, psi_t is the union's (sum(dy * x) and the element count
-    are all-reduced; the backward is then a collective).
-
-    Forward: ``y = x * (weight * r * inv_std) + bias``, one fused pass.
-
-    Backward, which terms are exact and which are moving averages:
-
-    * exact: g = dy * weight * r, the batch statistic psi_t = mean(g * z),
-      dweight = sum(dy * r * z) and dbias = sum(dy) are the exact values for
-      this batch; the factor 1 / sqrt(v_t + eps) is the very v_t the forward
-      used; r is a constant in both passes (no gradient flows through r).
-    * while ``early``: psi = psi_t and v_t = chi2_t, so dx is the exact gradient
-      of the forward (checked by ``gradcheck`` in the tests).
-    * afterwards, moving averages: v_t in the forward is the SMA of chi2 over the
-      last m steps, and psi in dx is the SMA of psi_t over the last m
-      backward steps (this step's row included). This is the paper's
-      approximation, not the gradient of the forward: with the past rows of
-      buffer_x2 constant, that gradient would use psi_t / m (the current
-      batch's share of the SMA), whereas MABN uses (psi_t + the m - 1 other
-      rows of buffer_gz) / m, i.e. the past batches' psi stands in for the
-      noisy present one.
-
-    ``dx = (g - z * psi) / sqrt(v_t + eps)`` is evaluated as
-    ``dy * (weight * r * inv_std) - x * (psi * inv_std^2)`` with per-channel
-    coefficients, i.e. without forming g or z; the first product and the two
-    sums sum(dy * x), sum(dy) come from one pass (:func:`scaled_grad_and_sums`).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, inv_std, r, layer, row, early, out_dtype, sync):
-        cdtype = inv_std.dtype
-        shape = layer.channel_shape(x)
+def _train_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  inv_std: torch.Tensor, r: torch.Tensor, buffer_gz: torch.Tensor,
+                  row: torch.Tensor, early: torch.Tensor, out_dtype: torch.dtype, key: int,
+                  sync: bool) -> torch.Tensor:
+    """The training step's output ``y = x * (weight * r * inv_std) + bias``, one
+    fused pass; the other arguments are for :func:`_train_backward`."""
+    cdtype = inv_std.dtype
+    shape = SmallBatchNorm.channel_shape(x)
+    with _without_autocast(x.device.type):
         scale = weight.to(cdtype) * r * inv_std
         y = torch.addcmul(bias.to(cdtype).view(shape), x.to(cdtype), scale.view(shape))
-        ctx.save_for_backward(x, weight, inv_std, r)
-        ctx.layer, ctx.row, ctx.early, ctx.bias_dtype = layer, row, early, bias.dtype
-        ctx.sync = sync
-        return y.to(out_dtype)
+    return y.to(out_dtype)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, inv_std, r = ctx.saved_tensors
-        layer = ctx.layer
-        cdtype = inv_std.dtype
-        with _without_autocast(dy.device.type):
-            xs, dys = x.to(cdtype), dy.to(cdtype)
-            count = xs.numel() // xs.size(1)
-            gain = weight.to(cdtype) * r  # g = dy * gain
-            coef = gain * inv_std  # dx = dy * coef - x * (psi * inv_std^2)
-            need_dx = ctx.needs_input_grad[0]
-            if count > 0:
-                dx, dot, dy_sum = scaled_grad_and_sums(dys, xs, coef, need_dx)  # dot = sum(dy * x)
-            else:  # an empty input on one process under sync_stats
-                dx = torch.zeros_like(xs)
-                dot, dy_sum = torch.zeros_like(coef), torch.zeros_like(coef)
-            present = None
-            if ctx.sync:  # every process gets here in the same order, see MABN "Processes"
-                dot_mean, total = union_mean(dot, count)
-                psi_t, present = coef * dot_mean, total > 0
-            else:
-                psi_t = coef * dot / count  # mean(g * z)
-            psi = layer.window_statistic(layer.buffer_gz, ctx.row, ctx.early, psi_t, present)
-            if need_dx:
-                shape = layer.channel_shape(xs)
-                dx = dx.addcmul_(xs, (psi * inv_std.square()).view(shape), value=-1).to(x.dtype)
-            dweight = (r * inv_std * dot).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            dbias = dy_sum.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None, None, None, None
+
+def _train_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    inv_std: torch.Tensor, r: torch.Tensor, buffer_gz: torch.Tensor,
+                    row: torch.Tensor, early: torch.Tensor, bias_dtype: torch.dtype, key: int,
+                    sync: bool, need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) of :func:`_train_output`, writing psi_t into
+    ``buffer_gz[row]`` (see :data:`train_step`); dx is empty unless ``need_dx``."""
+    layer = _LAYERS[key]
+    cdtype = inv_std.dtype
+    with _without_autocast(dy.device.type):
+        xs, dys = x.to(cdtype), dy.to(cdtype)
+        count = xs.numel() // xs.size(1)
+        gain = weight.to(cdtype) * r  # g = dy * gain
+        coef = gain * inv_std  # dx = dy * coef - x * (psi * inv_std^2)
+        if count > 0:
+            dx, dot, dy_sum = scaled_grad_and_sums(dys, xs, coef, need_dx)  # dot = sum(dy * x)
+        else:  # an empty input on one process under sync_stats
+            dx = torch.zeros_like(xs)
+            dot, dy_sum = torch.zeros_like(coef), torch.zeros_like(coef)
+        present = None
+        if sync:  # every process gets here in the same order, see MABN "Processes"
+            dot_mean, total = union_mean(dot, count)
+            psi_t, present = coef * dot_mean, total > 0
+        else:
+            psi_t = coef * dot / count  # mean(g * z)
+        psi = layer.window_statistic(buffer_gz, row, early, psi_t, present)
+        if need_dx:
+            shape = layer.channel_shape(xs)
+            dx = dx.addcmul_(xs, (psi * inv_std.square()).view(shape), value=-1).to(x.dtype)
+        else:
+            dx = x.new_empty(0)
+        return dx, (r * inv_std * dot).to(weight.dtype), dy_sum.to(bias_dtype)
+
+
+def _fake_output(x, weight, bias, inv_std, r, buffer_gz, row, early, out_dtype, key, sync):
+    return torch.empty_like(x, dtype=out_dtype)
+
+
+def _fake_backward(dy, x, weight, inv_std, r, buffer_gz, row, early, bias_dtype, key, sync,
+                   need_dx):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight),
+            torch.empty_like(weight, dtype=bias_dtype))
+
+
+_TRAIN_OUTPUT = Operator('mabn_train_output', _train_output, _fake_output)
+_TRAIN_BACKWARD = Operator('mabn_train_backward', _train_backward, _fake_backward,
+                           mutates=('buffer_gz',))
+
+
+def _keep_for_backward(ctx, inputs, output):
+    x, weight, bias, inv_std, r, buffer_gz, row, early, _, key, sync = inputs
+    ctx.save_for_backward(x, weight, inv_std, r, row, early)
+    ctx.buffer_gz = buffer_gz  # not saved: other calls' backwards write it first
+    ctx.key, ctx.sync, ctx.bias_dtype = key, sync, bias.dtype
+
+
+def _backward(ctx, dy, traced):
+    x, weight, inv_std, r, row, early = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    backward = _TRAIN_BACKWARD.op if traced else _TRAIN_BACKWARD.impl
+    dx, dweight, dbias = backward(dy, x, weight, inv_std, r, ctx.buffer_gz, row, early,
+                                  ctx.bias_dtype, ctx.key, ctx.sync, need[0])
+    return ((dx if need[0] else None, dweight if need[1] else None, dbias if need[2] else None)
+            + (None,) * 8)
+
+
+train_step = with_backward(_TRAIN_OUTPUT, _keep_for_backward, _backward)
+train_step.__doc__ = """The training step of MABN as one autograd node (one operator under
+torch.compile, see :mod:`mmnorm.layers._ops`).
+
+Inputs: ``x`` (N, C, *), ``weight``/``bias`` (C,), and constants computed by
+:meth:`MABN._train_forward` for this step: ``inv_std`` = 1 / sqrt(v_t + eps)
+and ``r``, both (C,) in the statistics dtype; the layer's ``buffer_gz``, which
+the backward writes; ``row`` = [t mod m] and ``early`` (t <= m or t <
+warmup_iters), both computed at this call's forward, so the backward writes
+the row of its own step even if the layer has been called again since; the
+output dtype; the layer's key (for its non-finite warning); and ``sync``:
+with ``sync_stats`` in a multi-process run, psi_t is the union's (sum(dy * x)
+and the element count are all-reduced; the backward is then a collective).
+
+Forward: ``y = x * (weight * r * inv_std) + bias``, one fused pass.
+
+Backward, which terms are exact and which are moving averages:
+
+* exact: g = dy * weight * r, the batch statistic psi_t = mean(g * z),
+  dweight = sum(dy * r * z) and dbias = sum(dy) are the exact values for
+  this batch; the factor 1 / sqrt(v_t + eps) is the very v_t the forward
+  used; r is a constant in both passes (no gradient flows through r).
+* while ``early``: psi = psi_t and v_t = chi2_t, so dx is the exact gradient
+  of the forward (checked by ``gradcheck`` in the tests).
+* afterwards, moving averages: v_t in the forward is the SMA of chi2 over the
+  last m steps, and psi in dx is the SMA of psi_t over the last m backward
+  steps (this step's row included). This is the paper's approximation, not
+  the gradient of the forward: with the past rows of buffer_x2 constant, that
+  gradient would use psi_t / m (the current batch's share of the SMA),
+  whereas MABN uses (psi_t + the m - 1 other rows of buffer_gz) / m, i.e. the
+  past batches' psi stands in for the noisy present one.
+
+``dx = (g - z * psi) / sqrt(v_t + eps)`` is evaluated as
+``dy * (weight * r * inv_std) - x * (psi * inv_std^2)`` with per-channel
+coefficients, i.e. without forming g or z; the first product and the two
+sums sum(dy * x), sum(dy) come from one pass (:func:`scaled_grad_and_sums`).
+"""
 
 
 @MODELS.register_module('MABN')
@@ -312,8 +349,7 @@ class MABN(SmallBatchNorm):
         tensor, so nothing here reads a tensor on the host. ``present`` (0-dim
         bool, sync_stats only): False when the union of the processes' inputs
         is empty, and then nothing is written."""
-        finite = torch.isfinite(value)
-        self.warn_if_nonfinite(finite)
+        finite = self.warn_if_nonfinite(torch.isfinite(value))
         rows = torch.arange(buffer.size(0), device=buffer.device) == row
         if present is not None:
             rows = rows & present
@@ -350,8 +386,8 @@ class MABN(SmallBatchNorm):
                     update = update & present
                 self.update_where_finite(self.running_var, new_running, update)
                 inv_std = std.reciprocal()
-            return MABNFunction.apply(x, self.weight, self.bias, inv_std, r, self, row, early,
-                                      out_dtype, sync)
+            return train_step(x, self.weight, self.bias, inv_std, r, self.buffer_gz, row, early,
+                              out_dtype, self._nonfinite_key, sync)
 
     # ------------------------------------------------------------- inference
     def _eval_forward(self, x):

@@ -1,0 +1,72 @@
+"""The layers' own operators, seen whole by torch.compile.
+
+Two pieces of a training step cannot be traced into a graph: MABN's backward,
+which writes the layer's ``buffer_gz`` while autograd runs, and the non-finite
+warning, which reads a flag on the host now and then. :class:`Operator` runs
+such a function as it is in eager mode and, while torch.compile traces
+(torch >= 2.4), as a ``torch.library.custom_op`` named ``mmnorm::<name>``:
+one opaque node with the mutations it declares, so the graph neither breaks
+nor silently drops the write. :func:`with_backward` gives a forward operator
+its backward the same way (an ``autograd.Function`` in eager mode,
+``register_autograd`` for the traced operator).
+
+On torch 2.0-2.3 (no ``custom_op``) the functions are always called as they
+are; compiled models then break the graph at them.
+"""
+import torch
+
+CUSTOM_OPS = hasattr(torch.library, 'custom_op') and hasattr(torch, 'compiler')
+
+
+def compiling():
+    """True while torch.compile traces the caller."""
+    return hasattr(torch, 'compiler') and torch.compiler.is_compiling()
+
+
+class Operator:
+    """``impl`` (annotated for ``custom_op``) callable in eager mode as itself
+    and, while compiling, as the operator ``mmnorm::<name>`` whose output
+    shapes ``fake`` gives. ``mutates`` names the arguments it writes."""
+
+    def __init__(self, name, impl, fake, mutates=()):
+        self.impl = impl
+        self.op = None
+        if CUSTOM_OPS:
+            self.op = torch.library.custom_op(f'mmnorm::{name}', impl, mutates_args=mutates)
+            self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        if self.op is not None and compiling():
+            return self.op(*args)
+        return self.impl(*args)
+
+
+def with_backward(forward, setup_context, backward):
+    """A differentiable call of the :class:`Operator` ``forward``:
+    ``setup_context(ctx, inputs, output)`` keeps what ``backward(ctx,
+    grad_output, traced)`` needs; ``backward`` returns one gradient (or None)
+    per input, and calls its own operators through ``.op`` when ``traced``
+    (compiled) and ``.impl`` otherwise. Arguments are positional."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward.impl(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_output):
+            return backward(ctx, grad_output, False)
+
+    if forward.op is not None:
+        forward.op.register_autograd(lambda ctx, grad_output: backward(ctx, grad_output, True),
+                                     setup_context=setup_context)
+
+    def call(*inputs):
+        if forward.op is not None and compiling():
+            return forward.op(*inputs)
+        return Function.apply(*inputs)
+
+    return call
