@@ -13,6 +13,8 @@ its backward the same way (an ``autograd.Function`` in eager mode,
 On torch 2.0-2.3 (no ``custom_op``) the functions are always called as they
 are; compiled models then break the graph at them.
 """
+import importlib
+
 import torch
 
 CUSTOM_OPS = hasattr(torch.library, 'custom_op') and hasattr(torch, 'compiler')
@@ -70,3 +72,24 @@ def with_backward(forward, setup_context, backward):
         return Function.apply(*inputs)
 
     return call
+
+
+def eager(function):
+    """``function`` run outside torch.compile's graphs (a graph break there)."""
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and hasattr(compiler, 'disable'):
+        return compiler.disable(function)
+    return importlib.import_module('torch._dynamo').disable(function)  # torch 2.0
+
+
+class EagerForward:
+    """A module's own ``forward``, run outside torch.compile's graphs: set as
+    ``module.forward = EagerForward(module)``. Copies and pickles with the
+    module (a bound method set on the instance would not follow a deepcopy)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    @eager
+    def __call__(self, *args, **kwargs):
+        return type(self.module).forward(self.module, *args, **kwargs)

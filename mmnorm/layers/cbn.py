@@ -38,6 +38,7 @@ loading a BatchNorm state dict, "DDP" (``sync_stats``), "Averaging buffers"
 """
 import sys
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,90 +46,53 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ._dist import all_reduce_sum, union_moments
+from ._ops import eager
 from ._state import SmallBatchNorm, check_number
 
 __all__ = ['CBN', 'conv_statistic_derivative_sums', 'conv_statistic_derivatives',
            'expand_mean_derivative']
 
-# ------------------------------------------------------------ producer tags
-_hook_handle = None
+# ------------------------------------------------------------ the conv
+class ConvCall(NamedTuple):
+    """How a convolution was called, read from its autograd node: what
+    :func:`conv_statistic_derivative_sums` needs of a conv (an ``nn.Conv2d``
+    has the same attributes). ``padding`` is numeric and zero: padding modes
+    and string padding were applied to the saved input before the call."""
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    kernel_size: tuple
+    padding_mode: str = 'zeros'
 
 
-# id(tensor) -> (weakref to the tensor, weakref to its producer, conv input or
-# None, tensor version, conv input version). Kept outside the tensors so that
-# pickling, torch.save and deepcopy of activations are unaffected; an entry
-# goes when its tensor is freed.
-_TAGS = {}
-
-
-def _forget(ref, key):
-    entry = _TAGS.get(key)
-    if entry is not None and entry[0] is ref:
-        del _TAGS[key]
-
-
-def _set_tag(tensor, module, conv_input):
-    key = id(tensor)
-    ref = weakref.ref(tensor, lambda r, key=key: _forget(r, key))
-    _TAGS[key] = (ref, weakref.ref(module), conv_input, tensor._version,
-                  None if conv_input is None else conv_input._version)
-
-
-def _read_tag(tensor):
-    """(producer ref, conv input, version, input version) or None."""
-    entry = _TAGS.get(id(tensor))
-    if entry is None or entry[0]() is not tensor:
-        return None
-    return entry[1:]
-
-
-def _tag_producer(module, args, output):
-    """Global forward hook: remember which module produced ``output``.
-    Only outputs that require grad are tagged: CBN reads tags only then."""
-    if not isinstance(output, torch.Tensor) or not output.requires_grad:
-        return
-    if isinstance(module, nn.Conv2d):
-        conv_input = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        _set_tag(output, module, conv_input)
-        return
-    tag = _read_tag(output)
-    if tag is None or tag[2] != output._version:
-        _set_tag(output, module, None)
-
-
-def _install_producer_hook():
-    global _hook_handle
-    if _hook_handle is None:
-        _hook_handle = torch.nn.modules.module.register_module_forward_hook(_tag_producer)
-
-
-_plain_conv_forwards = None
-
-
-def _computes_like_conv2d(conv):
-    """True if ``conv(x)`` is ``F.conv2d`` of x (after its padding mode) with
-    ``conv.weight`` or, for classes with ``transformed_weight()``, that weight."""
-    global _plain_conv_forwards
-    if _plain_conv_forwards is None:
-        forwards = {nn.Conv2d.forward}
-        try:  # mmcv's 'Conv' (registered with force=True) only adds an empty-input path
-            from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
-            forwards.add(MMCVConv2d.forward)
-        except ImportError:  # pragma: no cover
-            pass
-        _plain_conv_forwards = forwards
-    if 'forward' in vars(conv):  # an instance-level override (e.g. a fused eval path)
-        return False
-    return type(conv).forward in _plain_conv_forwards or callable(
-        getattr(conv, 'transformed_weight', None))
-
-
-def conv_weight(conv):
-    """theta: the weight ``conv`` convolves with (detached)."""
-    with torch.no_grad():
-        transformed = getattr(conv, 'transformed_weight', None)
-        weight = transformed() if callable(transformed) else conv.weight
-    return weight.detach()
+def feeding_convolution(x):
+    """(ConvCall, conv input, theta) of the 2-D convolution whose output is
+    ``x``, read from ``x.grad_fn`` (theta: the weight it convolved with, so a
+    CenConv's or WSConv's transformed weight), or a str saying why there is
+    none. Nothing is hooked: only tensors that autograd records carry this."""
+    node = x.grad_fn
+    if node is None:
+        return 'its input is a leaf tensor, not the output of a convolution'
+    name = type(node).__name__
+    if name.startswith('CompiledFunction'):
+        return ('the convolution that feeds it ran inside a torch.compile graph, where CBN cannot '
+                'see it; call mmnorm.surgery.compile.keep_cbn_convs_eager(model) before '
+                'torch.compile')
+    if not name.startswith('ConvolutionBackward'):
+        return (f'its input comes from {name}, not from a convolution (or was changed in place '
+                'after the convolution)')
+    if x.dim() != 4 or node._saved_transposed:
+        return 'its input comes from a convolution that is not a plain 2-D one'
+    try:
+        conv_input, weight = node._saved_input, node._saved_weight
+    except RuntimeError:
+        return 'the input of the convolution that feeds it was changed in place after the conv ran'
+    if conv_input is None or weight is None:
+        return 'the convolution that feeds it kept no input for autograd'
+    call = ConvCall(tuple(node._saved_stride), tuple(node._saved_padding),
+                    tuple(node._saved_dilation), node._saved_groups, tuple(weight.shape[2:]))
+    return call, conv_input.detach(), weight
 
 
 # ------------------------------------------------------------- naming
@@ -188,7 +152,7 @@ def conv_statistic_derivatives(conv, conv_input, conv_output, dtype=None, weight
     :func:`conv_statistic_derivative_sums` and M = N * H_out * W_out.
 
     Args:
-        conv (nn.Conv2d): the conv (stride, padding, padding_mode, dilation, groups).
+        conv (nn.Conv2d | ConvCall): stride, padding, padding_mode, dilation, groups.
         conv_input (Tensor): x, (N, C_in, H, W).
         conv_output (Tensor): y, (N, C_out, H_out, W_out) - bias included.
         dtype: the computation dtype (default: at least float32).
@@ -389,29 +353,25 @@ class CBN(SmallBatchNorm):
             self.register_buffer(key, _history_buffer(key, 0, torch.float32))
         self.register_buffer('history_pushes', torch.tensor(0, dtype=torch.long))
         self._host = {}
-        self._last_conv = None
-        _install_producer_hook()
+        self._last_conv_weight = None
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
         state = super().__getstate__()
         state['_host'] = {}
-        state['_last_conv'] = None
+        state['_last_conv_weight'] = None
         return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        _install_producer_hook()  # a model unpickled in a fresh process
 
     def train(self, mode=True):
         self._host = {}  # re-read the counters: they may have been written through .data
         return super().train(mode)
 
     @property
-    def last_conv(self):
-        """The conv whose weight the last training forward used (or None);
-        held weakly, for inspection only."""
-        return None if self._last_conv is None else self._last_conv()
+    def last_conv_weight(self):
+        """theta of the last training forward: the weight tensor the feeding
+        conv convolved with (its parameter, or its transformed weight), while
+        it is alive; held weakly, for inspection only."""
+        return None if self._last_conv_weight is None else self._last_conv_weight()
 
     # ------------------------------------------------------------- burn-in
     def set_iters_per_epoch(self, iters_per_epoch):
@@ -466,38 +426,19 @@ class CBN(SmallBatchNorm):
         return value
 
     # ------------------------------------------------------------ binding
-    def _producer(self, x):
-        """(conv, conv input) that produced ``x``, or raise naming the layer."""
-        tag = _read_tag(x)
-        problem, producer = None, None
-        if tag is None:
-            op = type(x.grad_fn).__name__ if x.grad_fn is not None else 'a leaf tensor'
-            problem = f'its input was not produced by a module (it comes from {op})'
-        else:
-            producer = tag[0]()
-            if tag[2] != x._version:
-                problem = 'its input was modified in place after {} produced it'
-            elif tag[1] is None or not isinstance(producer, nn.Conv2d):
-                problem = 'its input comes from {}, not from a conv'
-                if isinstance(producer, nn.Conv2d):
-                    problem = '{} was called with its input as a keyword argument'
-            elif tag[1]._version != tag[3]:
-                problem = 'the input of {} was modified in place after the conv ran'
-            elif not _computes_like_conv2d(producer):
-                problem = ('{} overrides forward, so its derivatives are unknown (supported: '
-                           'nn.Conv2d, mmcv Conv, convs with transformed_weight())')
-            elif x.dim() != 4:
-                problem = 'its input from {} is not 4-D'
-        if problem is None:
-            return producer, tag[1]
-        layer, source = _describe(self, producer)
-        if source is not None:
-            problem = problem.format(source)
-        raise RuntimeError(
-            f'{layer}: {problem}. CBN with rho={self.rho} compensates the statistics with the '
-            'weight of the conv that directly feeds it; place it right after a conv '
-            '(conv -> CBN -> activation), or set rho=0 for the uncompensated '
-            'cross-iteration average.')
+    def _feeding_conv(self, x):
+        """(ConvCall, conv input, theta) of the conv that produced ``x``, or
+        raise naming the layer."""
+        found = feeding_convolution(x)
+        if isinstance(found, str):
+            raise RuntimeError(
+                f'{_describe(self)[0]}: {found}. CBN with rho={self.rho} compensates the '
+                'statistics with the weight of the conv that directly feeds it; place it right '
+                'after a conv (conv -> CBN -> activation), or set rho=0 for the uncompensated '
+                'cross-iteration average.')
+        call, conv_input, weight = found
+        self._last_conv_weight = weakref.ref(weight)
+        return call, conv_input, weight.detach()
 
     # ------------------------------------------------------------ history
     def _history_dtype(self):
@@ -569,28 +510,26 @@ class CBN(SmallBatchNorm):
         return mu, nu, keep, ages
 
     # ------------------------------------------------------------ forward
+    @eager
     def _train_forward(self, x, sync):
         # Statistics, derivatives and compensation in the statistics dtype, never
         # in autocast's lower precision; the output keeps the input's dtype.
+        # Eager even in a compiled model: the conv is read from x's autograd node.
         with torch.autocast(x.device.type, enabled=False):
             return self._train_step(x, sync)
 
     def _train_step(self, x, sync):
         burnin = self.burnin_iters()
         with_grad = torch.is_grad_enabled() and x.requires_grad
-        conv = conv_input = None
+        conv = conv_input = theta = None
         if with_grad and self.rho != 0:
-            conv, conv_input = self._producer(x)
-            self._last_conv = weakref.ref(conv)
+            conv, conv_input, theta = self._feeding_conv(x)
         t = self._increment('num_batches_tracked')
         window = self.window_size(t, burnin) if with_grad else 0
         dtype = self.stats_dtype(x)
 
         past = None
-        theta = None
         if window > 0:
-            if conv is not None:
-                theta = conv_weight(conv)
             with torch.no_grad():
                 past = self.past_statistics(theta, window, dtype)
         kept = (None, None, None)  # the kept past means and variances (zero elsewhere), keep

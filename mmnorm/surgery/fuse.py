@@ -38,8 +38,8 @@ from torch.nn.utils import parametrize
 
 from ..compat import torch_version
 from ..layers import CenConv, WSConv
+from ..layers._ops import EagerForward
 from ..layers._state import SmallBatchNorm
-from ..layers.cbn import _computes_like_conv2d, conv_weight
 
 __all__ = ['conv_norm_pairs', 'deploy_checkpoint', 'format_report', 'fuse', 'load_deployed',
            'mmnorm_modules', 'save_deployed', 'use_deployed_model']
@@ -70,6 +70,36 @@ def is_foldable_norm(module):
     if isinstance(module, _BatchNorm):
         return module.running_var is not None
     return isinstance(module, _frozen_bn_types())
+
+
+_plain_conv_forwards = None
+
+
+def _computes_like_conv2d(conv):
+    """True if ``conv(x)`` is ``F.conv2d`` of x (after its padding mode) with
+    ``conv.weight`` or, for classes with ``transformed_weight()``, that weight."""
+    global _plain_conv_forwards
+    if _plain_conv_forwards is None:
+        forwards = {nn.Conv2d.forward}
+        try:  # mmcv's 'Conv' (registered with force=True) only adds an empty-input path
+            from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
+            forwards.add(MMCVConv2d.forward)
+        except ImportError:  # pragma: no cover
+            pass
+        _plain_conv_forwards = forwards
+    own = vars(conv).get('forward')
+    if own is not None and not isinstance(own, EagerForward):  # e.g. a fused eval path
+        return False
+    return type(conv).forward in _plain_conv_forwards or callable(
+        getattr(conv, 'transformed_weight', None))
+
+
+def conv_weight(conv):
+    """theta: the weight ``conv`` convolves with (detached)."""
+    with torch.no_grad():
+        transformed = getattr(conv, 'transformed_weight', None)
+        weight = transformed() if callable(transformed) else conv.weight
+    return weight.detach()
 
 
 def _is_plain_conv(module):

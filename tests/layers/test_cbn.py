@@ -419,7 +419,7 @@ class Block(nn.Module):
 
 def test_cbn_after_an_activation_names_the_layer_unless_rho_is_zero():
     model = nn.Sequential(nn.Identity(), Block())
-    with pytest.raises(RuntimeError, match=r"CBN '1\.norm'.*ReLU '1\.act', not from a conv"):
+    with pytest.raises(RuntimeError, match=r"CBN '1\.norm'.*comes from ReluBackward0, not from a convolution"):
         model(torch.randn(2, 3, 6, 6))
     model = nn.Sequential(nn.Identity(), Block(rho=0.0))
     for _ in range(3):
@@ -428,7 +428,7 @@ def test_cbn_after_an_activation_names_the_layer_unless_rho_is_zero():
     assert model[1].norm.history_pushes.item() == 3
     # The error is raised during burn-in already, and in an inplace variant too.
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), CBN(4, burnin=100))
-    with pytest.raises(RuntimeError, match=r"CBN '2'.*ReLU '1'"):
+    with pytest.raises(RuntimeError, match=r"CBN '2'.*comes from ReluBackward0"):
         model(torch.randn(2, 3, 6, 6))
 
 
@@ -460,13 +460,22 @@ class CentredConv(nn.Conv2d):
 
 
 def test_in_place_change_and_unknown_conv_subclass_are_refused():
-    with pytest.raises(RuntimeError, match=r"CBN 'bn'.*modified in place after Conv2d 'conv'"):
+    with pytest.raises(RuntimeError, match=r"CBN 'bn'.*comes from MulBackward0.*changed in place"):
         InPlaceAfterConv()(torch.randn(2, 3, 5, 5))
     model = nn.Sequential(LoggingConv(3, 4, 3), CBN(4))
-    with pytest.raises(RuntimeError, match=r"CBN '1'"):
+    with pytest.raises(RuntimeError, match=r"CBN '1'.*comes from MulBackward0"):
         model(torch.randn(2, 3, 5, 5))
-    with pytest.raises(RuntimeError, match='not produced by a module'):
+    with pytest.raises(RuntimeError, match='comes from MulBackward0'):
         CBN(4)(torch.randn(2, 4, 3, 3, requires_grad=True) * 2)
+    with pytest.raises(RuntimeError, match='a leaf tensor'):
+        CBN(4)(torch.randn(2, 4, 3, 3, requires_grad=True))
+    conv, x = nn.Conv2d(3, 4, 3), torch.randn(2, 3, 5, 5)
+    out = conv(x)
+    x.mul_(2)  # the conv's saved input changes after the conv ran
+    with pytest.raises(RuntimeError, match='input of the convolution that feeds it was changed'):
+        CBN(4)(out)
+    with pytest.raises(RuntimeError, match='not a plain 2-D one'):
+        CBN(4)(nn.Conv1d(3, 4, 3)(torch.randn(2, 3, 5)))
 
 
 def test_transformed_weight_conv_compensates_in_the_transformed_weight():
@@ -492,12 +501,12 @@ def test_binding_survives_deepcopy_dtype_move_and_does_not_keep_models_alive():
     model = conv_cbn(dtype=torch.float32, buffer_num=2)
     for _ in range(3):
         train_step(model, torch.randn(2, 3, 5, 5), torch.ones(2, 4, 5, 5))
-    assert model[1].last_conv is model[0]
+    assert model[1].last_conv_weight is model[0].weight
     twin = copy.deepcopy(model)
     for _ in range(2):
         x, g = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
         assert torch.equal(train_step(model, x, g), train_step(twin, x, g))
-    assert twin[1].last_conv is twin[0] and model[1].last_conv is model[0]
+    assert twin[1].last_conv_weight is twin[0].weight and model[1].last_conv_weight is model[0].weight
     # A pickled model (torch.save of the whole module) and a saved activation.
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -505,7 +514,7 @@ def test_binding_survives_deepcopy_dtype_move_and_does_not_keep_models_alive():
     loaded = torch.load(buffer, weights_only=False)
     x, g = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
     assert torch.equal(train_step(model, x, g), train_step(loaded, x, g))
-    assert loaded[1].last_conv is loaded[0]
+    assert loaded[1].last_conv_weight is loaded[0].weight
     buffer = io.BytesIO()
     torch.save(model[0](x), buffer)
     del loaded
@@ -681,7 +690,7 @@ def test_mask_rcnn_every_cbn_uses_the_conv_whose_output_it_normalizes():
         conv_outputs[id(output)] = (module, output)  # keeps the tensor (and its id) alive
 
     def record_norm(module, args, output):
-        calls.append((module, id(args[0]), args[0], module.last_conv))
+        calls.append((module, id(args[0]), args[0], module.last_conv_weight))
 
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -705,11 +714,12 @@ def test_mask_rcnn_every_cbn_uses_the_conv_whose_output_it_normalizes():
         assert called == {id(m) for m in layers.values()}  # every CBN ran
         for layer, input_id, _, used in calls:
             producer, _ = conv_outputs[input_id]
-            assert used is producer
+            assert used is producer.weight  # theta is the weight of the conv that ran
     # The compensation ran: every layer has history from both steps.
     assert all(m.history_pushes.item() == 2 for m in layers.values())
     names = {id(m): n for n, m in model.named_modules()}
-    used = {names[id(layer)]: names[id(conv)] for layer, _, _, conv in calls}
+    names.update({id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)})
+    used = {names[id(layer)]: names[id(weight)] for layer, _, _, weight in calls}
     assert used['backbone.bn1'] == 'backbone.conv1'
     assert used['backbone.layer1.0.downsample.1'] == 'backbone.layer1.0.downsample.0'
     assert used['backbone.layer2.0.bn3'] == 'backbone.layer2.0.conv3'
@@ -743,7 +753,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
     ages = layer.past_statistics()[3]
     torch.save(dict(weight=model[0].weight.detach(), history=layer.history_mean.clone(),
                     ages=ages, means=means, pushes=layer.history_pushes.item(),
-                    bound=layer.last_conv is model[0]), f'{out_dir}/rank{rank}.pt')
+                    bound=layer.last_conv_weight is model[0].weight), f'{out_dir}/rank{rank}.pt')
     exit_without_teardown()
 
 
