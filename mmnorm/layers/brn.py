@@ -35,42 +35,67 @@ sigma_B are those of the union of all processes' inputs, SyncBatchNorm-style
 per process in the forward, one all-reduce of 2C in the backward), so every
 process holds the same buffers; see :class:`BRN`.
 """
+from typing import Tuple
+
 import torch
 from mmengine.registry import MODELS
-from torch.autograd.function import once_differentiable
 
 from ._dist import union_moments
+from ._ops import Operator, with_backward
 from ._state import SmallBatchNorm, check_number
 
 
-class RenormalizedBatchNorm(torch.autograd.Function):
-    """``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` for x (N, C, *).
+def _output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+            inv_std: torch.Tensor, r: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift``: one pass with per-channel coefficients."""
+    scale = weight * r * inv_std
+    shift = weight * d + bias - mean * scale
+    shape = SmallBatchNorm.channel_shape(x)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
-    ``mean`` = mu_B and ``inv_std`` = 1 / sigma_B are x's batch statistics
-    (C,), computed by the caller without autograd; the gradient still flows
-    through them into x, as in BatchNorm. r and d (C,) are constants for
-    autograd. Forward: one pass, ``x * scale + shift`` with per-channel
-    coefficients. Backward: BatchNorm's kernel with gamma = weight * r, so
-    dweight = r * sum(dy * x_hat) + d * sum(dy) and dbias = sum(dy).
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, inv_std, r, d):
-        gamma = weight * r
-        scale = gamma * inv_std
-        shift = weight * d + bias - mean * scale
-        shape = SmallBatchNorm.channel_shape(x)
-        ctx.save_for_backward(x, mean, inv_std, gamma, r, d)
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+              inv_std: torch.Tensor, r: torch.Tensor, d: torch.Tensor,
+              need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); dx is empty unless ``need_dx``."""
+    dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+        dy, x, weight * r, None, None, mean, inv_std, True, 0.0, [need_dx, True, True])
+    return dx if need_dx else x.new_empty(0), dgamma * r + dbeta * d, dbeta
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, mean, inv_std, gamma, r, d = ctx.saved_tensors
-        dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-            dy, x, gamma, None, None, mean, inv_std, True, 0.0,
-            [ctx.needs_input_grad[0], True, True])
-        return dx, dgamma * r + dbeta * d, dbeta, None, None, None, None
+
+def _fake_backward(dy, x, weight, mean, inv_std, r, d, need_dx):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+_OUTPUT = Operator('brn_train_output', _output,
+                   lambda x, weight, bias, mean, inv_std, r, d: torch.empty_like(x))
+_BACKWARD = Operator('brn_train_backward', _backward, _fake_backward)
+
+
+def _keep_for_backward(ctx, inputs, output):
+    x, weight, _, mean, inv_std, r, d = inputs
+    ctx.save_for_backward(x, weight, mean, inv_std, r, d)
+
+
+def _renormalized_backward(ctx, dy, traced):
+    need = ctx.needs_input_grad
+    backward = _BACKWARD.op if traced else _BACKWARD.impl
+    dx, dweight, dbias = backward(dy, *ctx.saved_tensors, need[0])
+    return (dx if need[0] else None, dweight if need[1] else None, dbias if need[2] else None,
+            None, None, None, None)
+
+
+renormalized_batch_norm = with_backward(_OUTPUT, _keep_for_backward, _renormalized_backward)
+renormalized_batch_norm.__doc__ = """``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` for
+x (N, C, *), one autograd node (one operator under torch.compile).
+
+Arguments (positional): x, weight, bias, then ``mean`` = mu_B and ``inv_std`` =
+1 / sigma_B, x's batch statistics (C,) computed by the caller without autograd
+(the gradient still flows through them into x, as in BatchNorm), and r, d (C,),
+constants for autograd. Backward: BatchNorm's kernel with gamma = weight * r,
+so dweight = r * sum(dy * x_hat) + d * sum(dy) and dbias = sum(dy).
+"""
 
 
 @MODELS.register_module()
@@ -137,13 +162,13 @@ class BRN(SmallBatchNorm):
             var, mean = torch.var_mean(xs, self.reduce_dims(xs), correction=0)
             std = (var + self.eps).sqrt()
             r, d = self._correct_and_update(mean, std)
-        y = RenormalizedBatchNorm.apply(xs, self.weight.to(dtype), self.bias.to(dtype), mean,
-                                        std.reciprocal(), r, d)
+        y = renormalized_batch_norm(xs, self.weight.to(dtype), self.bias.to(dtype), mean,
+                                    std.reciprocal(), r, d)
         return y.to(x.dtype)
 
     def _union_forward(self, x):
         """The training step with mu_B, sigma_B of all processes' inputs; x is
-        in the statistics dtype. Same equations as :class:`RenormalizedBatchNorm`,
+        in the statistics dtype. Same equations as :data:`renormalized_batch_norm`,
         written with autograd ops: r and d are constants, the gradient flows
         through mu_B and sigma_B into every process's input."""
         mean, var, total = union_moments(x)

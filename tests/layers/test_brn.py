@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmnorm.layers.brn import BRN, RenormalizedBatchNorm
+from mmnorm.layers.brn import BRN, renormalized_batch_norm
 
 SCHEDULE = dict(warmup_iters=10, rmax_iters=20, dmax_iters=30, rmax=3.0, dmax=5.0)
 
@@ -115,7 +115,7 @@ def test_gradcheck_with_r_and_d_constant():
     def renormalized(x, w, b):
         with torch.no_grad():  # the batch statistics of the perturbed x, as the layer passes them
             var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
-        return RenormalizedBatchNorm.apply(x, w, b, mean, (var + 1e-5).rsqrt(), r, d)
+        return renormalized_batch_norm(x, w, b, mean, (var + 1e-5).rsqrt(), r, d)
 
     assert torch.autograd.gradcheck(renormalized, (x, weight, bias))
 
