@@ -11,7 +11,33 @@ same shape and measured alternately (layer, baseline, baseline, layer, ...), so
 that a change in the machine's load hits both; each number is the median of at
 least ``--repeats`` samples taken after warm-up, and of more while they took
 less than ``--min-time`` seconds (a cheap layer gets many samples, which the
-noise of a shared machine needs). Ratios are layer / baseline.
+noise of a shared machine needs). Ratios are layer / baseline. Each sample is
+wall-clock time (``time.perf_counter``) between device synchronizations: on
+CUDA, ``torch.cuda.synchronize`` before the step, after the forward and after
+the backward, so a time holds the kernels and the Python launching them. The
+default ``--min-time`` is 1 s on the CPU and 0.05 s on CUDA (a full run at
+``--scale 1``, every row, both dtypes and both memory formats, is meant to
+take 1-2 minutes on an H100).
+
+Every row is measured once per ``--dtype`` and ``--memory-format``, each a
+set of rows of its own (the 'dtype' and 'memory format' columns):
+
+* float32: plain float32 modules and input;
+* bfloat16: the same float32 modules and float32 input, with the forwards of
+  layer and baseline under ``torch.autocast(device_type, dtype=torch.bfloat16)``
+  (as in a mixed-precision network; the backward runs outside it, as usual);
+  the incoming gradient has the output's dtype;
+* channels_last: the input, the incoming gradient and the modules are
+  converted with ``memory_format=torch.channels_last``.
+
+With ``--compile``, the same trained modules, each wrapped in
+``torch.compile(module, backend=--compile-backend)``, are measured alternately
+again for fwd+bwd only; compilation happens in their warm-up (at least 2
+calls, and more, up to 20, until a call compiles nothing: a layer that
+recompiles at every call is timed once dynamo has given up on it), after
+``torch.compiler.reset()`` so that each row compiles afresh for static
+shapes. A compile failure becomes the cell's short error; frames still
+compiled while timed are noted in the cell.
 
 What is measured, per module:
 
@@ -32,6 +58,12 @@ What is measured, per module:
 * history: of those, the bytes of CBN's history ring (its ``history_*``
   buffers after warm-up, the push counter left out): what the layer keeps
   across steps, per layer.
+
+Aims: on the CPU, the limits set for the CPU; on CUDA, the issue's aims on
+one H100 (labelled 'H100 aim'): MABN and BRN fwd+bwd <= 1.3x BatchNorm2d,
+conv + CBN <= 1.5x conv + BatchNorm2d, WSConv <= 1.05x Conv2d (fwd+bwd and
+eval), MABN eval (unfolded) <= 1.05x BatchNorm2d eval; they hold for every
+dtype and memory format.
 
 Shapes, at 2 images per batch for an 800x1333 image padded to a multiple of 32
 (800x1344); ``--scale s`` multiplies that image's sides by s and the number of
@@ -62,11 +94,15 @@ stored weight-sized. It computes the same compensated statistics as mmnorm's
 CBN (same k, rho, keep rule; tests/benchmark/test_layers.py checks outputs and
 gradients against it).
 """
+import contextlib
 import math
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,53 +295,93 @@ class Row:
     build: Callable
     build_baseline: Callable
     conv_input: bool = False  # the input is the conv's (conv_in channels)
-    aims: tuple = ()
+    aims: tuple = ()  # on the CPU
     option: str = ''  # the --layers name, when ``name`` is shared with another row
+    cuda_aims: tuple = ()  # on CUDA: the issue's aims on one H100
 
     @property
     def key(self):
         return self.option or self.name
 
+    def aims_on(self, device_type):
+        """The aims that hold on ``device_type`` ('cuda' or 'cpu')."""
+        return self.cuda_aims if device_type == 'cuda' else self.aims
+
+
+def h100_aim(metric, limit, what=''):
+    """One of the issue's aims on one H100 (CUDA rows)."""
+    return Aim(metric, limit, f'{metric}{what} <= {limit}x (H100 aim)')
+
 
 ROWS = [
-    Row('MABN', 'BN', mabn, bn, aims=(Aim('fwd+bwd', 1.5, 'fwd+bwd <= 1.5x'),)),
-    Row('BRN', 'BN', brn, bn, aims=(Aim('fwd+bwd', 1.5, 'fwd+bwd <= 1.5x'),)),
+    Row('MABN', 'BN', mabn, bn, aims=(Aim('fwd+bwd', 1.5, 'fwd+bwd <= 1.5x'),),
+        cuda_aims=(h100_aim('fwd+bwd', 1.3), h100_aim('eval', 1.05, ' (unfolded)'))),
+    Row('BRN', 'BN', brn, bn, aims=(Aim('fwd+bwd', 1.5, 'fwd+bwd <= 1.5x'),),
+        cuda_aims=(h100_aim('fwd+bwd', 1.3),)),
     Row('GN', 'BN', gn, bn),
     Row('FrozenBN', 'BN', frozen_bn, bn),
     Row('Conv+CBN', 'Conv+BN', then(conv, cbn), then(conv, bn), conv_input=True,
-        aims=(Aim('fwd+bwd', 1.6, 'fwd+bwd <= 1.6x'),)),
+        aims=(Aim('fwd+bwd', 1.6, 'fwd+bwd <= 1.6x'),), cuda_aims=(h100_aim('fwd+bwd', 1.5),)),
     Row('Conv+CBN', 'Conv+CBN(autograd.grad)', then(conv, cbn), conv_two_grad_cbn,
         conv_input=True, option='Conv+CBN-vs-grad'),
     Row('WSConv+GN', 'Conv+GN', then(ws_conv, gn), then(conv, gn), conv_input=True),
     Row('CenConv+MABN', 'Conv+BN', then(cen_conv, mabn), then(conv, bn), conv_input=True),
     Row('WSConv', 'Conv', ws_conv, conv, conv_input=True,
         aims=(Aim('fwd+bwd', 1.1, 'fwd+bwd <= 1.1x'),
-              Aim('eval', 1.05, 'eval = 1.0x (<= 1.05x, noise)'))),
+              Aim('eval', 1.05, 'eval = 1.0x (<= 1.05x, noise)')),
+        cuda_aims=(h100_aim('fwd+bwd', 1.05), h100_aim('eval', 1.05))),
     Row('CenConv', 'Conv', cen_conv, conv, conv_input=True),
 ]
 MAX_ROUNDS = 200
+MIN_TIME = {'cpu': 1.0, 'cuda': 0.05}  # the default --min-time per device type
+DTYPES = ('float32', 'bfloat16')
+MEMORY_FORMATS = {'contiguous': torch.contiguous_format, 'channels_last': torch.channels_last}
+COMPILE_WARMUP = 2  # at least this many warm-up calls of a compiled module
+MAX_COMPILE_WARMUP = 20  # at most this many (dynamo's recompile limit is 8 per frame)
 
 
 # ------------------------------------------------------------- measuring
-def train_step(module, x, grad, sync):
-    """One training step of ``module``: (forward seconds, forward+backward seconds)."""
+def forward_context(device, dtype):
+    """A maker of the context the forwards run in: ``torch.autocast`` to
+    bfloat16 for 'bfloat16', nothing for 'float32'."""
+    if dtype == 'float32':
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def incoming_grad(grad):
+    """``grad_for(y)``: the fixed incoming gradient ``grad`` in the dtype of
+    the output ``y`` (bfloat16 under autocast), cast once per dtype."""
+    cache = {grad.dtype: grad}
+
+    def grad_for(y):
+        if y.dtype not in cache:
+            cache[y.dtype] = grad.to(y.dtype)
+        return cache[y.dtype]
+    return grad_for
+
+
+def train_step(module, x, grad_for, sync, context):
+    """One training step of ``module`` (the forward in ``context()``):
+    (forward seconds, forward+backward seconds)."""
     module.zero_grad(set_to_none=True)
     x.grad = None
     sync()
     start = time.perf_counter()
-    y = module(x)
+    with context():
+        y = module(x)
     sync()
     middle = time.perf_counter()
-    y.backward(grad)
+    y.backward(grad_for(y))
     sync()
     return middle - start, time.perf_counter() - start
 
 
-def eval_step(module, x, sync):
-    """One eval-mode forward without autograd: (seconds,)."""
+def eval_step(module, x, sync, context):
+    """One eval-mode forward without autograd, in ``context()``: (seconds,)."""
     sync()
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), context():
         module(x)
     sync()
     return (time.perf_counter() - start,)
@@ -332,7 +408,7 @@ def median_times(modules, step, warmups, repeats, min_time):
     return [[statistics.median(column) for column in zip(*rows)] for rows in samples]
 
 
-def memory_bytes(module, x, grad, device):
+def memory_bytes(module, x, grad_for, device, context):
     """Memory of one training step (see the module docstring)."""
     module.zero_grad(set_to_none=True)
     x.grad = None
@@ -340,7 +416,10 @@ def memory_bytes(module, x, grad, device):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        module(x).backward(grad)
+        with context():
+            y = module(x)
+        y.backward(grad_for(y))
+        del y
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     resident = {t.untyped_storage().data_ptr()
@@ -353,10 +432,10 @@ def memory_bytes(module, x, grad, device):
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), context():
         y = module(x)
     pack(y)
-    y.backward(grad)
+    y.backward(grad_for(y))
     return sum(storages.values())
 
 
@@ -390,50 +469,103 @@ def check_history_full(module):
             raise RuntimeError(f'CBN history holds {pushes} of {k} steps after warm-up')
 
 
-def describe_error(exc):
-    """``exc`` as one table cell: type and message, no '|' or newline, at most 300 characters."""
-    return f'{type(exc).__name__}: {exc}'.replace('|', '/').replace('\n', ' ')[:300]
+def describe_error(exc, limit=300):
+    """``exc`` as one table cell: type and message, no '|' or newline, at most
+    ``limit`` characters."""
+    return f'{type(exc).__name__}: {exc}'.replace('|', '/').replace('\n', ' ')[:limit]
 
 
 @dataclass
 class Result:
-    """The measurements of one row at one shape."""
+    """The measurements of one row at one shape, dtype and memory format."""
     row: Row
     shape: Shape
+    dtype: str = 'float32'
+    memory_format: str = 'contiguous'
     layer: dict = field(default_factory=dict)  # metric -> seconds or bytes
     baseline: dict = field(default_factory=dict)
     error: str = ''
+    compiled: tuple = ()  # compiled fwd+bwd seconds (layer, baseline), with --compile
+    compile_note: str = ''  # why compiling failed (no ``compiled``), or a note on recompiles
 
     def ratio(self, metric):
         return self.layer[metric] / self.baseline[metric] if self.baseline[metric] else math.nan
 
 
-def measure(row, shape, args, device):
-    """Measure ``row`` at ``shape``; an exception becomes ``Result.error``."""
-    result = Result(row, shape)
+def frames_compiled():
+    """How many frames torch.compile (dynamo) has compiled in this process."""
+    from torch._dynamo.utils import counters
+    return counters['frames']['total']
+
+
+def compiled_times(modules, step, args):
+    """((layer, baseline) median fwd+bwd seconds of ``torch.compile(module)``
+    of both modules, note), or ((), a short error) when compiling or running
+    one fails. The compilation happens in the warm-up: at least
+    max(--warmup, COMPILE_WARMUP) calls, and more until a call compiles nothing
+    (a layer that recompiles every call, at most MAX_COMPILE_WARMUP); the
+    note says how often it still compiled while timed ('' if never)."""
+    torch.compiler.reset()  # no compiled code of another row or shape: static shapes, no limit
+    side = 'layer'
+    try:
+        with warnings.catch_warnings():  # CBN's global forward hook fires for the wrapper too
+            warnings.filterwarnings('ignore', 'Using `torch.compile\\(module\\)` when there are '
+                                    'global hooks')
+            compiled = [torch.compile(module, backend=args.compile_backend)
+                        for module in modules]
+            for side, module in zip(('layer', 'baseline'), compiled):
+                module.train()
+                for call in range(MAX_COMPILE_WARMUP):
+                    before = frames_compiled()
+                    step(module)
+                    if call + 1 >= max(args.warmup, COMPILE_WARMUP) and \
+                            frames_compiled() == before:
+                        break
+            side = 'timing'
+            before = frames_compiled()
+            times = median_times(compiled, step, [0, 0], args.repeats, args.min_time)
+    except Exception as exc:  # noqa: BLE001  (a layer that does not compile yet is a cell)
+        return (), f'{side}: {describe_error(exc, 120)}'
+    recompiled = frames_compiled() - before
+    return (tuple(fwd_bwd for _, fwd_bwd in times),
+            f'compiled {recompiled} frames while timed' if recompiled else '')
+
+
+def measure(row, shape, args, device, dtype='float32', memory_format='contiguous'):
+    """Measure ``row`` at ``shape`` in ``dtype`` and ``memory_format`` (see the
+    module docstring); an exception becomes ``Result.error``."""
+    result = Result(row, shape, dtype, memory_format)
     try:
         torch.manual_seed(0)
-        modules = [row.build(shape).to(device), row.build_baseline(shape).to(device)]
+        fmt = MEMORY_FORMATS[memory_format]
+        modules = [row.build(shape).to(device, memory_format=fmt),
+                   row.build_baseline(shape).to(device, memory_format=fmt)]
         n, c, h, w = shape.size
-        x = torch.randn(n, shape.conv_in if row.conv_input else c, h, w, device=device,
-                        requires_grad=True)
-        grad = torch.randn(shape.size, device=device)
+        x = torch.randn(n, shape.conv_in if row.conv_input else c, h, w, device=device)
+        x = x.contiguous(memory_format=fmt).requires_grad_()
+        grad_for = incoming_grad(torch.randn(shape.size, device=device).contiguous(
+            memory_format=fmt))
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+        context = forward_context(device, dtype)
+
+        def train(module):
+            return train_step(module, x, grad_for, sync, context)
 
         for module in modules:
             module.train()
         warmups = [max(args.warmup, steps_to_fill(module)) for module in modules]
-        train = median_times(modules, lambda m: train_step(m, x, grad, sync), warmups,
-                             args.repeats, args.min_time)
+        trains = median_times(modules, train, warmups, args.repeats, args.min_time)
         for module in modules:
             check_history_full(module)
-        memory = [memory_bytes(module, x, grad, device) for module in modules]
+        memory = [memory_bytes(module, x, grad_for, device, context) for module in modules]
+        if args.compile:
+            result.compiled, result.compile_note = compiled_times(modules, train, args)
         for module in modules:
             module.eval()
-        evals = median_times(modules, lambda m: eval_step(m, x, sync), [args.warmup] * 2,
+        evals = median_times(modules, lambda m: eval_step(m, x, sync, context), [args.warmup] * 2,
                              args.repeats, args.min_time)
         for i, target in enumerate((result.layer, result.baseline)):
-            target.update({'fwd': train[i][0], 'fwd+bwd': train[i][1], 'eval': evals[i][0],
+            target.update({'fwd': trains[i][0], 'fwd+bwd': trains[i][1], 'eval': evals[i][0],
                            'memory': memory[i], 'buffers': buffer_bytes(modules[i]),
                            'history': history_bytes(modules[i])})
     # One failing layer (e.g. cbn.py mid-edit) must not stop the run: it becomes a row.
@@ -443,15 +575,20 @@ def measure(row, shape, args, device):
 
 
 def measure_rows(rows, shapes, args, device):
-    """``measure`` every row at every shape, each one's time and status to stderr."""
+    """``measure`` every row at every shape, per dtype and memory format of
+    ``args``, each one's time and status to stderr."""
     results = []
-    for row in rows:
-        for shape in shapes:
-            start = time.perf_counter()
-            results.append(measure(row, shape, args, device))
-            status = results[-1].error or 'ok'
-            print(f'[{row.key} @ {shape.name}: {time.perf_counter() - start:.1f} s, {status}]',
-                  file=sys.stderr, flush=True)
+    for dtype in args.dtype:
+        for memory_format in args.memory_format:
+            for row in rows:
+                for shape in shapes:
+                    start = time.perf_counter()
+                    result = measure(row, shape, args, device, dtype, memory_format)
+                    results.append(result)
+                    status = result.error or result.compile_note or 'ok'
+                    print(f'[{row.key} @ {shape.name}, {dtype}, {memory_format}: '
+                          f'{time.perf_counter() - start:.1f} s, {status}]',
+                          file=sys.stderr, flush=True)
     return results
 
 
@@ -479,18 +616,34 @@ def load_average():
     return ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
 
 
-def table(results, device):
-    """The main table's lines: one row per result."""
+COMPILED_COLUMNS = ('compiled fwd+bwd ms (layer / base)', 'layer compiled / eager x',
+                    'compiled fwd+bwd x')
+
+
+def compiled_cells(result):
+    """The cells of COMPILED_COLUMNS: the compiled fwd+bwd times, the layer's
+    compiled / eager ratio and the compiled layer / compiled baseline ratio."""
+    if not result.compiled:
+        return [f'compile failed: {result.compile_note}', '', '']
+    layer, base = result.compiled
+    note = f' ({result.compile_note})' if result.compile_note else ''
+    return [f'{fmt_ms(layer)} / {fmt_ms(base)}{note}', f'{layer / result.layer["fwd+bwd"]:.2f}x',
+            f'{layer / base:.2f}x']
+
+
+def table(results, device, compiled=False):
+    """The main table's lines: one row per result (with COMPILED_COLUMNS if ``compiled``)."""
     memory = 'peak memory' if device.type == 'cuda' else 'saved for backward + output'
-    header = ['layer', 'baseline', 'shape', 'fwd ms (layer / base)', 'fwd x',
-              'fwd+bwd ms (layer / base)', 'fwd+bwd x', 'eval ms (layer / base)', 'eval x',
-              f'{memory} MB (layer / base)', 'memory x', 'buffers MB (layer / base)',
-              'CBN history MB (layer / base)', 'aim']
+    header = ['layer', 'baseline', 'shape', 'dtype', 'memory format', 'fwd ms (layer / base)',
+              'fwd x', 'fwd+bwd ms (layer / base)', 'fwd+bwd x', 'eval ms (layer / base)',
+              'eval x', f'{memory} MB (layer / base)', 'memory x', 'buffers MB (layer / base)',
+              'CBN history MB (layer / base)', *(COMPILED_COLUMNS if compiled else ()), 'aim']
     rows = []
     for r in results:
-        cells = [r.row.name, r.row.baseline, f'{r.shape.name} {"x".join(map(str, r.shape.size))}']
+        cells = [r.row.name, r.row.baseline, f'{r.shape.name} {"x".join(map(str, r.shape.size))}',
+                 r.dtype, r.memory_format]
         if r.error:
-            cells += [f'not measured: {r.error}'] + [''] * (len(header) - 4)
+            cells += [f'not measured: {r.error}'] + [''] * (len(header) - len(cells) - 1)
         else:
             for metric, fmt in (('fwd', fmt_ms), ('fwd+bwd', fmt_ms), ('eval', fmt_ms),
                                 ('memory', fmt_mb)):
@@ -500,18 +653,22 @@ def table(results, device):
             history = [fmt_mb(side['history']) if side['history'] else '-'
                        for side in (r.layer, r.baseline)]
             cells.append(' / '.join(history) if history != ['-', '-'] else '-')
+            if compiled:
+                cells += compiled_cells(r)
             cells.append('; '.join(f'{aim.label}: {aim_status(r, aim)[1]}'
-                                   for aim in r.row.aims) or '-')
+                                   for aim in r.row.aims_on(device.type)) or '-')
         rows.append(cells)
     return markdown_table(header, rows).splitlines()
 
 
-def aims_summary(results):
-    """The aims table's lines: per aim, the ratio at every shape and the worst."""
+def aims_summary(results, device):
+    """The aims table's lines: per row, dtype, memory format and aim, the ratio
+    at every shape and the worst."""
     rows = []
-    for row in dict.fromkeys(r.row for r in results):
-        mine = [r for r in results if r.row is row]
-        for aim in row.aims:
+    for key in dict.fromkeys((r.row, r.dtype, r.memory_format) for r in results):
+        mine = [r for r in results if (r.row, r.dtype, r.memory_format) == key]
+        row = key[0]
+        for aim in row.aims_on(device.type):
             measured = [r for r in mine if not r.error]
             ratios = ', '.join(f'{r.shape.name} {r.ratio(aim.metric):.2f}x' for r in measured)
             if len(measured) < len(mine):
@@ -521,9 +678,29 @@ def aims_summary(results):
                 worst_text, verdict = '-', 'not measured'
             else:
                 worst_text, verdict = f'{worst:.2f}x', 'met' if worst <= aim.limit else 'MISSED'
-            rows.append([row.name, aim.label, ratios, worst_text, verdict])
-    return markdown_table(['layer', 'aim', 'ratio per shape', 'worst', 'verdict'],
-                          rows).splitlines()
+            rows.append([row.name, *key[1:], aim.label, ratios, worst_text, verdict])
+    return markdown_table(['layer', 'dtype', 'memory format', 'aim', 'ratio per shape', 'worst',
+                           'verdict'], rows).splitlines()
+
+
+def driver_version():
+    """The NVIDIA driver's version from nvidia-smi, or 'unknown'."""
+    try:
+        out = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    return out.split('\n')[0].strip() or 'unknown'
+
+
+def device_text(device):
+    """The device as the report's settings name it: on CUDA the GPU, driver,
+    CUDA and cuDNN versions and the date; on the CPU the thread count."""
+    if device.type != 'cuda':
+        return f'device {device}, {torch.get_num_threads()} threads'
+    return (f'device {device} ({torch.cuda.get_device_name(device)}, driver {driver_version()}, '
+            f'CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), measured '
+            f'{time.strftime("%Y-%m-%d")}')
 
 
 def report(results, args, argv, device, shapes, load):
@@ -533,8 +710,8 @@ def report(results, args, argv, device, shapes, load):
         '# Layer benchmark: mmnorm layers next to their baselines',
         '',
         f'Command: `{command}`  ',
-        (f'torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, '
-         f'scale {args.scale}; each time is the median of alternated samples (at least '
+        (f'torch {torch.__version__}, {device_text(device)}, scale {args.scale}; each time '
+         'is the median of alternated samples (at least '
          f'{args.repeats}, and more until {args.min_time} s per module and mode, at most '
          f'{MAX_ROUNDS}) after {args.warmup} warm-up calls (CBN: after burn-in + buffer_num '
          'training steps).  '),
@@ -563,10 +740,24 @@ def report(results, args, argv, device, shapes, load):
         'parameters (MMDetection\'s norm_eval=True, requires_grad=False); its input requires '
         'grad. Convs have no bias.',
         '',
+        'dtype bfloat16: the float32 modules and input with the forwards of layer and '
+        f'baseline under torch.autocast(\'{device.type}\', dtype=torch.bfloat16), the '
+        'incoming gradient in the output\'s dtype. memory format channels_last: input, '
+        'incoming gradient and modules converted to torch.channels_last. '
+        + (f'Compiled: the same trained modules in torch.compile(module, '
+           f'backend=\'{args.compile_backend}\'), compiled during their warm-up (at least '
+           f'{max(args.warmup, COMPILE_WARMUP)} calls, more until a call compiles nothing, at '
+           f'most {MAX_COMPILE_WARMUP}), fwd+bwd alternately as above; layer compiled / eager '
+           'x: the layer\'s compiled fwd+bwd time over its eager one; compiled fwd+bwd x: '
+           'compiled layer / compiled baseline. '
+           if args.compile else '')
+        + ('Aims: the issue\'s aims on one H100 (H100 aim).' if device.type == 'cuda' else
+           'Aims: the limits set for the CPU (the issue\'s H100 aims apply on CUDA).'),
+        '',
     ]
-    lines += table(results, device)
+    lines += table(results, device, args.compile)
     lines += ['', '## Aims', '']
-    lines += aims_summary(results)
+    lines += aims_summary(results, device)
     return '\n'.join(lines) + '\n'
 
 
@@ -574,9 +765,15 @@ def report(results, args, argv, device, shapes, load):
 PLOTTED = ('fwd+bwd', 'eval')
 
 
-def points_from_results(results):
-    """(row, shape name, {metric: ratio}) per measured result, for ``plot``."""
-    return [(r.row, r.shape.name, {m: r.ratio(m) for m in PLOTTED})
+def group_label(row, dtype, memory_format):
+    """The plot's name of a row in one dtype and memory format."""
+    return f'{row.name}\nvs {row.baseline}\n{dtype}\n{memory_format}'
+
+
+def points_from_results(results, device):
+    """(group label, aims, shape name, {metric: ratio}) per measured result, for ``plot``."""
+    return [(group_label(r.row, r.dtype, r.memory_format), r.row.aims_on(device.type),
+             r.shape.name, {m: r.ratio(m) for m in PLOTTED})
             for r in results if not r.error]
 
 
@@ -598,8 +795,12 @@ def markdown_tables(markdown):
 
 def points_from_markdown(markdown):
     """The same points, read back from the main table of ``report``'s markdown
-    (the table with a 'shape' column; rows not measured are left out)."""
+    (the table with a 'shape' column; rows not measured are left out; a table
+    without the dtype and memory format columns, written before they existed,
+    is float32 and contiguous; the aims are CUDA's when the settings name a
+    CUDA device)."""
     rows = {(row.name, row.baseline): row for row in ROWS}
+    device_type = 'cuda' if re.search(r'\bdevice cuda', markdown) else 'cpu'
     main = next((t for t in markdown_tables(markdown) if t and 'shape' in t[0]), None)
     if main is None:
         raise ValueError('--plot-from: no table with a "shape" column in the markdown')
@@ -612,31 +813,35 @@ def points_from_markdown(markdown):
             raise ValueError(f'--plot-from: no benchmark row {record["layer"]} vs '
                              f'{record["baseline"]} (known: {sorted(rows)})')
         ratios = {m: float(record[f'{m} x'].rstrip('x')) for m in PLOTTED}
-        points.append((row, record['shape'].rsplit(' ', 1)[0], ratios))
+        label = group_label(row, record.get('dtype', 'float32'),
+                            record.get('memory format', 'contiguous'))
+        points.append((label, row.aims_on(device_type), record['shape'].rsplit(' ', 1)[0],
+                       ratios))
     return points
 
 
 def plot(points, path):
-    """Grouped bars of the fwd+bwd and eval ratios: one group per benchmark row,
-    one bar per shape; each aim a red dashed line over its row's group."""
+    """Grouped bars of the fwd+bwd and eval ratios: one group per benchmark row
+    in one dtype and memory format, one bar per shape; each aim a red dashed
+    line over its group."""
     from matplotlib.figure import Figure
     import numpy as np
-    groups = list(dict.fromkeys(row for row, _, _ in points))
-    shapes = list(dict.fromkeys(shape for _, shape, _ in points))
+    groups = list(dict.fromkeys((label, aims) for label, aims, _, _ in points))
+    shapes = list(dict.fromkeys(shape for _, _, shape, _ in points))
     width = 0.8 / len(shapes)
-    fig = Figure(figsize=(max(8.0, 1.7 * len(groups)), 7.0), layout='constrained')
+    fig = Figure(figsize=(max(8.0, 1.7 * len(groups)), 7.5), layout='constrained')
     for axis, metric in zip(fig.subplots(len(PLOTTED), 1), PLOTTED):
         for j, shape in enumerate(shapes):
-            xs, ys = zip(*[(groups.index(row) + (j - (len(shapes) - 1) / 2) * width,
-                            ratios[metric]) for row, name, ratios in points if name == shape])
+            xs, ys = zip(*[(groups.index((label, aims)) + (j - (len(shapes) - 1) / 2) * width,
+                            ratios[metric])
+                           for label, aims, name, ratios in points if name == shape])
             axis.bar(xs, ys, width, label=shape)
-        for i, row in enumerate(groups):
-            for aim in row.aims:
+        for i, (_, aims) in enumerate(groups):
+            for aim in aims:
                 if aim.metric == metric:
                     axis.hlines(aim.limit, i - 0.45, i + 0.45, colors='red', linestyles='--')
         axis.axhline(1.0, color='black', linewidth=0.8)
-        axis.set_xticks(np.arange(len(groups)),
-                        [f'{row.name}\nvs {row.baseline}' for row in groups], fontsize='small')
+        axis.set_xticks(np.arange(len(groups)), [label for label, _ in groups], fontsize='small')
         axis.set_ylabel(f'{metric}: layer / baseline')
         axis.legend(fontsize='small', title='shape (red dashes: aims)', title_fontsize='small')
     fig.suptitle('mmnorm layers next to their baselines (ratios of median times)')
@@ -665,11 +870,14 @@ def run(args, argv):
     load = load_average()
     shapes = make_shapes(args.scale)
     rows = [row for row in ROWS if not args.layers or row.key in args.layers]
+    start = time.perf_counter()
     results = measure_rows(rows, shapes, args, device)
+    print(f'[{len(results)} measurements in {time.perf_counter() - start:.1f} s]',
+          file=sys.stderr, flush=True)
     markdown = report(results, args, argv, device, shapes, load)
     print(markdown)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown)
-        plot(points_from_results(results), Path(args.out).with_suffix('.png'))
+        plot(points_from_results(results, device), Path(args.out).with_suffix('.png'))
     return markdown

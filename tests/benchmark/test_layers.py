@@ -1,11 +1,17 @@
 """tools/benchmark_layers.py runs on a tiny setting and prints the table it
 promises: the expected rows and columns, positive numbers, the aims summary;
-its parts (mmnorm.benchmark.layers) do what the table says.
+its parts (mmnorm.benchmark.layers) do what the table says; bfloat16
+autocast, channels_last and --compile (aot_eager on the CPU) add their rows
+and columns.
 No timing assertions: the numbers of a tiny run are noise."""
 import re
+import time
+from types import SimpleNamespace
 
 import pytest
-from conftest import load_tool
+import torch
+from torch import nn
+from conftest import REPO, load_tool, write_exe
 
 from mmnorm.benchmark import layers
 
@@ -14,6 +20,9 @@ PAIRED_COLUMNS = ('fwd ms (layer / base)', 'fwd+bwd ms (layer / base)', 'eval ms
                   'saved for backward + output MB (layer / base)')
 RATIO_COLUMNS = ('fwd x', 'fwd+bwd x', 'eval x', 'memory x')
 HISTORY = 'CBN history MB (layer / base)'
+COMPILED = 'compiled fwd+bwd ms (layer / base)'
+COMPILED_RATIOS = ('layer compiled / eager x', 'compiled fwd+bwd x')
+AIMS_HEADER = ['layer', 'dtype', 'memory format', 'aim', 'ratio per shape', 'worst', 'verdict']
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 TINY = ['--scale', '0.05', '--repeats', '1', '--min-time', '0', '--warmup', '1', '--threads', '1']
 
@@ -53,13 +62,15 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
     assert '--layers MABN wsconv' in markdown and 'torch ' in markdown
 
     table, aims = parse_tables(markdown)
-    for column in ('layer', 'baseline', 'shape', 'aim', 'buffers MB (layer / base)', HISTORY,
-                   *PAIRED_COLUMNS, *RATIO_COLUMNS):
+    for column in ('layer', 'baseline', 'shape', 'dtype', 'memory format', 'aim',
+                   'buffers MB (layer / base)', HISTORY, *PAIRED_COLUMNS, *RATIO_COLUMNS):
         assert column in table['header']
+    assert COMPILED not in table['header']  # only with --compile
     assert [(r['layer'], r['baseline']) for r in table['rows']] == (
         [('MABN', 'BN')] * 4 + [('WSConv', 'Conv')] * 4)
     for row, shape in zip(table['rows'], SHAPES * 2, strict=True):
         assert row['shape'].startswith(shape)
+        assert (row['dtype'], row['memory format']) == ('float32', 'contiguous')
         for column in PAIRED_COLUMNS:
             layer, base = numbers(row[column])
             assert layer > 0 and base > 0, (row, column)
@@ -68,7 +79,7 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
         assert re.search(r'(met|MISSED)', row['aim'])
         assert row[HISTORY] == '-'  # no CBN in these rows
 
-    assert aims['header'] == ['layer', 'aim', 'ratio per shape', 'worst', 'verdict']
+    assert aims['header'] == AIMS_HEADER
     assert [(r['layer'], r['aim']) for r in aims['rows']] == [
         ('MABN', 'fwd+bwd <= 1.5x'), ('WSConv', 'fwd+bwd <= 1.1x'),
         ('WSConv', 'eval = 1.0x (<= 1.05x, noise)')]
@@ -76,14 +87,143 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
 
     # --plot-from reads the ratios back from the written table and redraws the plot.
     points = layers.points_from_markdown(markdown)
-    assert [(row.name, shape) for row, shape, _ in points] == (
-        [('MABN', s) for s in SHAPES] + [('WSConv', s) for s in SHAPES])
-    for (_, _, ratios), row in zip(points, table['rows']):
+    assert [(label, shape) for label, _, shape, _ in points] == (
+        [('MABN\nvs BN\nfloat32\ncontiguous', s) for s in SHAPES]
+        + [('WSConv\nvs Conv\nfloat32\ncontiguous', s) for s in SHAPES])
+    assert [aim.limit for aim in points[0][1]] == [1.5]  # the CPU's aims
+    for (_, _, _, ratios), row in zip(points, table['rows']):
         assert ratios == {'fwd+bwd': float(row['fwd+bwd x'].rstrip('x')),
                           'eval': float(row['eval x'].rstrip('x'))}
+    # a table measured on CUDA is drawn with the H100 aims
+    cuda_points = layers.points_from_markdown(markdown.replace('device cpu', 'device cuda'))
+    assert [aim.limit for aim in cuda_points[0][1]] == [1.3, 1.05]
     out.with_suffix('.png').unlink()
     assert tool.main(['--plot-from', str(out)]) is None
     assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_tiny_run_bfloat16_channels_last_compiled(tool, tmp_path, keep_threads):
+    """--dtype float32 bfloat16 --memory-format channels_last --compile
+    (backend aot_eager: no C++ compiler needed): a set of rows per dtype, the
+    compiled columns with positive numbers, the aims per dtype, the plot."""
+    out = tmp_path / 'bench.md'
+    markdown = tool.main(TINY + ['--layers', 'MABN', 'WSConv', '--dtype', 'float32', 'bfloat16',
+                                 '--memory-format', 'channels_last', '--compile',
+                                 '--compile-backend', 'aot_eager', '--out', str(out)])
+    assert "torch.autocast('cpu', dtype=torch.bfloat16)" in markdown
+    assert "backend='aot_eager'" in markdown
+    table, aims = parse_tables(markdown)
+    assert [(r['layer'], r['dtype'], r['memory format']) for r in table['rows']] == [
+        (layer, dtype, 'channels_last') for dtype in ('float32', 'bfloat16')
+        for layer in ('MABN', 'WSConv') for _ in SHAPES]
+    for row in table['rows']:
+        for column in PAIRED_COLUMNS + (COMPILED,):
+            layer, base = numbers(row[column])
+            assert layer > 0 and base > 0, (row, column)
+        for column in RATIO_COLUMNS + COMPILED_RATIOS:
+            assert re.fullmatch(r'\d+\.\d\dx', row[column]), (row, column)
+
+    assert aims['header'] == AIMS_HEADER
+    assert [(r['layer'], r['dtype'], r['aim']) for r in aims['rows']] == [
+        (layer, dtype, aim) for dtype in ('float32', 'bfloat16')
+        for layer, aim in (('MABN', 'fwd+bwd <= 1.5x'), ('WSConv', 'fwd+bwd <= 1.1x'),
+                           ('WSConv', 'eval = 1.0x (<= 1.05x, noise)'))]
+    labels = [label for label, _, _, _ in layers.points_from_markdown(markdown)]
+    assert list(dict.fromkeys(labels)) == [
+        f'{layer}\nvs {base}\n{dtype}\nchannels_last' for dtype in ('float32', 'bfloat16')
+        for layer, base in (('MABN', 'BN'), ('WSConv', 'Conv'))]
+    assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_measure_autocast_and_channels_last():
+    """bfloat16 runs the forwards under autocast, channels_last converts the
+    input, the module and the incoming gradient; float32 contiguous does neither."""
+    seen = []
+
+    class Probe(nn.Conv2d):
+        def forward(self, x):
+            y = super().forward(x)
+            seen.append((x.is_contiguous(memory_format=torch.channels_last),
+                         self.weight.is_contiguous(memory_format=torch.channels_last), y.dtype))
+            if y.requires_grad:
+                y.register_hook(lambda g: seen.append(
+                    ('grad', g.is_contiguous(memory_format=torch.channels_last), g.dtype)))
+            return y
+
+    row = layers.Row('Probe', 'Conv', lambda shape: layers.conv(shape, Probe), layers.conv,
+                     conv_input=True)
+    shape = layers.make_shapes(0.05)[1]  # 3x3 conv: channels_last is not also contiguous
+    args = SimpleNamespace(warmup=0, repeats=1, min_time=0, compile=False)
+    for dtype, memory_format, expected in (
+            ('bfloat16', 'channels_last', {(True, True, torch.bfloat16),
+                                           ('grad', True, torch.bfloat16)}),
+            ('float32', 'contiguous', {(False, False, torch.float32),
+                                       ('grad', False, torch.float32)})):
+        seen.clear()
+        result = layers.measure(row, shape, args, torch.device('cpu'), dtype, memory_format)
+        assert not result.error and (result.dtype, result.memory_format) == (dtype, memory_format)
+        assert set(seen) == expected, (dtype, memory_format)
+
+
+def test_compile_failure_is_a_cell(tool, keep_threads):
+    """A layer that does not compile (here: no such backend) gets its error in
+    the compiled cell; its eager numbers are still there."""
+    markdown = tool.main(TINY + ['--layers', 'BRN', '--compile',
+                                 '--compile-backend', 'no_such_backend'])
+    table, _ = parse_tables(markdown)
+    assert len(table['rows']) == 4
+    for row in table['rows']:
+        assert row[COMPILED].startswith('compile failed: layer: InvalidBackend'), row
+        assert [row[column] for column in COMPILED_RATIOS] == ['', '']
+        assert min(numbers(row['fwd+bwd ms (layer / base)'])) > 0
+
+
+def test_help_shows_defaults(tool, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    for default in ('(default: 0.5)', '(default: 5)', '(default: 2)', "(default: ['float32'])",
+                    "(default: ['contiguous'])", '(default: inductor)', '(default: False)',
+                    '(default: 1.0 on the CPU, 0.05 on CUDA)'):
+        assert default in text, default
+    assert re.search(r'--device DEVICE where to run: cpu, cuda', text)
+    assert tool.parse_args(['--device', 'cpu']).min_time == 1.0
+    assert tool.parse_args(['--device', 'cpu', '--min-time', '0.2']).min_time == 0.2
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert tool.parse_args(['--device', 'cuda']).min_time == 0.05
+
+
+def test_cuda_aims_and_header(tmp_path, monkeypatch):
+    """On CUDA the issue's H100 aims hold (labelled so), the CPU keeps its own;
+    the CUDA header names GPU, driver, CUDA, cuDNN and the date."""
+    rows = {row.key: row for row in layers.ROWS}
+    cuda = {key: [(aim.metric, aim.limit) for aim in row.aims_on('cuda')]
+            for key, row in rows.items() if row.aims_on('cuda')}
+    assert cuda == {'MABN': [('fwd+bwd', 1.3), ('eval', 1.05)], 'BRN': [('fwd+bwd', 1.3)],
+                    'Conv+CBN': [('fwd+bwd', 1.5)], 'WSConv': [('fwd+bwd', 1.05), ('eval', 1.05)]}
+    assert all('H100 aim' in aim.label for row in layers.ROWS for aim in row.aims_on('cuda'))
+    assert all(row.aims_on('cpu') == row.aims for row in layers.ROWS)
+
+    write_exe(tmp_path / 'nvidia-smi', '#!/bin/sh\necho 580.159.04\n')
+    monkeypatch.setenv('PATH', str(tmp_path))
+    assert layers.driver_version() == '580.159.04'
+    monkeypatch.setenv('PATH', str(tmp_path / 'nothing'))
+    assert layers.driver_version() == 'unknown'
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'NVIDIA H100 80GB HBM3')
+    text = layers.device_text(torch.device('cuda'))
+    for part in ('device cuda (NVIDIA H100 80GB HBM3, driver unknown', f'CUDA {torch.version.cuda}',
+                 'cuDNN', f'measured {time.strftime("%Y-%m-%d")}'):
+        assert part in text, text
+    threads = torch.get_num_threads()
+    assert layers.device_text(torch.device('cpu')) == f'device cpu, {threads} threads'
+
+
+def test_plot_from_a_table_without_dtype_columns():
+    """docs/layer_benchmark.md, written before the dtype and memory format
+    columns, still gives its points (float32, contiguous, the CPU aims)."""
+    points = layers.points_from_markdown((REPO / 'docs' / 'layer_benchmark.md').read_text())
+    assert points and all(label.endswith('\nfloat32\ncontiguous') for label, _, _, _ in points)
+    assert any(aims and aims[0].limit == 1.5 for _, aims, _, _ in points)
 
 
 def test_cbn_rows(tool, keep_threads):
@@ -178,7 +318,8 @@ def test_failing_layer_becomes_a_row(tool, monkeypatch):
     assert all(min(numbers(r['fwd+bwd ms (layer / base)'])) > 0 for r in table['rows'][4:])
     assert aims['rows'][0]['verdict'] == 'not measured'
     # the plot leaves the rows that were not measured out
-    assert [row.name for row, _, _ in layers.points_from_markdown(markdown)] == ['BRN'] * 4
+    assert [label.split('\n')[0] for label, _, _, _ in layers.points_from_markdown(markdown)] == (
+        ['BRN'] * 4)
 
 
 def test_unknown_layer_is_an_error(tool):

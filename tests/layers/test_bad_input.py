@@ -342,8 +342,8 @@ def test_cbn_behind_a_conv_with_other_channels_or_a_linear_layer_names_the_layer
         model(torch.randn(2, 3, 4, 4))
     # a 2-D input needs rho=0 (no conv to compensate with): the error says so
     model = nn.Sequential(nn.Linear(3, C), CBN(C))
-    with pytest.raises(RuntimeError, match=r"CBN '1': its input comes from Linear '0', not from "
-                                           r'a conv.*rho=0'):
+    with pytest.raises(RuntimeError, match=r"CBN '1': its input comes from AddmmBackward0, not "
+                                           r'from a convolution.*rho=0'):
         model(torch.randn(5, 3))
 
 
