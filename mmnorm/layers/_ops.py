@@ -21,8 +21,10 @@ CUSTOM_OPS = hasattr(torch.library, 'custom_op') and hasattr(torch, 'compiler')
 
 
 def compiling():
-    """True while torch.compile traces the caller."""
-    return hasattr(torch, 'compiler') and torch.compiler.is_compiling()
+    """True while torch.compile traces the caller (never on torch < 2.3,
+    which has no ``torch.compiler.is_compiling``)."""
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return is_compiling is not None and is_compiling()
 
 
 class Operator:

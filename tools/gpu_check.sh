@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU check: CUDA tests, the layer benchmark and a Mask R-CNN iteration per method.
+#   bash tools/gpu_check.sh --download DIR   on a machine with a package registry: fill DIR with
+#                                            the pure-Python wheels the check needs (mmengine ...)
+#   bash tools/gpu_check.sh [--wheels DIR] [--out DIR]
+#                                            on a machine with one NVIDIA GPU whose python3 has a
+#                                            CUDA torch and torchvision, no network: install from
+#                                            DIR (default .gpu_wheels) into a temporary folder,
+#                                            run, write DIR/gpu_*.md (default docs/)
+#   bash tools/gpu_check.sh --smoke [--out DIR]
+#                                            the same code path on tiny shapes, CPU allowed (CI)
+# Each step has its own time limit, so a slow step cannot take the others' results with it.
+set -uo pipefail
+
+ROOT="$(cd -P "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+WHEELS="$ROOT/.gpu_wheels"
+OUT_DIR="$ROOT/docs"
+SMOKE=0
+PACKAGES=(mmengine==0.10.7 addict==2.4.0 yapf==0.43.0 termcolor==3.1.0 platformdirs==4.3.8)
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --download)
+            mkdir -p "$2"
+            exec "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+                --implementation py --platform any -d "$2" "${PACKAGES[@]}" ;;
+        --wheels) WHEELS="$2"; shift 2 ;;
+        --out) OUT_DIR="$2"; shift 2 ;;
+        --smoke) SMOKE=1; shift ;;
+        *) echo "unknown argument '$1' (see the comment at the top of $0)" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$OUT_DIR"
+say() { printf '[gpu check %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+if ! "$PY" -c 'import mmengine' 2>/dev/null; then
+    SITE="$(mktemp -d)"
+    say "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl \
+        || exit 1
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+cd "$ROOT" || exit 1
+"$PY" - <<'EOF'
+import torch
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version(),
+      'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
+EOF
+
+FAILED=()
+step() {  # step NAME SECONDS COMMAND...
+    local name="$1" limit="$2"
+    shift 2
+    say "$name (at most ${limit} s)"
+    local start=$SECONDS
+    timeout "$limit" "$@"
+    local status=$?
+    say "$name: exit $status after $((SECONDS - start)) s"
+    [ $status -eq 0 ] || FAILED+=("$name (exit $status)")
+}
+
+if [ $SMOKE = 1 ]; then
+    DEVICE=cpu
+    "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' && DEVICE=cuda
+    step 'CUDA tests' 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/cuda
+    step 'layer benchmark' 300 "$PY" tools/benchmark_layers.py --device "$DEVICE" --scale 0.05 \
+        --repeats 1 --min-time 0 --warmup 1 --layers MABN BRN WSConv --dtype float32 bfloat16 \
+        --memory-format contiguous channels_last --compile --compile-backend aot_eager \
+        --out "$OUT_DIR/gpu_layer_benchmark.md"
+    step 'Mask R-CNN iteration' 600 "$PY" tools/benchmark_maskrcnn.py --smoke --device "$DEVICE" \
+        --out "$OUT_DIR/gpu_maskrcnn.md"
+else
+    step 'CUDA tests' 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/cuda
+    step 'layer benchmark, eager' 150 "$PY" tools/benchmark_layers.py --device cuda --scale 1 \
+        --dtype float32 bfloat16 --memory-format contiguous channels_last \
+        --out "$OUT_DIR/gpu_layer_benchmark.md"
+    step 'Mask R-CNN iteration' 150 "$PY" tools/benchmark_maskrcnn.py --device cuda \
+        --compile-methods 'frozen BN' 'MABN + CenConv' --out "$OUT_DIR/gpu_maskrcnn.md"
+    step 'layer benchmark, compiled' 120 "$PY" tools/benchmark_layers.py --device cuda --scale 1 \
+        --layers MABN BRN WSConv --compile --out "$OUT_DIR/gpu_layer_benchmark_compiled.md"
+fi
+if [ ${#FAILED[@]} -gt 0 ]; then
+    say "failed: ${FAILED[*]}"
+    exit 1
+fi
+say "all steps passed; tables in $OUT_DIR"
