@@ -72,13 +72,13 @@ if [ $SMOKE = 1 ]; then
     step 'Mask R-CNN iteration' 600 "$PY" tools/benchmark_maskrcnn.py --smoke --device "$DEVICE" \
         --out "$OUT_DIR/gpu_maskrcnn.md"
 else
-    step 'CUDA tests' 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/cuda
+    step 'CUDA tests' 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/cuda
     step 'layer benchmark, eager' 150 "$PY" tools/benchmark_layers.py --device cuda --scale 1 \
         --dtype float32 bfloat16 --memory-format contiguous channels_last \
         --out "$OUT_DIR/gpu_layer_benchmark.md"
     step 'Mask R-CNN iteration' 150 "$PY" tools/benchmark_maskrcnn.py --device cuda \
         --compile-methods 'frozen BN' 'MABN + CenConv' --out "$OUT_DIR/gpu_maskrcnn.md"
-    step 'layer benchmark, compiled' 120 "$PY" tools/benchmark_layers.py --device cuda --scale 1 \
+    step 'layer benchmark, compiled' 100 "$PY" tools/benchmark_layers.py --device cuda --scale 1 \
         --layers MABN BRN WSConv --compile --out "$OUT_DIR/gpu_layer_benchmark_compiled.md"
 fi
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -178,6 +178,30 @@ def test_compile_failure_is_a_cell(tool, keep_threads):
         assert min(numbers(row['fwd+bwd ms (layer / base)'])) > 0
 
 
+def test_compiled_warmup_until_nothing_compiles(monkeypatch):
+    """A layer that recompiles at every call (a Python int it changes) is
+    warmed up until dynamo stops compiling it (its recompile limit); if the
+    warm-up ends earlier, the cell says how many frames compiled while timed."""
+    class Counting(nn.Conv2d):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x) * self.calls
+
+    row = layers.Row('Counting', 'Conv', lambda shape: layers.conv(shape, Counting), layers.conv,
+                     conv_input=True)
+    shape = layers.make_shapes(0.05)[2]
+    args = SimpleNamespace(warmup=0, repeats=2, min_time=0, compile=True,
+                           compile_backend='aot_eager')
+    result = layers.measure(row, shape, args, torch.device('cpu'))
+    assert not result.error and len(result.compiled) == 2 and result.compile_note == ''
+    monkeypatch.setattr(layers, 'MAX_COMPILE_WARMUP', 3)
+    result = layers.measure(row, shape, args, torch.device('cpu'))
+    cells = layers.compiled_cells(result)
+    assert re.fullmatch(r'[\d.]+ / [\d.]+ \(compiled [1-9]\d* frames while timed\)', cells[0])
+
+
 def test_help_shows_defaults(tool, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         tool.parse_args(['--help'])
