@@ -495,7 +495,7 @@ class Result:
 def frames_compiled():
     """How many frames torch.compile (dynamo) has compiled in this process."""
     from torch._dynamo.utils import counters
-    return counters['frames']['total']
+    return counters['frames']['ok']
 
 
 def compiled_times(modules, step, args):

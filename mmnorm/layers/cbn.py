@@ -279,15 +279,17 @@ class _CrossIterationNorm(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mu, _grad_var):
         x, weight, mu, invstd, count = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
+            # In the statistics dtype: a half-precision kernel path gave NaN input
+            # gradients on CUDA for float16 activations of 1e3 to 1e4 (GPU check).
+            xs, gy = x.to(weight.dtype), grad_y.to(weight.dtype)
             scaled = weight if count is None else weight / count
             grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_y, x, scaled, None, None, mu, invstd, True, ctx.eps, [True, True, True])
+                gy, xs, scaled, None, None, mu, invstd, True, ctx.eps, [True, True, True])
             if count is not None:
                 shape = (1, -1) + (1,) * (x.dim() - 2)
-                rest = (weight * invstd * (1 - 1 / count)).view(shape)
-                grad_x = grad_x.addcmul_(grad_y, rest.to(grad_x.dtype))
-        return (grad_x, grad_weight.to(ctx.weight_dtype), grad_bias.to(ctx.bias_dtype),
-                None, None, None, None)
+                grad_x = grad_x.addcmul_(gy, (weight * invstd * (1 - 1 / count)).view(shape))
+        return (grad_x.to(x.dtype), grad_weight.to(ctx.weight_dtype),
+                grad_bias.to(ctx.bias_dtype), None, None, None, None)
 
 
 # ----------------------------------------------------------------------- CBN

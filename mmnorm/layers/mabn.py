@@ -55,7 +55,9 @@ def _autocast_state(device_type):
     has none. torch >= 2.4 answers for every device type; torch 2.0-2.3 has
     per-device functions, used here for the CPU and CUDA."""
     if hasattr(torch.amp, 'is_autocast_available'):
-        if not torch.amp.is_autocast_available(device_type):
+        # The CPU and CUDA always have autocast; asking is a graph break under
+        # torch.compile in torch 2.11 (measured on the GPU check).
+        if device_type not in ('cpu', 'cuda') and not torch.amp.is_autocast_available(device_type):
             return False, None
         return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
     if device_type == 'cpu':
@@ -94,7 +96,9 @@ def scaled_grad_and_sums(dy, x, scale, need_scaled):
     separate ops need three or four (and an (N, C, *) temporary for dy * x).
     """
     zeros, ones = scale.new_zeros(scale.shape), scale.new_ones(scale.shape)
-    return torch.ops.aten.native_batch_norm_backward(dy, x, scale, zeros, ones, None, None, False,
+    # The saved statistics repeat the running ones: CUDA's channels_last kernel
+    # requires them defined even in inference mode.
+    return torch.ops.aten.native_batch_norm_backward(dy, x, scale, zeros, ones, zeros, ones, False,
                                                      0.0, [need_scaled, True, True])
 
 

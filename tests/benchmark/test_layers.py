@@ -179,23 +179,31 @@ def test_compile_failure_is_a_cell(tool, keep_threads):
 
 
 def test_compiled_warmup_until_nothing_compiles(monkeypatch):
-    """A layer that recompiles at every call (a Python int it changes) is
-    warmed up until dynamo stops compiling it (its recompile limit); if the
-    warm-up ends earlier, the cell says how many frames compiled while timed."""
-    class Counting(nn.Conv2d):
-        calls = 0
+    """A layer that recompiles at every call (its forward reads the length of
+    a tuple that grows) is warmed up beyond COMPILE_WARMUP calls, until dynamo
+    stops compiling it; if the warm-up ends first, the cell says how many
+    frames compiled while timed."""
+    class Growing(nn.Conv2d):
+        seen = ()
 
         def forward(self, x):
-            self.calls += 1
-            return super().forward(x) * self.calls
+            self.seen = self.seen + (None,)
+            return super().forward(x) * len(self.seen)
 
-    row = layers.Row('Counting', 'Conv', lambda shape: layers.conv(shape, Counting), layers.conv,
-                     conv_input=True)
+    built = []
+
+    def build(shape):
+        built.append(layers.conv(shape, Growing))
+        return built[-1]
+
+    row = layers.Row('Growing', 'Conv', build, layers.conv, conv_input=True)
     shape = layers.make_shapes(0.05)[2]
     args = SimpleNamespace(warmup=0, repeats=2, min_time=0, compile=True,
                            compile_backend='aot_eager')
     result = layers.measure(row, shape, args, torch.device('cpu'))
-    assert not result.error and len(result.compiled) == 2 and result.compile_note == ''
+    assert not result.error and len(result.compiled) == 2
+    eager_calls = 2 + 1 + 2  # timed training steps, the memory step, timed eval forwards
+    assert len(built[0].seen) - eager_calls > layers.COMPILE_WARMUP + args.repeats + 5
     monkeypatch.setattr(layers, 'MAX_COMPILE_WARMUP', 3)
     result = layers.measure(row, shape, args, torch.device('cpu'))
     cells = layers.compiled_cells(result)
