@@ -44,6 +44,11 @@ NO_CPU_FLOAT16_AUTOCAST = _cpu_refusal(_float16_autocast)
 NO_CPU_FLOAT16_CONV = _cpu_refusal(_float16_conv)
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs an NVIDIA GPU (tests/cuda; '
+                            'MMNORM_CUDA_TESTS_ON_CPU=1 runs their code on the CPU)')
+
+
 def tool_env(**extra):
     """The environment the tools run in: without the weights-only override, so
     the tools' own trusted-loading fix (mmnorm.engine.runtime) is what is tested."""

@@ -1,0 +1,568 @@
+"""The layers on an NVIDIA GPU: MABN (behind a CenConv), CBN (behind an
+nn.Conv2d), BRN (behind an nn.Conv2d) and WSConv (+ GroupNorm).
+
+Run with ``python -m pytest -m cuda tests/cuda`` on a machine with a GPU; the
+whole file is sized to take well under 90 s on an H100 (small shapes, tens of
+steps, two compiled models). Without a GPU every test is skipped (see
+:func:`device`), and ``MMNORM_CUDA_TESTS_ON_CPU=1`` runs the same code on the
+CPU, to check the tests themselves.
+
+Every subject is a small ``nn.Sequential(conv, norm)``, built in float32 on the
+CPU from a fixed seed, and trained with plain SGD on a linear loss
+``sum(y * dy)``: each step's x and dy are drawn on the CPU in float64 and
+rounded to float32, so a float64 twin sees exactly the same numbers.
+"""
+import copy
+import datetime
+import io
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from conftest import NO_CPU_FLOAT16_AUTOCAST, exit_without_teardown, free_port
+
+from mmnorm.layers import BRN, CBN, MABN, CenConv, WSConv
+
+pytestmark = pytest.mark.cuda
+
+CPU_ENV = 'MMNORM_CUDA_TESTS_ON_CPU'
+NO_CUDA = 'no CUDA device: these tests need an NVIDIA GPU (run: bash tools/gpu_check.sh)'
+
+
+@pytest.fixture(scope='session')
+def device():
+    """torch.device('cuda'); the CPU with MMNORM_CUDA_TESTS_ON_CPU=1 (to check
+    the tests' code on a machine without a GPU); else the test is skipped."""
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if os.environ.get(CPU_ENV) == '1':
+        return torch.device('cpu')
+    pytest.skip(NO_CUDA)
+
+
+@pytest.fixture(autouse=True)
+def _needs_device(device):
+    """Every test here is skipped with NO_CUDA where ``device`` is."""
+
+F32, F64 = torch.float32, torch.float64
+CPU = torch.device('cpu')
+C_IN, C = 3, 8
+SHAPE = (2, C_IN, 12, 12)  # two images per batch: the small-batch regime
+LR = 0.02
+
+KINDS = ('MABN', 'CBN', 'BRN', 'WSConv')
+NORMS = ('MABN', 'CBN', 'BRN')
+
+# Schedules short enough to be crossed within the tests' steps. MABN: the
+# window (4 rows) is full after t = 4, batch statistics are used while t < 8,
+# r leaves 1 after t = 12. BRN: plain BN while t <= 5, then the bounds of d
+# and r open up to dmax at t = 15 and rmax at t = 20. CBN: no burn-in, the
+# window of 3 past steps fills over the first 3 steps, rho = 1.
+LAYER_CFG = dict(
+    MABN=dict(buffer_size=4, warmup_iters=8, renorm_start_iter=12),
+    CBN=dict(buffer_num=3, rho=1.0),
+    BRN=dict(warmup_iters=5, rmax_iters=20, dmax_iters=15),
+    WSConv={},
+)
+
+# ---------------------------------------------------------------- tolerances
+# A tolerance here is a relative error r: elementwise
+#     |actual - expected| <= r * (|expected| + scale),
+# scale being the largest |expected| of the tensor or of its group (all
+# parameter gradients of a step, all parameters of a state dict). The group
+# matters for numbers that are 0 in exact arithmetic: the gradient of the bias
+# of a conv in front of BRN is float32 noise of 1e-5 beside gradients of 100.
+#
+# float32 on the device against float64 on the CPU, over 50 SGD steps: float32
+# rounds at 6e-8; each step's statistics (sums over 288 numbers per channel)
+# and normalisation lose a few more digits, and SGD carries the difference in
+# the gradients into the weights of the later steps. Measured with float32 on
+# the CPU against float64 (these models, these 50 steps): 2e-6 at most, for
+# every output, gradient and state-dict entry. CUDA's kernels sum in other
+# orders, not more coarsely: 1e-4 leaves a margin of 50. All of this needs
+# TF32 off (10 mantissa bits: conv outputs would differ by 1e-3), which every
+# test that compares numbers does (the no_tf32 fixture).
+FP32_VS_FP64 = 1e-4
+# float32 against float32, where only the order of the arithmetic differs
+# (the other device, channels_last, cuDNN off, inductor's fused kernels,
+# NCCL): each side is within 2e-6 of the exact value, as above.
+FP32_VS_FP32 = 1e-4
+EXACT = 0.0
+
+NO_SYNC_DEBUG_ON_CPU = 'torch.cuda.set_sync_debug_mode exists only on CUDA'
+NO_CUDNN_ON_CPU = 'cuDNN exists only on CUDA: the CPU run is the same with it on or off'
+
+
+# ------------------------------------------------------------------ subjects
+def mabn(**cfg):
+    return nn.Sequential(CenConv(C_IN, C, 3, padding=1), MABN(C, **cfg))
+
+
+def cbn(**cfg):
+    return nn.Sequential(nn.Conv2d(C_IN, C, 3, padding=1), CBN(C, **cfg))
+
+
+def brn(**cfg):
+    return nn.Sequential(nn.Conv2d(C_IN, C, 3, padding=1), BRN(C, **cfg))
+
+
+def wsconv():
+    return nn.Sequential(WSConv(C_IN, C, 3, padding=1), nn.GroupNorm(2, C))
+
+
+FACTORIES = dict(MABN=mabn, CBN=cbn, BRN=brn, WSConv=wsconv)
+
+
+def build(kind, **overrides):
+    """conv -> norm for ``kind`` (its LAYER_CFG, updated by ``overrides``) in
+    float32 on the CPU, the same weights for a given kind; the norm's affine
+    parameters away from (1, 0)."""
+    torch.manual_seed(0)
+    model = FACTORIES[kind](**dict(LAYER_CFG[kind], **overrides))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    return model
+
+
+def batch(step, seed=0, shape=SHAPE, scale=1.5, offset=0.5):
+    """(x, dy) of ``step`` in float32 on the CPU: drawn in float64, rounded."""
+    gen = torch.Generator().manual_seed(10_000 * seed + step)
+    x = torch.randn(shape, generator=gen, dtype=F64) * scale + offset
+    dy = torch.randn((shape[0], C) + tuple(shape[2:]), generator=gen, dtype=F64)
+    return x.float(), dy.float()
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=LR)
+
+
+@dataclass
+class Step:
+    """What a training step returns: the output, the input gradient and the
+    parameter gradients by name (all detached)."""
+    y: torch.Tensor
+    dx: torch.Tensor
+    grads: dict
+
+
+def train_step(model, optimizer, x, dy, memory_format=None, forward=None):
+    """Forward (through ``forward``, e.g. the compiled ``model``, if given),
+    backward of sum(y * dy), then the optimizer's step (if any). Nothing here
+    reads a device value on the host."""
+    x = x.detach().clone()
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    y = (forward or model)(x)
+    y.backward(dy.to(y.dtype))
+    step = Step(y.detach(), x.grad,
+                {name: p.grad.detach().clone() for name, p in model.named_parameters()})
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def train(model, optimizer, steps, device):
+    """Train on the batches of ``steps`` (step numbers); returns the Steps."""
+    return [train_step(model, optimizer, *(t.to(device) for t in batch(step)))
+            for step in steps]
+
+
+# ---------------------------------------------------------------- comparing
+def largest(tensors):
+    """The largest |value| in ``tensors`` (0 for none or empty ones)."""
+    return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+
+
+def assert_close(actual, expected, tol, what, scale=0.0):
+    """``actual`` within ``tol`` of ``expected`` (see the tolerances above),
+    compared in float64 on the CPU."""
+    actual, expected = (t.detach().to(CPU, F64) for t in (actual, expected))
+    scale = max(scale, largest([expected]))
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale,
+                               msg=lambda message: f'{what}: {message}')
+
+
+def assert_steps_close(actual, expected, tol, what):
+    assert_close(actual.y, expected.y, tol, f'{what}: output')
+    assert_close(actual.dx, expected.dx, tol, f'{what}: input gradient')
+    assert actual.grads.keys() == expected.grads.keys()
+    scale = largest(expected.grads.values())
+    for name, grad in expected.grads.items():
+        assert_close(actual.grads[name], grad, tol, f'{what}: gradient of {name}', scale)
+
+
+def is_parameter(key):
+    return key.rsplit('.', 1)[-1] in ('weight', 'bias')
+
+
+def assert_states_close(actual, expected, tol, what):
+    """Every entry of two state dicts: floats within ``tol`` (parameters
+    against the largest parameter), integers equal."""
+    assert actual.keys() == expected.keys(), what
+    scale = largest([v for k, v in expected.items() if is_parameter(k)])
+    for key, want in expected.items():
+        got = actual[key]
+        assert got.shape == want.shape, f'{what}: {key} {tuple(got.shape)} != {tuple(want.shape)}'
+        if want.is_floating_point():
+            assert_close(got, want, tol, f'{what}: {key}', scale if is_parameter(key) else 0.0)
+        else:
+            assert torch.equal(got.cpu(), want.cpu()), f'{what}: {key} {got} != {want}'
+
+
+def statistic_buffers(model):
+    """The floating-point buffers of the norm in ``model`` (none for GroupNorm)."""
+    return {name: value for name, value in model[1].state_dict().items()
+            if value.is_floating_point() and name not in ('weight', 'bias')}
+
+
+def nonfinite_warnings(records):
+    return [w for w in records
+            if issubclass(w.category, RuntimeWarning) and 'inf or NaN' in str(w.message)]
+
+
+# ----------------------------------------------------------------- fixtures
+@pytest.fixture
+def no_tf32():
+    """Full float32 convolutions and matmuls for this test, restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@contextmanager
+def cudnn_enabled(enabled):
+    """Only torch.backends.cudnn.enabled (``cudnn.flags`` would also reset allow_tf32)."""
+    before = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = before
+
+
+# ------------------------------------------- 1. against a float64 reference
+STEPS = 50
+STATE_CHECKS = (1, 4, 6, 8, 13, 16, 25, STEPS)  # around the schedules' turning points
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_50_steps_match_a_float64_cpu_reference(kind, device, no_tf32):
+    model = build(kind)
+    reference = copy.deepcopy(model).double()
+    model.to(device)
+    optimizer, ref_optimizer = sgd(model), sgd(reference)
+    for step in range(1, STEPS + 1):
+        x, dy = batch(step)
+        got = train_step(model, optimizer, x.to(device), dy.to(device))
+        want = train_step(reference, ref_optimizer, x.double(), dy.double())
+        assert_steps_close(got, want, FP32_VS_FP64, f'{kind}, step {step}')
+        if step in STATE_CHECKS:
+            assert_states_close(model.state_dict(), reference.state_dict(), FP32_VS_FP64,
+                                f'{kind}, state after step {step}')
+    if kind != 'WSConv':
+        assert int(model[1].num_batches_tracked) == STEPS
+    for name, value in statistic_buffers(model).items():
+        assert value.dtype == F32 and value.device.type == device.type, name
+
+
+# ------------------------------------------ 2. half precision, large values
+AUTOCAST_STEPS = 14  # MABN reaches its moving averages and r; BRN's bounds open
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['float16', 'bfloat16'])
+@pytest.mark.parametrize('kind', KINDS)
+def test_autocast_with_activations_of_1e3_to_1e4_stays_finite(kind, dtype, device):
+    if device.type == 'cpu' and dtype == torch.float16 and NO_CPU_FLOAT16_AUTOCAST:
+        pytest.skip(NO_CPU_FLOAT16_AUTOCAST)
+    model = build(kind).to(device)
+    # Scale the input so that the norm's input (the conv's output) has a
+    # standard deviation of 2e3: its largest values are near 1e4, and its
+    # second moment, 4e6, is far beyond float16's range (65504).
+    with torch.no_grad():
+        scale = 2e3 / model[0](batch(0)[0].to(device)).std().item()
+    seen = []
+    model[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    for step in range(AUTOCAST_STEPS):
+        x, dy = (t.to(device) for t in batch(step))
+        x = (x * scale).requires_grad_()
+        with torch.autocast(device.type, dtype=dtype):
+            y = model(x)
+        y.backward(dy.to(y.dtype))
+        assert torch.isfinite(y).all(), f'{kind}, step {step}: output'
+        assert torch.isfinite(x.grad).all(), f'{kind}, step {step}: input gradient'
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p.grad).all(), f'{kind}, step {step}: gradient of {name}'
+        model.zero_grad(set_to_none=True)
+    peak = largest(seen)
+    assert 1e3 < peak < 6e4, peak  # large, and still within float16's range
+    assert seen[0].dtype == dtype  # the conv ran in autocast's dtype
+    buffers = statistic_buffers(model)
+    assert bool(buffers) == (kind != 'WSConv')
+    for name, value in buffers.items():
+        assert value.dtype == F32, f'{kind}: {name} is {value.dtype}'
+        assert torch.isfinite(value).all(), f'{kind}: {name}'
+
+
+# ------------------------------------------------- 3. no host synchronisation
+WARMUP_STEPS = 3
+SYNC_STEPS = 20
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_training_steps_make_no_host_synchronisation(kind, device):
+    if device.type != 'cuda':
+        pytest.skip(NO_SYNC_DEBUG_ON_CPU)
+    model = build(kind).to(device)
+    if kind != 'WSConv':
+        # MABN, CBN and BRN read their device-side non-finite flag on the host
+        # once every NONFINITE_CHECK_EVERY calls (MABN: two per step), on
+        # purpose; here no step may synchronise, so that read is moved out of
+        # reach. test_deferred_nonfinite_check_still_warns covers it.
+        model[1].NONFINITE_CHECK_EVERY = 10 ** 9
+    optimizer = sgd(model)
+    data = [tuple(t.to(device) for t in batch(step)) for step in range(WARMUP_STEPS + SYNC_STEPS)]
+    for x, dy in data[:WARMUP_STEPS]:  # one-off work (CBN allocates its ring) happens here
+        train_step(model, optimizer, x, dy)
+    torch.cuda.synchronize()
+    # Steps 4 to 23 cross MABN's full window, moving averages and r, and
+    # BRN's opening bounds, all under 'error': a synchronising call raises.
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        steps = [train_step(model, optimizer, x, dy) for x, dy in data[WARMUP_STEPS:]]
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    torch.cuda.synchronize()
+    assert len(steps) == SYNC_STEPS
+    assert torch.isfinite(torch.stack([s.y for s in steps])).all()
+    if kind != 'WSConv':
+        assert int(model[1].num_batches_tracked) == WARMUP_STEPS + SYNC_STEPS
+
+
+@pytest.mark.parametrize('kind', NORMS)
+def test_deferred_nonfinite_check_still_warns(kind, device):
+    model = build(kind).to(device)
+    norm = model[1]
+    # On the CPU the check comes at once; on CUDA within NONFINITE_CHECK_EVERY
+    # calls (one or two per step), the layer's own value (100 by default).
+    calls_per_check = norm.NONFINITE_CHECK_EVERY
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter('always')
+        train(model, None, range(3), device)
+        before = {k: v.clone() for k, v in statistic_buffers(model).items()}
+        x, dy = batch(3)
+        x[0, 0, 5, 5] = math.nan  # reaches every channel of the conv's output
+        poisoned = train_step(model, None, x.to(device), dy.to(device))
+        assert not torch.isfinite(poisoned.y).all()
+        after_nan = {k: v.clone() for k, v in statistic_buffers(model).items()}
+        steps = 0  # finite steps after the NaN one: at least 2, until the check came
+        while steps < 2 or (not nonfinite_warnings(records) and steps < calls_per_check):
+            last = train_step(model, None, *(t.to(device) for t in batch(4 + steps)))
+            steps += 1
+    found = nonfinite_warnings(records)
+    assert len(found) == 1, [str(w.message) for w in records]
+    assert str(found[0].message).startswith(f'{kind}({C}): a batch statistic was inf or NaN')
+    for name, value in statistic_buffers(model).items():
+        assert torch.isfinite(value).all(), f'{kind}: {name}'
+        assert torch.isfinite(after_nan[name]).all(), f'{kind}: {name} after the NaN step'
+    # the NaN step left the running statistics as they were
+    for name in ('running_var', 'running_mean'):
+        if name in before:
+            assert torch.equal(after_nan[name], before[name]), f'{kind}: {name}'
+    assert torch.isfinite(last.y).all()  # training went on
+
+
+# ---------------------------------------- 4. state dicts across the devices
+SAVED_AT, CONTINUED = 10, 10  # steps 11-20 cross MABN's r start and BRN's ramps
+
+
+@pytest.mark.parametrize('direction', ['cuda_to_cpu', 'cpu_to_cuda'])
+@pytest.mark.parametrize('kind', KINDS)
+def test_state_dict_continues_on_the_other_device(kind, direction, device, no_tf32):
+    first, second = (device, CPU) if direction == 'cuda_to_cpu' else (CPU, device)
+    model = build(kind).to(first)
+    optimizer = sgd(model)
+    train(model, optimizer, range(SAVED_AT), first)
+    saved = io.BytesIO()
+    torch.save(model.state_dict(), saved)
+    saved.seek(0)
+    moved = build(kind).to(second)
+    with torch.no_grad():  # so that nothing can come from the factory's weights
+        for p in moved.parameters():
+            p.add_(1)
+    moved.load_state_dict(torch.load(saved, map_location=second))
+    assert_states_close(moved.state_dict(), model.state_dict(), EXACT, f'{kind} loaded')
+    for value in moved.state_dict().values():
+        assert value.device.type == second.type
+    moved_optimizer = sgd(moved)
+    for step in range(SAVED_AT, SAVED_AT + CONTINUED):
+        x, dy = batch(step)
+        want = train_step(model, optimizer, x.to(first), dy.to(first))
+        got = train_step(moved, moved_optimizer, x.to(second), dy.to(second))
+        assert_steps_close(got, want, FP32_VS_FP32, f'{kind} {direction}, step {step}')
+    assert_states_close(moved.state_dict(), model.state_dict(), FP32_VS_FP32,
+                        f'{kind} {direction}, state at the end')
+
+
+# ------------------------------------------------------- 5. channels_last
+LAYOUT_STEPS = 14
+
+
+@pytest.mark.parametrize('cudnn', [True, False], ids=['cudnn', 'no_cudnn'])
+@pytest.mark.parametrize('kind', KINDS)
+def test_channels_last_matches_contiguous(kind, cudnn, device, no_tf32):
+    if not cudnn and device.type != 'cuda':
+        pytest.skip(NO_CUDNN_ON_CPU)
+    contiguous = build(kind).to(device)
+    channels_last = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    assert channels_last[0].weight.is_contiguous(memory_format=torch.channels_last)
+    optimizer, cl_optimizer = sgd(contiguous), sgd(channels_last)
+    x_eval = batch(LAYOUT_STEPS)[0].to(device)
+    with cudnn_enabled(cudnn):
+        for step in range(LAYOUT_STEPS):
+            x, dy = (t.to(device) for t in batch(step))
+            want = train_step(contiguous, optimizer, x, dy)
+            got = train_step(channels_last, cl_optimizer, x, dy,
+                             memory_format=torch.channels_last)
+            assert_steps_close(got, want, FP32_VS_FP32, f'{kind} channels_last, step {step}')
+        contiguous.eval()
+        channels_last.eval()
+        with torch.no_grad():
+            want = contiguous(x_eval)
+            got = channels_last(x_eval.contiguous(memory_format=torch.channels_last))
+    assert_close(got, want, FP32_VS_FP32, f'{kind} channels_last, eval output')
+    assert_states_close(channels_last.state_dict(), contiguous.state_dict(), FP32_VS_FP32,
+                        f'{kind} channels_last, state at the end')
+
+
+# ------------------------------------------------- 6. sync_stats over NCCL
+WORLD = 2
+# Each step's batch size on rank 0 and rank 1 (different sizes and inputs).
+RANK_SIZES = [(2, 1), (1, 3), (2, 2), (3, 1), (1, 2), (2, 1)]
+RANK_SHAPE = (C_IN, 8, 8)
+# What the 6 DDP steps cross: MABN's window of 2 is full after t = 2 (moving
+# averages from t = 3) and r leaves 1 after t = 3; CBN averages over its window
+# from the second step; BRN's bounds open after t = 2, fully at t = 5.
+SYNC_CFG = dict(MABN=dict(buffer_size=2, warmup_iters=2, renorm_start_iter=3),
+                CBN=dict(buffer_num=2), BRN=dict(warmup_iters=2, rmax_iters=5, dmax_iters=4))
+
+
+def rank_batch(step, rank, n):
+    """Rank ``rank``'s (x, dy) at ``step``: ranks differ in scale and offset."""
+    return batch(step, seed=1 + rank, shape=(n,) + RANK_SHAPE, scale=1 + rank, offset=rank)
+
+
+def _sync_stats_worker(rank, port, out_dir, backend):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    if backend == 'nccl':
+        torch.cuda.set_device(rank)
+        device = torch.device('cuda', rank)
+        torch.backends.cuda.matmul.allow_tf32 = False  # a fresh process: TF32 is on in cuDNN
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        torch.set_num_threads(1)
+        device = CPU
+    dist.init_process_group(backend, init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    results = {}
+    for kind in NORMS:
+        model = build(kind, sync_stats=True, **SYNC_CFG[kind]).to(device)
+        ddp = DistributedDataParallel(model, device_ids=[rank] if backend == 'nccl' else None,
+                                      broadcast_buffers=False)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
+        for step, sizes in enumerate(RANK_SIZES):
+            x, dy = rank_batch(step, rank, sizes[rank])
+            ddp(x.to(device)).backward(dy.to(device))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        results[kind] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    exit_without_teardown()
+
+
+@pytest.fixture(scope='module')
+def sync_stats_runs(device, tmp_path_factory):
+    """Both ranks' final state dicts, by kind: NCCL on two GPUs (skipped with
+    fewer), gloo on the CPU with MMNORM_CUDA_TESTS_ON_CPU=1."""
+    import torch.multiprocessing as mp
+    if device.type == 'cuda':
+        count = torch.cuda.device_count()
+        if count < WORLD:
+            pytest.skip(f'needs 2 GPUs: this machine has {count}')
+        backend = 'nccl'
+    else:
+        backend = 'gloo'
+    out_dir = tmp_path_factory.mktemp('cuda_sync_stats')
+    mp.spawn(_sync_stats_worker, args=(free_port(), str(out_dir), backend), nprocs=WORLD)
+    return [torch.load(out_dir / f'rank{rank}.pt') for rank in range(WORLD)]
+
+
+def train_on_union(kind, device):
+    """One process on the concatenation of the ranks' batches, backpropagating
+    the sum of their losses with the gradients divided by the world size: the
+    update DDP makes, with the statistics of the union."""
+    model = build(kind, **SYNC_CFG[kind]).to(device)
+    optimizer = sgd(model)
+    for step, sizes in enumerate(RANK_SIZES):
+        parts = [rank_batch(step, rank, n) for rank, n in enumerate(sizes)]
+        x = torch.cat([x for x, _ in parts]).to(device)
+        dy = torch.cat([dy for _, dy in parts]).to(device)
+        model(x).backward(dy)
+        for p in model.parameters():
+            p.grad /= WORLD
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize('kind', NORMS)
+def test_sync_stats_ranks_agree_and_equal_one_process_on_the_union(sync_stats_runs, kind,
+                                                                    device, no_tf32):
+    rank0, rank1 = (run[kind] for run in sync_stats_runs)
+    # the all-reduces and all-gathers hand every rank the same numbers
+    assert_states_close(rank1, rank0, EXACT, f'{kind}: rank 1 against rank 0')
+    expected = train_on_union(kind, device)
+    assert_states_close(rank0, expected, FP32_VS_FP32, f'{kind}: ranks against the union')
+    assert int(rank0['1.num_batches_tracked']) == len(RANK_SIZES)
+    assert not torch.equal(rank0['1.running_var'], torch.ones(C))
+
+
+# ------------------------------------------------------ 7. torch.compile
+COMPILE_STEPS = 10
+# Every phase within 10 steps: MABN's window of 2 is full after t = 2, warm-up
+# ends at t = 4, r leaves 1 after t = 6; BRN's bounds open after t = 2 and
+# reach dmax at t = 6 and rmax at t = 8.
+COMPILE_CFG = dict(MABN=dict(buffer_size=2, warmup_iters=4, renorm_start_iter=6),
+                   BRN=dict(warmup_iters=2, rmax_iters=8, dmax_iters=6))
+
+
+@pytest.mark.parametrize('kind', ['MABN', 'BRN'])
+def test_compiled_training_matches_eager(kind, device, no_tf32):
+    eager = build(kind, **COMPILE_CFG[kind]).to(device)
+    model = copy.deepcopy(eager)
+    optimizer, compiled_optimizer = sgd(eager), sgd(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    try:
+        for step in range(COMPILE_STEPS):
+            x, dy = (t.to(device) for t in batch(step))
+            want = train_step(eager, optimizer, x, dy)
+            got = train_step(model, compiled_optimizer, x, dy, forward=compiled)
+            assert_steps_close(got, want, FP32_VS_FP32, f'{kind} compiled, step {step}')
+    finally:
+        torch._dynamo.reset()
+    assert_states_close(model.state_dict(), eager.state_dict(), FP32_VS_FP32,
+                        f'{kind} compiled, state at the end')
+    assert int(model[1].num_batches_tracked) == COMPILE_STEPS
