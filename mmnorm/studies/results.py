@@ -41,7 +41,8 @@ def logged_minutes(work_dir: str) -> Optional[float]:
         stamps = [m.group(1) for m in map(_LOG_TIME.match, f) if m]
     if len(stamps) < 2:
         return None
-    first, last = (datetime.datetime.strptime(s, '%Y/%m/%d %H:%M:%S') for s in (stamps[0], stamps[-1]))
+    first, last = (datetime.datetime.strptime(stamp, '%Y/%m/%d %H:%M:%S')
+                   for stamp in (stamps[0], stamps[-1]))
     return (last - first).total_seconds() / 60
 
 

@@ -419,7 +419,8 @@ class Block(nn.Module):
 
 def test_cbn_after_an_activation_names_the_layer_unless_rho_is_zero():
     model = nn.Sequential(nn.Identity(), Block())
-    with pytest.raises(RuntimeError, match=r"CBN '1\.norm'.*comes from ReluBackward0, not from a convolution"):
+    with pytest.raises(RuntimeError,
+                       match=r"CBN '1\.norm'.*comes from ReluBackward0, not from a convolution"):
         model(torch.randn(2, 3, 6, 6))
     model = nn.Sequential(nn.Identity(), Block(rho=0.0))
     for _ in range(3):
@@ -506,7 +507,8 @@ def test_binding_survives_deepcopy_dtype_move_and_does_not_keep_models_alive():
     for _ in range(2):
         x, g = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
         assert torch.equal(train_step(model, x, g), train_step(twin, x, g))
-    assert twin[1].last_conv_weight is twin[0].weight and model[1].last_conv_weight is model[0].weight
+    assert twin[1].last_conv_weight is twin[0].weight
+    assert model[1].last_conv_weight is model[0].weight
     # A pickled model (torch.save of the whole module) and a saved activation.
     buffer = io.BytesIO()
     torch.save(model, buffer)

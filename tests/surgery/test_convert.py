@@ -106,7 +106,8 @@ def test_mabn_cenconv_conversion_keeps_weights_and_statistics():
         second_moment = bn.running_var + bn.running_mean ** 2
         torch.testing.assert_close(layer.running_var, second_moment)
         bn_std = (bn.running_var + bn.eps).sqrt()
-        torch.testing.assert_close(layer.weight, bn.weight * (second_moment + layer.eps).sqrt() / bn_std)
+        rescaled = bn.weight * (second_moment + layer.eps).sqrt() / bn_std
+        torch.testing.assert_close(layer.weight, rescaled)
         torch.testing.assert_close(layer.bias, bn.bias - bn.weight * bn.running_mean / bn_std)
         assert layer.num_batches_tracked == 0 and not layer.buffer_x2.any()
         assert layer.training
