@@ -21,9 +21,12 @@ During burn-in (``burnin`` iterations, or ``burnin_epochs`` converted by
 ``CBNBurninHook``) and when the input carries no gradient the layer is plain
 BN; in eval mode it is BN with the running statistics.
 
-The feeding conv is found by a global forward hook, so ``norm_cfg=dict(type=
-'CBN')`` after an ``nn.Conv2d``, CenConv or WSConv needs no wiring; any other
-producer raises an error that names the layer (unless rho = 0). State is in
+The feeding conv is read from the input's autograd node (its input and the
+weight it convolved with), so ``norm_cfg=dict(type='CBN')`` after an
+``nn.Conv2d``, CenConv or WSConv needs no wiring and nothing is hooked; any
+other producer raises an error that names the layer (unless rho = 0). The
+training step runs outside torch.compile's graphs, see
+:func:`mmnorm.surgery.compile.keep_cbn_convs_eager`. State is in
 buffers saved with the checkpoint: the step counter ``num_batches_tracked``,
 ``history_pushes`` and the ring ``history_*`` (empty until the first push), so
 a resumed run continues bit-for-bit. Half input gets float32 statistics and
