@@ -86,16 +86,22 @@ if [ $SMOKE = 1 ]; then
     DEVICE=cpu
     "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' && DEVICE=cuda
     step 'CUDA tests' 300 - "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/cuda
+    # The layers compile whole from torch 2.4 (torch.library.custom_op).
+    COMPILE=(--compile --compile-backend aot_eager) MASK_RCNN_COMPILE=()
+    if ! "$PY" -c 'import sys, mmnorm.layers._ops as o; sys.exit(not o.CUSTOM_OPS)'; then
+        say "no compiled columns (torch < 2.4: no torch.library.custom_op)"
+        COMPILE=() MASK_RCNN_COMPILE=(--no-compile)
+    fi
     step 'layer benchmark' 300 "$OUT_DIR/gpu_layer_benchmark.md" "$PY" tools/benchmark_layers.py \
         --device "$DEVICE" --scale 0.05 --repeats 1 --min-time 0 --warmup 1 \
         --layers MABN BRN WSConv --dtype float32 bfloat16 --memory-format contiguous \
-        channels_last --compile --compile-backend aot_eager --out "$OUT_DIR/gpu_layer_benchmark.md"
+        channels_last "${COMPILE[@]}" --out "$OUT_DIR/gpu_layer_benchmark.md"
     if [ -n "$TORCHVISION_PROBLEM" ]; then
         say "Mask R-CNN iteration: skipped, torchvision does not run with this torch" \
             "($TORCHVISION_PROBLEM)"
     else
         step 'Mask R-CNN iteration' 600 "$OUT_DIR/gpu_maskrcnn.md" \
-            "$PY" tools/benchmark_maskrcnn.py --smoke --device "$DEVICE" \
+            "$PY" tools/benchmark_maskrcnn.py --smoke --device "$DEVICE" "${MASK_RCNN_COMPILE[@]}" \
             --out "$OUT_DIR/gpu_maskrcnn.md"
     fi
 else
