@@ -76,12 +76,35 @@ def with_backward(forward, setup_context, backward):
     return call
 
 
-def eager(function):
-    """``function`` run outside torch.compile's graphs (a graph break there)."""
+def _disable(function):
     compiler = getattr(torch, 'compiler', None)
     if compiler is not None and hasattr(compiler, 'disable'):
         return compiler.disable(function)
     return importlib.import_module('torch._dynamo').disable(function)  # torch 2.0
+
+
+class Eager:
+    """``function`` run outside torch.compile's graphs (a graph break there).
+
+    Disabling imports torch._dynamo, which a process that compiles nothing
+    need not pay for: the disabled wrapper is made by :meth:`prepare`, which
+    the users call eagerly before anything is compiled (CBN's constructor,
+    :class:`EagerForward`); until then a call goes to ``function`` itself."""
+
+    def __init__(self, function):
+        self.function = function
+        self.disabled = None
+
+    def prepare(self):
+        if self.disabled is None:
+            self.disabled = _disable(self.function)
+
+    def __call__(self, *args, **kwargs):
+        return (self.disabled or self.function)(*args, **kwargs)
+
+
+_MODULE_FORWARD = Eager(lambda module, *args, **kwargs: type(module).forward(module, *args,
+                                                                             **kwargs))
 
 
 class EagerForward:
@@ -91,7 +114,11 @@ class EagerForward:
 
     def __init__(self, module):
         self.module = module
+        _MODULE_FORWARD.prepare()
 
-    @eager
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _MODULE_FORWARD.prepare()
+
     def __call__(self, *args, **kwargs):
-        return type(self.module).forward(self.module, *args, **kwargs)
+        return _MODULE_FORWARD(self.module, *args, **kwargs)

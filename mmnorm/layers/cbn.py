@@ -49,7 +49,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ._dist import all_reduce_sum, union_moments
-from ._ops import eager
+from ._ops import Eager
 from ._state import SmallBatchNorm, check_number
 
 __all__ = ['CBN', 'conv_statistic_derivative_sums', 'conv_statistic_derivatives',
@@ -359,6 +359,7 @@ class CBN(SmallBatchNorm):
         self.register_buffer('history_pushes', torch.tensor(0, dtype=torch.long))
         self._host = {}
         self._last_conv_weight = None
+        _TRAIN_STEP.prepare()
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -366,6 +367,10 @@ class CBN(SmallBatchNorm):
         state['_host'] = {}
         state['_last_conv_weight'] = None
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _TRAIN_STEP.prepare()  # a layer unpickled in a fresh process
 
     def train(self, mode=True):
         self._host = {}  # re-read the counters: they may have been written through .data
@@ -515,13 +520,9 @@ class CBN(SmallBatchNorm):
         return mu, nu, keep, ages
 
     # ------------------------------------------------------------ forward
-    @eager
     def _train_forward(self, x, sync):
-        # Statistics, derivatives and compensation in the statistics dtype, never
-        # in autocast's lower precision; the output keeps the input's dtype.
         # Eager even in a compiled model: the conv is read from x's autograd node.
-        with torch.autocast(x.device.type, enabled=False):
-            return self._train_step(x, sync)
+        return _TRAIN_STEP(self, x, sync)
 
     def _train_step(self, x, sync):
         burnin = self.burnin_iters()
@@ -664,3 +665,13 @@ class CBN(SmallBatchNorm):
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
                 f'buffer_num={self.buffer_num}, rho={self.rho}, {burnin}, '
                 f'two_stage={self.two_stage}, sync_stats={self.sync_stats}')
+
+
+def _train_step(layer, x, sync):
+    # Statistics, derivatives and compensation in the statistics dtype, never
+    # in autocast's lower precision; the output keeps the input's dtype.
+    with torch.autocast(x.device.type, enabled=False):
+        return layer._train_step(x, sync)
+
+
+_TRAIN_STEP = Eager(_train_step)
