@@ -773,3 +773,29 @@ def test_mmdet_resnet_with_mabn_trains_and_predicts():
     model.eval()
     with torch.no_grad():
         assert all(torch.isfinite(o).all() for o in model(torch.randn(1, 3, 64, 64)))
+
+
+def test_inference_runs_batch_norms_kernel_alone():
+    # Inference is BatchNorm's kernel with a zero mean: the same ATen calls as
+    # nn.BatchNorm2d's inference, nothing around them (the speed of the layer
+    # benchmark's eval column comes from this).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, C, 5, 5)
+    layer, bn = MABN(C).eval(), torch.nn.BatchNorm2d(C).eval()
+    layer.running_var.uniform_(0.5, 2)
+    calls = []
+    for module in (layer, bn):
+        module(x)  # MABN keeps its zero mean from the first call
+        with Calls() as mode:
+            mode.names = []
+            module(x)
+        calls.append(mode.names)
+    assert calls[0] == calls[1]
+    expected = x * (layer.weight / (layer.running_var + layer.eps).sqrt()).view(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), expected + layer.bias.view(1, -1, 1, 1))
