@@ -144,3 +144,31 @@ def test_hook_is_registered_and_recomputes_before_validation_and_at_the_end():
     torch.testing.assert_close(model.body[1].running_var, expected)
     with pytest.raises(ValueError, match='num_iters must be an int >= 1'):
         HOOKS.build(dict(type='PreciseBNHook', num_iters=0))
+
+
+def _ddp_worker(rank, port, out_dir):
+    import torch.distributed as dist
+    from conftest import exit_without_teardown
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+                            world_size=2)
+    model = trained('BRN')
+    torch.manual_seed(10 + rank)  # each process its own batches, of different sizes
+    batches = [torch.randn(2 + rank, 3, 6, 6) for _ in range(2)]
+    precise_statistics(model, batches, num_iters=2)
+    torch.save(dict(state=model.state_dict(), batches=batches), f'{out_dir}/rank{rank}.pt')
+    exit_without_teardown()
+
+
+def test_processes_average_their_statistics(tmp_path):
+    import torch.multiprocessing as mp
+    from conftest import free_port
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    for key, value in ranks[0]['state'].items():  # every process holds the same
+        assert torch.equal(value, ranks[1]['state'][key]), key
+    model = trained('BRN')
+    with torch.no_grad():
+        x = torch.cat([model[0](b) for r in ranks for b in r['batches']]).double()
+    var, mean = torch.var_mean(x, (0, 2, 3), correction=1)
+    torch.testing.assert_close(ranks[0]['state']['1.running_mean'], mean.float())
+    torch.testing.assert_close(ranks[0]['state']['1.running_var'], var.float())
