@@ -37,6 +37,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
+from mmengine.runner import EpochBasedTrainLoop
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
@@ -198,14 +199,14 @@ class PreciseBNHook(Hook):
         self.reports = []
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        loop = runner.train_loop
-        if hasattr(loop, 'max_iters') and not hasattr(loop, 'max_epochs'):
-            self._recompute_if_due(runner, runner.iter + 1, loop.max_iters, 'iteration')
+        if not isinstance(runner.train_loop, EpochBasedTrainLoop):
+            self._recompute_if_due(runner, runner.iter + 1, runner.train_loop.max_iters,
+                                   'iteration')
 
     def after_train_epoch(self, runner):
-        loop = runner.train_loop
-        if hasattr(loop, 'max_epochs'):
-            self._recompute_if_due(runner, runner.epoch + 1, loop.max_epochs, 'epoch')
+        if isinstance(runner.train_loop, EpochBasedTrainLoop):
+            self._recompute_if_due(runner, runner.epoch + 1, runner.train_loop.max_epochs,
+                                   'epoch')
 
     def _recompute_if_due(self, runner, done, last, unit):
         loop = runner.train_loop

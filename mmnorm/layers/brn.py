@@ -10,8 +10,9 @@ Training, per channel c, for x of shape (N, C, *) reduced over every dim but 1:
 
 r and d are constants for autograd, so y is BatchNorm with batch statistics
 and the affine pair (weight * r, weight * d + bias): the layer computes the
-batch statistics in one pass (r and d follow from them), the output in a
-second, and its backward is BatchNorm's backward kernel with gamma = weight * r.
+batch statistics with PyTorch's batch-norm kernels (r and d follow from them),
+the output in one more pass, and its backward is BatchNorm's backward kernel
+with gamma = weight * r.
 
 After the output, the running statistics move towards the batch (the paper's
 algorithm: the running *standard deviation*, not the variance, is averaged):
@@ -43,6 +44,14 @@ from mmengine.registry import MODELS
 from ._dist import union_moments
 from ._ops import Operator, with_backward
 from ._state import SmallBatchNorm, check_number
+
+
+def batch_statistics(x, eps):
+    """(mean, 1 / sqrt(var + eps)) of x (N, C, *) per channel, var biased, from
+    PyTorch's batch-norm training kernel (its normalised output is dropped; on
+    the CPU ``var_mean`` takes 3x as long)."""
+    _, mean, inv_std = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return mean, inv_std
 
 
 def _output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
@@ -159,11 +168,10 @@ class BRN(SmallBatchNorm):
             return self._union_forward(x.to(dtype)).to(x.dtype)
         xs = x.to(dtype)
         with torch.no_grad():
-            var, mean = torch.var_mean(xs, self.reduce_dims(xs), correction=0)
-            std = (var + self.eps).sqrt()
-            r, d = self._correct_and_update(mean, std)
+            mean, inv_std = batch_statistics(xs, self.eps)
+            r, d = self._correct_and_update(mean, inv_std.reciprocal())
         y = renormalized_batch_norm(xs, self.weight.to(dtype), self.bias.to(dtype), mean,
-                                    std.reciprocal(), r, d)
+                                    inv_std, r, d)
         return y.to(x.dtype)
 
     def _union_forward(self, x):

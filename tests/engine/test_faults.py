@@ -83,15 +83,15 @@ def demo_env():
     return tool_env(OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
 
 
-def train_command(method, work_dir, data, *args, **options):
-    return [sys.executable, REPO / 'tools' / 'train.py', DEMO / f'mask_rcnn_r18_{method}.py',
-            '--work-dir', work_dir, *args, '--cfg-options',
-            *demo_options(data, method, **options)]
+def train_command(method, work_dir, data, *args, config=None, **options):
+    config = config or DEMO / f'mask_rcnn_r18_{method}.py'
+    return [sys.executable, REPO / 'tools' / 'train.py', config, '--work-dir', work_dir, *args,
+            '--cfg-options', *demo_options(data, method, **options)]
 
 
-def train_demo(method, work_dir, data, *args, check=True, **options):
-    return run(train_command(method, work_dir, data, *args, **options), env=demo_env(),
-               check=check)
+def train_demo(method, work_dir, data, *args, check=True, config=None, **options):
+    return run(train_command(method, work_dir, data, *args, config=config, **options),
+               env=demo_env(), check=check)
 
 
 def load_ckpt(path):
@@ -137,22 +137,23 @@ def uninterrupted(scene_data, tmp_path_factory):
     run (iter_4/8/12.pth), trained on first use."""
     runs = {}
 
-    def get(method):
-        if method not in runs:
+    def get(method, config=None):
+        if (method, config) not in runs:
             work_dir = tmp_path_factory.mktemp(f'{method}_uninterrupted')
-            train_demo(method, work_dir, scene_data)
-            runs[method] = work_dir
-        return runs[method]
+            train_demo(method, work_dir, scene_data, config=config)
+            runs[method, config] = work_dir
+        return runs[method, config]
 
     return get
 
 
-def start_and_kill_after_checkpoint(method, work_dir, data, log_path):
+def start_and_kill_after_checkpoint(method, work_dir, data, log_path, config=None):
     """Start a run and SIGKILL it mid-run: once the checkpoint of iteration 8
     is recorded in last_checkpoint and iteration 9 has been logged (so the
     process is inside iteration 10, before the end at 12)."""
     with open(log_path, 'w') as log:
-        proc = subprocess.Popen([str(c) for c in train_command(method, work_dir, data)],
+        proc = subprocess.Popen([str(c) for c in train_command(method, work_dir, data,
+                                                               config=config)],
                                 cwd=REPO, env=demo_env(), stdout=log, stderr=subprocess.STDOUT)
     pointer = work_dir / 'last_checkpoint'
     deadline = time.monotonic() + TOOL_TIMEOUT
@@ -203,6 +204,27 @@ def test_killed_run_resumes_exactly(method, scene_data, uninterrupted, tmp_path)
         assert f'neck.lateral_convs.0.bn.{name}' in state
     if method == 'mabn':
         assert state['backbone.bn1.buffer_x2'].shape == (2, 16)
+
+
+def test_killed_run_with_precise_bn_hook_resumes_exactly(scene_data, uninterrupted, tmp_path):
+    """PreciseBNHook recomputes the statistics at the last iteration from its
+    own batches and restores the random states: a killed and resumed run still
+    ends as an uninterrupted one, bit for bit, and the statistics changed."""
+    config = tmp_path / 'mabn_precise.py'
+    config.write_text(f"_base_ = '{DEMO / 'mask_rcnn_r18_mabn.py'}'\n"
+                      "custom_hooks = [dict(type='PreciseBNHook', num_iters=2)]\n")
+    work_dir = tmp_path / 'killed'
+    start_and_kill_after_checkpoint('mabn', work_dir, scene_data, tmp_path / 'killed.log',
+                                    config=config)
+    out = train_demo('mabn', work_dir, scene_data, '--resume', config=config).stdout
+    assert re.search(r'PreciseBNHook \(after iteration 12\): statistics of \d+ layers '
+                     r'recomputed from 2 batches of 2 per process', out), out[-3000:]
+    expected = load_ckpt(uninterrupted('mabn', config) / f'iter_{MAX_ITERS}.pth')
+    resumed = load_ckpt(work_dir / f'iter_{MAX_ITERS}.pth')
+    assert differences(expected['state_dict'], resumed['state_dict']) == {}
+    plain = load_ckpt(uninterrupted('mabn') / f'iter_{MAX_ITERS}.pth')['state_dict']
+    changed = differences(plain, resumed['state_dict'])
+    assert changed and all(key.endswith('running_var') for key in changed), changed
 
 
 def test_resume_without_random_state_is_not_exact(scene_data, uninterrupted, tmp_path):
