@@ -120,18 +120,24 @@ def assert_same_state(model, reference, tolerance=TOLERANCE):
         torch.testing.assert_close(value, expected, **tolerance, msg=lambda m: f'{key}: {m}')
 
 
+def train_both(eager, inputs, backend, lr=0.1, tolerance=TOLERANCE):
+    """Train ``eager`` and a compiled copy of it on ``inputs`` (momentum SGD);
+    assert equal losses and states; return the copy and its compiled step."""
+    compiled = copy.deepcopy(eager)
+    keep_cbn_convs_eager(compiled)
+    torch._dynamo.reset()
+    step = torch.compile(loss_of, backend=backend)
+    torch.testing.assert_close(train(compiled, step, inputs, lr=lr),
+                               train(eager, loss_of, inputs, lr=lr), **tolerance)
+    assert_same_state(compiled, eager, tolerance)
+    return compiled, step
+
+
 @pytest.mark.parametrize('kind', KINDS)
 def test_compiled_equals_eager_over_training_steps(kind):
     torch.manual_seed(0)
     eager = block(kind)
-    compiled = copy.deepcopy(eager)
-    keep_cbn_convs_eager(compiled)
-    inputs = [torch.randn(2, 3, 6, 6) for _ in range(8)]
-    torch._dynamo.reset()
-    step = torch.compile(loss_of, backend='aot_eager')
-    torch.testing.assert_close(train(compiled, step, inputs), train(eager, loss_of, inputs),
-                               **TOLERANCE)
-    assert_same_state(compiled, eager)
+    compiled, step = train_both(eager, [torch.randn(2, 3, 6, 6) for _ in range(8)], 'aot_eager')
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(step(compiled.eval(), x), loss_of(eager.eval(), x), **TOLERANCE)
@@ -161,15 +167,8 @@ class SmallResNet(nn.Module):
 @pytest.mark.parametrize('kind', KINDS)
 def test_small_resnet_with_inductor_equals_eager(kind):
     torch.manual_seed(1)
-    eager = SmallResNet(kind)
-    compiled = copy.deepcopy(eager)
-    keep_cbn_convs_eager(compiled)
-    inputs = [torch.randn(2, 3, 8, 8) for _ in range(6)]
-    torch._dynamo.reset()
-    step = torch.compile(loss_of)
-    torch.testing.assert_close(train(compiled, step, inputs, lr=0.02),
-                               train(eager, loss_of, inputs, lr=0.02), **NETWORK_TOLERANCE)
-    assert_same_state(compiled, eager, NETWORK_TOLERANCE)
+    train_both(SmallResNet(kind), [torch.randn(2, 3, 8, 8) for _ in range(6)], 'inductor',
+               lr=0.02, tolerance=NETWORK_TOLERANCE)
 
 
 @pytest.mark.parametrize('kind', ['MABN', 'BRN', 'CBN'])
