@@ -116,26 +116,14 @@ def _calling_root(layer, frame):
     return None
 
 
-def _describe(layer, *others):
-    """Names of ``layer`` (and ``others``) in the model being called: a list of
-    strings like "CBN 'neck.lateral_convs.0.bn'"."""
+def _describe(layer):
+    """The layer's name in the model being called, like "CBN
+    'neck.lateral_convs.0.bn'"."""
     root = _calling_root(layer, sys._getframe(1))
-    names = {}
-    if root is not None:
-        for name, module in root.named_modules():
-            names.setdefault(id(module), name or '<root>')
-    out = []
-    for module in (layer,) + others:
-        if module is None:
-            out.append(None)
-            continue
-        text = type(module).__name__
-        if id(module) in names:
-            text += f" '{names[id(module)]}'"
-        out.append(text)
     if root is None:
-        out[0] += f'({getattr(layer, "num_features", "")}) (not found in a calling module)'
-    return out
+        return f'{type(layer).__name__}({layer.num_features}) (not found in a calling module)'
+    name = next(name for name, module in root.named_modules() if module is layer)
+    return f"{type(layer).__name__} '{name or '<root>'}'"
 
 
 # --------------------------------------------------------------- derivatives
@@ -400,7 +388,7 @@ class CBN(SmallBatchNorm):
         if self.burnin_epochs is None:
             return self.burnin
         if self._burnin_from_epochs is None:
-            layer = _describe(self)[0]
+            layer = _describe(self)
             raise RuntimeError(
                 f'{layer}: burnin_epochs={self.burnin_epochs} is stated in epochs, but nothing '
                 'converted it to iterations. Add custom_hooks=[dict(type=\'CBNBurninHook\')] '
@@ -442,7 +430,7 @@ class CBN(SmallBatchNorm):
         found = feeding_convolution(x)
         if isinstance(found, str):
             raise RuntimeError(
-                f'{_describe(self)[0]}: {found}. CBN with rho={self.rho} compensates the '
+                f'{_describe(self)}: {found}. CBN with rho={self.rho} compensates the '
                 'statistics with the weight of the conv that directly feeds it; place it right '
                 'after a conv (conv -> CBN -> activation), or set rho=0 for the uncompensated '
                 'cross-iteration average.')
@@ -465,7 +453,7 @@ class CBN(SmallBatchNorm):
             if tuple(have.shape) == want:
                 continue
             if not empty and have.numel() > 0:
-                layer = _describe(self)[0]
+                layer = _describe(self)
                 raise RuntimeError(
                     f'{layer}: the stored history {key} has shape {tuple(have.shape)}, but this '
                     f'step needs {want}; the conv that feeds the layer changed shape (or '
