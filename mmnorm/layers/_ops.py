@@ -45,12 +45,18 @@ class Operator:
         return self.impl(*args)
 
 
-def with_backward(forward, setup_context, backward):
-    """A differentiable call of the :class:`Operator` ``forward``:
-    ``setup_context(ctx, inputs, output)`` keeps what ``backward(ctx,
-    grad_output, traced)`` needs; ``backward`` returns one gradient (or None)
-    per input, and calls its own operators through ``.op`` when ``traced``
-    (compiled) and ``.impl`` otherwise. Arguments are positional."""
+def with_backward(forward, setup_context, backward, backward_args):
+    """A differentiable call of the :class:`Operator` ``forward`` (arguments
+    positional, the first three x, weight, bias). ``setup_context(ctx, inputs,
+    output)`` keeps what the backward needs; the :class:`Operator`
+    ``backward`` takes ``backward_args(ctx, grad_output, need_dx)`` and
+    returns (dx, dweight, dbias), dx empty unless ``need_dx``. Gradients that
+    are not needed, and those of the other inputs, are None."""
+
+    def gradients(ctx, grad_output, call):
+        need = ctx.needs_input_grad
+        grads = call(*backward_args(ctx, grad_output, need[0]))
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * (len(need) - 3)
 
     class Function(torch.autograd.Function):
         @staticmethod
@@ -62,11 +68,12 @@ def with_backward(forward, setup_context, backward):
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_output):
-            return backward(ctx, grad_output, False)
+            return gradients(ctx, grad_output, backward.impl)
 
     if forward.op is not None:
-        forward.op.register_autograd(lambda ctx, grad_output: backward(ctx, grad_output, True),
-                                     setup_context=setup_context)
+        forward.op.register_autograd(
+            lambda ctx, grad_output: gradients(ctx, grad_output, backward.op),
+            setup_context=setup_context)
 
     def call(*inputs):
         if forward.op is not None and compiling():

@@ -87,15 +87,9 @@ def _keep_for_backward(ctx, inputs, output):
     ctx.save_for_backward(x, weight, mean, inv_std, r, d)
 
 
-def _renormalized_backward(ctx, dy, traced):
-    need = ctx.needs_input_grad
-    backward = _BACKWARD.op if traced else _BACKWARD.impl
-    dx, dweight, dbias = backward(dy, *ctx.saved_tensors, need[0])
-    return (dx if need[0] else None, dweight if need[1] else None, dbias if need[2] else None,
-            None, None, None, None)
-
-
-renormalized_batch_norm = with_backward(_OUTPUT, _keep_for_backward, _renormalized_backward)
+renormalized_batch_norm = with_backward(_OUTPUT, _keep_for_backward, _BACKWARD,
+                                        lambda ctx, dy, need_dx: (dy, *ctx.saved_tensors,
+                                                                  need_dx))
 renormalized_batch_norm.__doc__ = """``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` for
 x (N, C, *), one autograd node (one operator under torch.compile).
 

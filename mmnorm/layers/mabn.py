@@ -171,17 +171,14 @@ def _keep_for_backward(ctx, inputs, output):
     ctx.key, ctx.sync, ctx.bias_dtype = key, sync, bias.dtype
 
 
-def _backward(ctx, dy, traced):
+def _backward_args(ctx, dy, need_dx):
     x, weight, inv_std, r, row, early = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    backward = _TRAIN_BACKWARD.op if traced else _TRAIN_BACKWARD.impl
-    dx, dweight, dbias = backward(dy, x, weight, inv_std, r, ctx.buffer_gz, row, early,
-                                  ctx.bias_dtype, ctx.key, ctx.sync, need[0])
-    return ((dx if need[0] else None, dweight if need[1] else None, dbias if need[2] else None)
-            + (None,) * 8)
+    return (dy, x, weight, inv_std, r, ctx.buffer_gz, row, early, ctx.bias_dtype, ctx.key,
+            ctx.sync, need_dx)
 
 
-train_step = with_backward(_TRAIN_OUTPUT, _keep_for_backward, _backward)
+train_step = with_backward(_TRAIN_OUTPUT, _keep_for_backward, _TRAIN_BACKWARD,
+                           _backward_args)
 train_step.__doc__ = """The training step of MABN as one autograd node (one operator under
 torch.compile, see :mod:`mmnorm.layers._ops`).
 
