@@ -37,9 +37,7 @@ instead of inductor.
 import datetime
 import gc
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -52,7 +50,7 @@ from torch import nn
 from ..studies.results import markdown_table
 from ..surgery.compile import keep_cbn_convs_eager
 from ..surgery.convert import convert
-from .layers import check_history_full, fmt_mb, fmt_ms, steps_to_fill
+from .layers import check_history_full, driver_version, fmt_mb, fmt_ms, steps_to_fill
 
 FROZEN = 'frozen BN'
 #: method -> the ``mmnorm.convert`` arguments applied to the BN model (None: none).
@@ -225,18 +223,6 @@ def table(results, compiled_methods):
                      ratio(r.compiled, base.compiled), '; '.join(r.problems) or 'ok'])
     return markdown_table(['method', 'ResNet trunk layers', 'iteration ms', 'x frozen BN',
                            'peak MB', 'compiled ms', 'compiled x frozen BN', 'status'], rows)
-
-
-def driver_version():
-    """The NVIDIA driver's version from nvidia-smi, or 'unknown'."""
-    if shutil.which('nvidia-smi') is None:
-        return 'unknown'
-    try:
-        out = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
-                             capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-    return out[0] if out else 'unknown'
 
 
 def report(results, args, argv, device, compile_backend, compiled_methods):
