@@ -106,6 +106,36 @@ def test_test_tool_evaluates(trained, tiny_coco_session, tmp_path):
     assert {'pred_instances', 'img_id'} <= set(preds[0])
 
 
+def test_test_tool_precise_bn_recomputes_before_testing(trained, tiny_coco_session, tmp_path):
+    """--precise-bn N: the statistics are recomputed from N training batches
+    with the checkpoint's weights, and the test uses them (its predictions
+    differ from those of the checkpoint's own statistics)."""
+    src_dir, _ = trained
+    preds = {}
+    for name, extra in (('plain', []), ('precise', ['--precise-bn', '2'])):
+        preds[name] = tmp_path / f'{name}.pkl'
+        proc = run([sys.executable, REPO / 'tools' / 'test.py', CONFIG, src_dir / 'iter_2.pth',
+                    '--work-dir', tmp_path / name, '--out', preds[name], *extra,
+                    '--cfg-options', *tiny_coco_session.cfg_options()])
+    out = proc.stdout
+    assert out.index('Load checkpoint from') < out.index('PreciseBNHook (before testing)')
+    assert 'statistics of 34 layers recomputed from 2 batches of 2 per process' in out
+    assert 'coco/bbox_mAP:' in out
+    scores = []
+    for name in ('plain', 'precise'):
+        with open(preds[name], 'rb') as f:
+            scores.append([p['pred_instances']['scores'].tolist() for p in pickle.load(f)])
+    assert scores[0] != scores[1]
+
+
+def test_test_tool_precise_bn_refuses_bad_values(trained, tiny_coco_session, tmp_path):
+    src_dir, _ = trained
+    proc = run([sys.executable, REPO / 'tools' / 'test.py', CONFIG, src_dir / 'iter_2.pth',
+                '--precise-bn', '0'], check=False)
+    assert proc.returncode == 2
+    assert '--precise-bn must be at least 1, got 0' in proc.stdout
+
+
 def test_dist_train_two_cpu_processes(tiny_coco_session, tmp_path):
     work_dir = tmp_path / 'dist'
     env = tool_env(PORT=str(free_port()), PYTHON=sys.executable)

@@ -4,17 +4,22 @@ Same command line as MMDetection 3.x's tools/test.py, e.g.
     python tools/test.py CONFIG CHECKPOINT [--out results.pkl]
     bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [...]
 CHECKPOINT may also be a file written by tools/deploy.py: the folded model it
-holds is evaluated instead of the config's model.
+holds is evaluated instead of the config's model. --precise-bn N first
+recomputes the norms' inference statistics from N training batches
+(mmnorm/engine/precise_bn.py), with the checkpoint's weights.
 """
 import argparse
 import sys
 
 from mmdet.evaluation import DumpDetResults
 from mmdet.utils import setup_cache_size_limit_of_dynamo
+from mmengine.runner import Runner
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
 from mmnorm.surgery import fuse as deploy
 from mmnorm.engine import runtime
+from mmnorm.engine.datacheck import check_data_present
+from mmnorm.engine.precise_bn import PreciseBNHook
 
 
 def parse_args():
@@ -25,10 +30,16 @@ def parse_args():
     p.add_argument('--out', help='dump predictions to this .pkl file')
     p.add_argument('--show-dir', help='save painted predictions under '
                    'work_dir/TIMESTAMP/SHOW_DIR')
+    p.add_argument('--precise-bn', type=int, metavar='N',
+                   help='before testing, recompute the inference statistics of every '
+                   'BN-family layer from N batches of the config\'s training data '
+                   '(PreciseBNHook), keeping the weights (default: use the checkpoint\'s)')
     runtime.add_common_args(p)
     args = runtime.parse_common(p)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         p.error('--out must be a .pkl or .pickle file')
+    if args.precise_bn is not None and args.precise_bn < 1:
+        p.error(f'--precise-bn must be at least 1, got {args.precise_bn}')
     return args
 
 
@@ -38,6 +49,11 @@ def main():
     cfg = runtime.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     deployed = deploy.load_deployed(args.checkpoint)
     cfg.load_from = None if deployed is not None else args.checkpoint
+    if args.precise_bn is not None:
+        if deployed is not None:
+            raise runtime.UsageError('--precise-bn needs a training checkpoint: the deployed '
+                                     f'model in {args.checkpoint} has its norms folded away')
+        check_data_present(cfg, 'train')
 
     if args.show_dir:
         if 'visualization' not in cfg.default_hooks:
@@ -49,6 +65,10 @@ def main():
     runner = runtime.build_runner(cfg, 'test')
     if deployed is not None:
         deploy.use_deployed_model(runner, deployed)
+    if args.precise_bn is not None:
+        runner.load_or_resume()  # the checkpoint's weights first; runner.test() keeps them
+        PreciseBNHook(args.precise_bn).recompute(
+            runner, 'before testing', Runner.build_dataloader(cfg.train_dataloader))
     if args.out is not None:
         runner.test_evaluator.metrics.append(
             DumpDetResults(out_file_path=args.out))

@@ -216,9 +216,11 @@ class PreciseBNHook(Hook):
         if validates or done == last:
             self.recompute(runner, f'after {unit} {done}')
 
-    def recompute(self, runner, when):
+    def recompute(self, runner, when, loader=None):
+        """Recompute now; ``loader`` (default the runner's training loader)
+        gives the data set, batch size and collate function."""
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        loader = runner.train_dataloader
+        loader = loader or runner.train_dataloader
         rank, world = get_dist_info()
         size = loader.batch_size
         share = list(range(rank, min(len(loader.dataset), self.num_iters * size * world), world))

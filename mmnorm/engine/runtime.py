@@ -46,14 +46,21 @@ from .datacheck import DataNotFoundError, check_data_present
 from .resume import ResumeRandomStateHook
 
 __all__ = [
-    'CPUDistributedDataParallel', 'USER_ERRORS',
+    'CPUDistributedDataParallel', 'USER_ERRORS', 'UsageError',
     'add_common_args', 'build_runner', 'parse_common', 'load_config', 'require_pkg_resources',
     'setup_distributed', 'trust_checkpoints', 'report_rank_finished'
 ]
 
+
+
+class UsageError(RuntimeError):
+    """Arguments a tool cannot run with together (known only once files are read)."""
+
+
 #: The errors the tools report as ``error: MESSAGE`` (exit status 1) without a
 #: traceback: bad input the user can fix, with a message that says how.
-USER_ERRORS = (DataNotFoundError, checkpoint_check.CheckpointFileError, TorchTooOldError)
+USER_ERRORS = (DataNotFoundError, checkpoint_check.CheckpointFileError, TorchTooOldError,
+               UsageError)
 
 #: Port used for the rendezvous when neither the config nor the environment
 #: names one (the same default as torch.distributed and mmengine).

@@ -26,10 +26,20 @@ def cls_study():
     return classification
 
 
+def tables(markdown):
+    """The data rows of each markdown table, as lists of cells."""
+    found, lines = [], markdown.splitlines() + ['']
+    for i, line in enumerate(lines):
+        if line.startswith('|') and not lines[i - 1].startswith('|'):
+            found.append([])
+        if line.startswith('|') and i >= 2 and lines[i - 2].startswith('|'):
+            found[-1].append([cell.strip() for cell in line.strip('|').split('|')])
+    return found
+
+
 def table_rows(markdown):
     """Data rows of the first markdown table, as lists of cells."""
-    lines = [line for line in markdown.splitlines() if line.startswith('|')]
-    return [[cell.strip() for cell in line.strip('|').split('|')] for line in lines[2:]]
+    return tables(markdown)[0]
 
 
 # ------------------------------------------------------------ classification
@@ -90,7 +100,9 @@ def test_classification_study_writes_table_and_plot_and_reuses_runs(tmp_path):
 
 
 # ----------------------------------------------------------------- detection
-def test_detection_study_trains_each_row_and_reads_back(tmp_path):
+def test_detection_study_trains_and_tests_each_run_and_reads_back(tmp_path):
+    """Each (row, seed) is trained, then tested after PreciseBN; the 8-image
+    reference row with the first seed only; a second call reads back."""
     from mmnorm.datasets import scenes
     data = tmp_path / 'scenes'
     scenes.prepare(str(data), num_train=8, num_val=4, seed=0)
@@ -99,18 +111,28 @@ def test_detection_study_trains_each_row_and_reads_back(tmp_path):
                'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
                *[f'{loader}_dataloader.num_workers=0' for loader in ('train', 'val', 'test')]]
     cmd = [sys.executable, REPO / 'tools' / 'study_detection.py', '--rows', 'bn', 'bn_8img',
-           '--data-root', data, '--work-dir', work, '--out-dir', out, '--cfg-options', *options]
+           '--seeds', '0', '1', '--data-root', data, '--work-dir', work, '--out-dir', out,
+           '--cfg-options', *options]
     proc = run(cmd, env=tool_env())
-    assert proc.stdout.count('tools/train.py') == 2
-    rows = table_rows((out / 'detection_study.md').read_text())
-    assert [(r[1], r[2]) for r in rows] == [('2', '2'), ('8', '2')]
-    for row in rows:
-        assert 0.0 <= float(row[3]) <= 100.0 and 0.0 <= float(row[4]) <= 100.0
-        assert float(row[5]) >= 0.0  # minutes, from the run's log
-    assert (out / 'detection_study_loss.png').stat().st_size > 10_000
+    assert proc.stdout.count('tools/train.py') == 3 and proc.stdout.count('tools/test.py') == 3
+    assert proc.stdout.count('randomness.seed=1') == 2  # bn: trained and tested
+    rows, runs = tables((out / 'detection_study.md').read_text())
+    assert [(r[0], r[1], r[2], r[3]) for r in rows[:2]] == [
+        ('BN', '2', '2', '2'), ('BN, 8 images per batch (reference)', '8', '2', '1')]
+    assert [(r[0], r[1]) for r in runs] == [('BN', '0'), ('BN', '1'),
+                                            ('BN, 8 images per batch (reference)', '0')]
+    bn_box = [float(r[2]) for r in runs[:2]]
+    assert float(rows[0][4]) == pytest.approx(sum(bn_box) / 2, abs=0.051)
+    assert float(rows[0][5]) == pytest.approx(max(bn_box) - min(bn_box), abs=0.051)
+    for run_row in runs:
+        assert all(0.0 <= float(ap) <= 100.0 for ap in run_row[2:6])
+        assert int(run_row[6]) > 0  # BN layers recomputed before the test
+    assert float(rows[0][12]) >= 0.0  # minutes, from the runs' logs
+    for name in ('ap', 'loss'):
+        assert (out / f'detection_study_{name}.png').stat().st_size > 10_000
     again = run(cmd, env=tool_env())
-    assert 'tools/train.py' not in again.stdout
-    assert table_rows((out / 'detection_study.md').read_text()) == rows  # the same, read back
+    assert 'tools/train.py' not in again.stdout and 'tools/test.py' not in again.stdout
+    assert tables((out / 'detection_study.md').read_text()) == [rows, runs]  # read back
 
 
 def test_logged_minutes_spans_the_newest_log(tmp_path):

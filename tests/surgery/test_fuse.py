@@ -364,6 +364,16 @@ def test_deploy_tool_reports_and_saves(deployed):
     assert load_deployed(str(deployed['checkpoint'])) is None  # an ordinary checkpoint
 
 
+def test_test_tool_refuses_precise_bn_on_a_deployed_file(deployed):
+    proc = run([sys.executable, REPO / 'tools' / 'test.py', CONFIG, deployed['out'],
+                '--precise-bn', '2', '--work-dir', deployed['root'] / 'test_precise',
+                '--cfg-options', *deployed['options']], check=False)
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f'error: --precise-bn needs a training checkpoint: the deployed model in '
+        f'{deployed["out"]} has its norms folded away')
+
+
 def test_test_tool_evaluates_the_deployed_file_like_the_checkpoint(deployed):
     log = deployed['logs']['deployed']
     for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'):
