@@ -142,9 +142,8 @@ def plot_ap(results, path):
                        label=f'after PreciseBN ({PRECISE_BN_ITERS} batches)' if i == 0 else None)
             ax.hlines([np.mean(plain)], i - 0.25, i + 0.01, color='tab:blue')
             ax.hlines([np.mean(precise)], i - 0.01, i + 0.25, color='tab:orange')
-        ax.set_xticks(range(len(names)),
-                      [f'{ROWS[n][0].split(",")[0].split(" (")[0]}\n{ROWS[n][2]} img' for n in names],
-                      fontsize=8)
+        ticks = [f'{ROWS[n][0].split(",")[0].split(" (")[0]}\n{ROWS[n][2]} img' for n in names]
+        ax.set_xticks(range(len(names)), ticks, fontsize=8)
         ax.set_title(f'{title} on the 300 val scenes (dots: seeds, lines: means)', fontsize=9)
         ax.grid(alpha=0.3, axis='y')
     axes[0].set_ylabel('COCO AP x 100')
