@@ -40,7 +40,7 @@ def main():
             args.source, args.layout, args.destination, norm=args.norm, config=args.config,
             as_detector=args.as_detector, trust=args.trust)
     except ConversionError as err:
-        sys.exit(f'convert_checkpoint: {err}')
+        sys.exit(f'error: {err}')
     print(report.format())
     print(f'\nWrote {args.destination} ({len(checkpoint["state_dict"])} keys).')
 

@@ -12,6 +12,7 @@ import argparse
 
 from mmengine.config import DictAction
 
+from mmnorm.engine import runtime
 from mmnorm.surgery.fuse import deploy_checkpoint, format_report
 
 
@@ -22,6 +23,7 @@ def main():
     p.add_argument('out', help='the file to write (evaluate it with tools/test.py CONFIG OUT)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config settings, key=value pairs')
+    runtime.add_debug_arg(p)
     args = p.parse_args()
     report = deploy_checkpoint(args.config, args.checkpoint, args.out, args.cfg_options)
     for line in format_report(report):
@@ -30,4 +32,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    runtime.run_tool(main)

@@ -9,7 +9,6 @@ recomputes the norms' inference statistics from N training batches
 (mmnorm/engine/precise_bn.py), with the checkpoint's weights.
 """
 import argparse
-import sys
 
 from mmdet.evaluation import DumpDetResults
 from mmdet.utils import setup_cache_size_limit_of_dynamo
@@ -77,7 +76,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except runtime.USER_ERRORS as error:
-        sys.exit(f'error: {error}')
+    runtime.run_tool(main)

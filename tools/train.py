@@ -5,7 +5,6 @@ Same command line as MMDetection 3.x's tools/train.py, e.g.
     bash tools/dist_train.sh CONFIG NUM_PROCS [...]
 """
 import argparse
-import sys
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
@@ -57,7 +56,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except runtime.USER_ERRORS as error:
-        sys.exit(f'error: {error}')
+    runtime.run_tool(main)

@@ -96,9 +96,11 @@ def _legacy_problem(path: str) -> Optional[str]:
     return None
 
 
-def checkpoint_problem(path: str) -> Optional[str]:
+def checkpoint_problem(path: str, unpickle_legacy: bool = True) -> Optional[str]:
     """Why the local checkpoint ``path`` is unusable (missing, empty, truncated,
-    corrupt), or None if it is intact. See the module docstring."""
+    corrupt), or None if it is intact. See the module docstring. A file in the
+    legacy (non-zip) format is loaded in full to tell, only if
+    ``unpickle_legacy`` (for trusted files); otherwise it passes."""
     if not osp.exists(path):
         return 'it does not exist'
     if not osp.isfile(path):
@@ -109,19 +111,19 @@ def checkpoint_problem(path: str) -> Optional[str]:
         return 'truncated: the file is empty (0 bytes)'
     if head == _ZIP_MAGIC:
         return _zip_problem(path)
-    return _legacy_problem(path)
+    return _legacy_problem(path) if unpickle_legacy else None
 
 
-def verify_checkpoint(path: str, what: str = 'checkpoint') -> None:
+def verify_checkpoint(path: str, what: str = 'checkpoint', unpickle_legacy: bool = True) -> None:
     """Raise :class:`CheckpointFileError` naming ``path`` (and ``what`` it was
-    given as, e.g. ``'--resume'``) unless it is an intact checkpoint. Remote
-    paths are not checked (logged)."""
+    given as, e.g. ``'--resume'``) unless it is an intact checkpoint
+    (:func:`checkpoint_problem`). Remote paths are not checked (logged)."""
     path = str(path)
     if _is_remote(path):
         print_log(f'mmnorm: {what} {path} is not a local file; not checked before loading',
                   logger='current')
         return
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, unpickle_legacy)
     if problem is not None:
         raise CheckpointFileError(f'{what} {path} cannot be used: {problem}')
 

@@ -27,6 +27,7 @@ import datetime
 import os
 import os.path as osp
 import subprocess
+import sys
 import warnings
 from typing import Optional
 
@@ -41,16 +42,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint_check
 from .amp import use_cpu_amp
+from .configcheck import ConfigError, check_config_path, check_layer_cfgs
 from ..compat import TorchTooOldError
 from .datacheck import DataNotFoundError, check_data_present
 from .resume import ResumeRandomStateHook
 
 __all__ = [
     'CPUDistributedDataParallel', 'USER_ERRORS', 'UsageError',
-    'add_common_args', 'build_runner', 'parse_common', 'load_config', 'require_pkg_resources',
+    'add_common_args', 'add_debug_arg', 'build_runner', 'parse_common', 'load_config',
+    'require_pkg_resources', 'run_tool',
     'setup_distributed', 'trust_checkpoints', 'report_rank_finished'
 ]
-
 
 
 class UsageError(RuntimeError):
@@ -58,9 +60,11 @@ class UsageError(RuntimeError):
 
 
 #: The errors the tools report as ``error: MESSAGE`` (exit status 1) without a
-#: traceback: bad input the user can fix, with a message that says how.
+#: traceback (unless ``--debug`` or ``MMNORM_DEBUG=1``): bad input the user can
+#: fix, with a message that says how.
 USER_ERRORS = (DataNotFoundError, checkpoint_check.CheckpointFileError, TorchTooOldError,
-               UsageError)
+               UsageError, ConfigError)
+DEBUG_ENV = 'MMNORM_DEBUG'
 
 #: Port used for the rendezvous when neither the config nor the environment
 #: names one (the same default as torch.distributed and mmengine).
@@ -336,15 +340,35 @@ def report_rank_finished(what: str, runner=None) -> None:
     _say(msg)
 
 
+def add_debug_arg(parser):
+    parser.add_argument('--debug', action='store_true',
+                        help=f'show the traceback of errors in the input (config, data, '
+                        f'checkpoint) too (or set {DEBUG_ENV}=1)')
+
+
 def add_common_args(parser):
     """The options train.py and test.py share with MMDetection's tools:
-    --cfg-options, --launcher, --local_rank (also exported as LOCAL_RANK)."""
+    --cfg-options, --launcher, --local_rank (also exported as LOCAL_RANK),
+    and --debug (:func:`run_tool`)."""
     from mmengine.config import DictAction
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value pairs')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_debug_arg(parser)
+
+
+def run_tool(main):
+    """Call ``main()``; on one of ``USER_ERRORS`` print ``error: MESSAGE`` as
+    the last line and exit with status 1, with the traceback only when the
+    command line has ``--debug`` or the environment ``MMNORM_DEBUG=1``."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        if '--debug' in sys.argv[1:] or os.environ.get(DEBUG_ENV) == '1':
+            raise
+        sys.exit(f'error: {error}')
 
 
 def parse_common(parser):
@@ -357,13 +381,16 @@ def parse_common(parser):
 def load_config(path, cfg_options=None, work_dir=None, launcher='none'):
     """The config at ``path`` with ``--cfg-options`` merged and ``work_dir`` set
     (default ``./work_dirs/<config name>``), after the checkpoint and
-    ``pkg_resources`` fixes that loading it and its checkpoints need."""
+    ``pkg_resources`` fixes that loading it and its checkpoints need; its
+    mmnorm layers checked (:mod:`mmnorm.engine.configcheck`)."""
     trust_checkpoints()
     require_pkg_resources()
+    check_config_path(path)
     cfg = Config.fromfile(path)
     cfg.launcher = launcher
     if cfg_options is not None:
         cfg.merge_from_dict(cfg_options)
+    check_layer_cfgs(cfg)
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
@@ -388,15 +415,21 @@ def build_runner(cfg, phase):
     """Check that the data of ``phase`` ('train' or 'test') is on disk and that
     the checkpoint to load is intact (clear errors otherwise, see
     ``USER_ERRORS``), set up distributed training for ``cfg.launcher`` and AMP
-    on the CPU, and build the runner the config asks for. For training, its
-    checkpoints are then written atomically and carry the random state
-    (:class:`ResumeRandomStateHook`)."""
+    on the CPU, and build the runner the config asks for. Its data-loader
+    workers end with the process (:mod:`mmnorm.engine.workers`) and its
+    evaluations collect the processes' results in the work dir
+    (:mod:`mmnorm.engine.collect_dir`). For training, its checkpoints are then
+    written atomically and carry the random state (:class:`ResumeRandomStateHook`)."""
+    from .collect_dir import CollectInWorkDirHook
+    from .workers import end_workers_with_runner
     check_data_present(cfg, phase)
     _check_checkpoint(cfg, phase)
     setup_distributed(cfg, cfg.launcher)
     if phase == 'train':
         use_cpu_amp(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    end_workers_with_runner(runner)
+    runner.register_hook(CollectInWorkDirHook())
     if phase == 'train':
         checkpoint_check.make_checkpoint_saves_atomic(runner)
         if not any(isinstance(hook, ResumeRandomStateHook) for hook in runner.hooks):

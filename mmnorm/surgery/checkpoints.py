@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.checkpoint_check import checkpoint_problem
 from ..layers import MABN, CenConv
 from ..layers._state import SmallBatchNorm
 from .convert import bn_to_mabn
@@ -157,6 +158,9 @@ def read_source(path, trust=False):
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f'source checkpoint {path} does not exist')
+    problem = checkpoint_problem(str(path), unpickle_legacy=False)
+    if problem is not None:
+        raise ConversionError(f'source checkpoint {path} cannot be used: {problem}')
     try:
         loaded = _load_weights_only(path)
     except pickle.UnpicklingError as err:

@@ -359,14 +359,17 @@ def use_deployed_model(runner, deployed):
 
 def deploy_checkpoint(config, checkpoint, out, cfg_options=None):
     """Build the model of ``config`` (with ``cfg_options`` merged), load
-    ``checkpoint`` with strict key checking, fuse it and save it to ``out``
-    (:func:`save_deployed`). Returns the :func:`fuse` report (a Counter).
+    ``checkpoint`` (refused first if truncated or corrupt) with strict key
+    checking, fuse it and save it to ``out`` (:func:`save_deployed`). Returns
+    the :func:`fuse` report (a Counter).
     Raises a RuntimeError if an mmnorm module would be left in the file."""
     from mmengine.registry import MODELS, DefaultScope
     from mmengine.runner import load_checkpoint
 
+    from ..engine.checkpoint_check import verify_checkpoint
     from ..engine.runtime import load_config
     cfg = load_config(config, cfg_options)
+    verify_checkpoint(checkpoint)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
         model = MODELS.build(cfg.model)
     load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='current')

@@ -500,6 +500,6 @@ def test_unreadable_sources_are_refused(tmp_path):
             '--from', 'torchvision', '--norm', 'BRN']
     with mock.patch.object(sys, 'argv', argv), pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / 'tools' / 'convert_checkpoint.py'), run_name='__main__')
-    assert str(exit_info.value).startswith('convert_checkpoint: ')
+    assert str(exit_info.value).startswith('error: ')
     assert "entry 'epoch'" in str(exit_info.value)
     assert not (tmp_path / 'out.pth').exists()
