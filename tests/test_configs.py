@@ -149,3 +149,27 @@ def test_config_without_coco_stops_with_a_message(tmp_path):
     assert 'Looked for:' in proc.stdout
     assert str(Path(tmp_path) / 'data/coco/annotations/instances_train2017.json') in proc.stdout
     assert 'cocodataset.org' in proc.stdout
+    options = ('train_dataloader.dataset.data_root=/path/to/coco/ '
+               'val_dataloader.dataset.data_root=/path/to/coco/ '
+               'test_dataloader.dataset.data_root=/path/to/coco/ '
+               'val_evaluator.ann_file=/path/to/coco/annotations/instances_val2017.json '
+               'test_evaluator.ann_file=/path/to/coco/annotations/instances_val2017.json')
+    assert f'--cfg-options {options}' in proc.stdout
+
+
+@pytest.mark.parametrize('config', [*CONFIGS, 'demo/mask_rcnn_r18_mabn.py'])
+def test_the_hint_moves_every_data_path_of_the_config(config, tmp_path):
+    """With the hint's options, every file the train and test phases read is
+    looked for under the new root, nothing under the old one."""
+    from mmnorm.engine.datacheck import DataNotFoundError, check_data_present, moving_options
+    cfg = Config.fromfile(REPO / 'configs' / config)
+    new_root = f'{tmp_path}/moved/'
+    options = moving_options(cfg, new_root)
+    assert len(options) == 5  # 3 loaders, 2 evaluators
+    cfg.merge_from_dict(dict(option.split('=', 1) for option in options))
+    for phase in ('train', 'test'):
+        with pytest.raises(DataNotFoundError) as error:
+            check_data_present(cfg, phase)
+        looked = [line.split()[-1] for line in str(error.value).splitlines()
+                  if line.startswith('  MISSING')]
+        assert looked and all(path.startswith(new_root) for path in looked), looked

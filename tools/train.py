@@ -41,7 +41,7 @@ def main():
     if args.auto_scale_lr:
         scale = cfg.get('auto_scale_lr') or {}
         if 'enable' not in scale or 'base_batch_size' not in scale:
-            raise RuntimeError('--auto-scale-lr needs auto_scale_lr=dict('
+            raise runtime.UsageError('--auto-scale-lr needs auto_scale_lr=dict('
                                'enable=..., base_batch_size=...) in the config')
         cfg.auto_scale_lr.enable = True
 

@@ -12,10 +12,11 @@ COCO_HINT = (
     'Get COCO 2017 (train2017, val2017 and annotations_trainval2017) from '
     'https://cocodataset.org/#download and unpack it so that data/coco/annotations, '
     'data/coco/train2017 and data/coco/val2017 exist (or link it: ln -s /path/to/coco '
-    'data/coco), or point the config at your copy with --cfg-options, e.g. '
-    'train_dataloader.dataset.data_root=/path/to/coco/')
-
-HINTS = {'CocoDataset': COCO_HINT}
+    'data/coco), or point the config at your copy for training, validation and testing '
+    'alike with\n  --cfg-options {options}')
+SCENES_HINT = ('Write the Fashion-MNIST scenes first: python tools/prepare_scenes.py '
+               '(or point the config at a copy with\n  --cfg-options {options})')
+NEW_ROOT = '/path/to/coco/'
 
 PHASES = {'train': ('train_dataloader', 'val_dataloader', 'val_evaluator'),
           'test': ('test_dataloader', 'test_evaluator')}
@@ -46,6 +47,45 @@ def _dataset_paths(dataset):
     return dataset.get('type'), paths
 
 
+def moving_options(cfg, new_root):
+    """The ``--cfg-options`` that move every data set of ``cfg`` (the train,
+    val and test loaders, through dataset wrappers) and the evaluators'
+    annotation files from their ``data_root`` to ``new_root``: a config's
+    ``data_root`` variable is used when the file is parsed, so each derived
+    key needs its own override."""
+    options, roots = [], []
+    for split in ('train', 'val', 'test'):
+        key, dataset = f'{split}_dataloader.dataset', (cfg.get(f'{split}_dataloader') or {})
+        dataset = dataset.get('dataset') or {}
+        while 'dataset' in dataset:
+            key, dataset = key + '.dataset', dataset['dataset']
+        if dataset.get('data_root'):
+            roots.append(dataset['data_root'])
+            options.append(f'{key}.data_root={new_root}')
+    for split in ('val', 'test'):
+        evaluator = cfg.get(f'{split}_evaluator')
+        ann_file = evaluator.get('ann_file') if isinstance(evaluator, dict) else None
+        old = next((root for root in roots if ann_file and ann_file.startswith(root)), None)
+        if old is not None:
+            options.append(f'{split}_evaluator.ann_file={new_root}{ann_file[len(old):]}')
+    return options
+
+
+def _hint(cfg, kind, missing):
+    options = ' '.join(moving_options(cfg, NEW_ROOT))
+    if any(scenes_dir() in osp.abspath(path) for path in missing):
+        return SCENES_HINT.format(options=options.replace(NEW_ROOT, '/path/to/scenes/'))
+    if kind == 'CocoDataset':
+        return COCO_HINT.format(options=options)
+    return (f'Prepare the data set of type {kind} at the paths above, or point the config at it '
+            f'with --cfg-options {options}')
+
+
+def scenes_dir():
+    from ..datasets.scenes import DEFAULT_OUT_DIR
+    return osp.normpath(DEFAULT_OUT_DIR)
+
+
 def _evaluator_paths(evaluator):
     evaluators = evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]
     return [e['ann_file'] for e in evaluators if isinstance(e, dict) and e.get('ann_file')]
@@ -72,9 +112,7 @@ def check_data_present(cfg, phase):
             if not osp.exists(path):
                 missing.append(path)
     if missing:
-        hints = [HINTS.get(kind, f'Prepare the data set of type {kind} at the paths above, '
-                                 'or point the config at it with --cfg-options.')
-                 for kind in sorted(kinds, key=str)]
+        hints = [_hint(cfg, kind, missing) for kind in sorted(kinds, key=str)]
         lines = '\n'.join(f'  {"MISSING" if p in missing else "found  "} {osp.abspath(p)}'
                           for p in looked)
         raise DataNotFoundError(f'The data set this config reads is not on disk. Looked for:\n'
