@@ -13,15 +13,7 @@ import sys
 
 import torch
 
-from mmnorm.benchmark import layers
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with each option's default (where it is not None: the help says
-    what happens then) and the description as written."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+from mmnorm.benchmark import HelpFormatter, layers
 
 
 def parse_args(argv):

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from mmnorm.benchmark import maskrcnn
+from mmnorm.benchmark import HelpFormatter, maskrcnn
 
 
 def method_names(p, option, names):
@@ -27,7 +27,7 @@ def method_names(p, option, names):
 def parse_args(argv):
     methods = list(maskrcnn.METHODS)
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='torch device (cuda when available)')
     p.add_argument('--methods', nargs='+', default=methods, metavar='METHOD',

@@ -9,13 +9,13 @@ The models, inputs, timing, memory measurement and profile: mmnorm/benchmark/mod
 import argparse
 import sys
 
-from mmnorm.benchmark import models
+from mmnorm.benchmark import HelpFormatter, models
 
 
 def parse_args(argv):
     keys = [m.key for m in models.METHODS]
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--scale', type=float, default=1.0,
                    help=f'image sides x scale (1: {models.IMAGE[0]}x{models.IMAGE[1]}), RoI '
                    'counts x scale^2')
@@ -23,7 +23,8 @@ def parse_args(argv):
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations per model first')
     p.add_argument('--threads', type=int, default=1, help='torch.set_num_threads')
     p.add_argument('--methods', nargs='+', metavar='NAME',
-                   help=f'a subset of {keys} (FrozenBN, the baseline, is always measured)')
+                   help=f'a subset of {keys} (FrozenBN, the baseline, is always measured; '
+                   'default: all)')
     p.add_argument('--skip-memory', action='store_true', help='leave the memory columns out')
     p.add_argument('--profile', action='store_true',
                    help='profile a training iteration of FrozenBN, BN and MABN even when the '

@@ -157,3 +157,13 @@ def test_unknown_method_is_an_error(tool, capsys):
     with pytest.raises(SystemExit):
         tool.main(['--methods', 'NoSuchNorm'])
     assert "unknown methods ['nosuchnorm']" in capsys.readouterr().err
+
+
+def test_help_shows_defaults(tool, capsys):
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    for default in ('(default: 1.0)', '(default: 5)', '(default: 2)', '(default: 1)',
+                    'default: all)', '(default: False)'):
+        assert default in text, default
+    assert '(default: None)' not in text
