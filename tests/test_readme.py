@@ -101,3 +101,18 @@ def test_readme_block_runs_as_written(block, scratch):
     installed = run([sys.executable, '-c', 'import mmnorm; print(mmnorm.__file__)'],
                     cwd=scratch.parent).stdout.strip().splitlines()[-1]
     assert installed == str(REPO / 'mmnorm' / '__init__.py')  # the set-up's mmnorm is this one
+
+
+def test_readme_torchvision_example_runs():
+    """The README's ``python`` block that uses torchvision runs as written
+    (where a torchvision that works with this torch is installed)."""
+    block, = [b for b in re.findall(r'```python\n(.*?)```', README, flags=re.S)
+              if 'torchvision' in b]
+    try:
+        import torchvision  # noqa: F401
+        from torchvision import ops  # noqa: F401  (fails where its compiled ops do not load)
+    except Exception as error:  # noqa: BLE001  (any failure: the README says which works)
+        pytest.skip(f'no working torchvision with this torch ({type(error).__name__}: {error})')
+    out = run([sys.executable, '-c', block + '\nprint(type(folded).__name__, '
+               'sorted({type(m).__name__ for m in folded.modules()} & {"MABN", "CenConv"}))'])
+    assert out.stdout.strip().splitlines()[-1] == 'ResNet []'
