@@ -155,6 +155,29 @@ def test_dist_train_two_cpu_processes(tiny_coco_session, tmp_path):
     assert load_ckpt(work_dir / 'iter_2.pth')['meta']['iter'] == 2
 
 
+def test_two_process_runs_write_only_their_work_dirs(tiny_coco_session, tmp_path):
+    """Issue 16: dist_train.sh (which validates at its end) and dist_test.sh
+    (with --out, a metric added after the runner is built), 2 CPU processes
+    each, started in an empty folder, leave nothing there but their work dirs:
+    the processes' results are collected in WORK_DIR/.dist_test, which goes
+    once collected, not in mmengine's default ./.dist_test."""
+    cwd = tmp_path / 'cwd'
+    cwd.mkdir()
+    options = ['--cfg-options', *tiny_coco_session.cfg_options()]
+    out = run(['bash', REPO / 'tools' / 'dist_train.sh', CONFIG, '2', '--work-dir', 'train',
+               *options, 'train_cfg.max_iters=1'],
+              env=tool_env(PORT=str(free_port()), PYTHON=sys.executable), cwd=cwd).stdout
+    assert 'coco/segm_mAP:' in out and 'GPU number: 2' in out
+    assert sorted(os.listdir(cwd)) == ['train']
+
+    out = run(['bash', REPO / 'tools' / 'dist_test.sh', CONFIG, 'train/iter_1.pth', '2',
+               '--work-dir', 'test', '--out', 'test/preds.pkl', *options],
+              env=tool_env(PORT=str(free_port()), PYTHON=sys.executable), cwd=cwd).stdout
+    assert 'coco/segm_mAP:' in out and (cwd / 'test' / 'preds.pkl').is_file()
+    assert sorted(os.listdir(cwd)) == ['test', 'train']
+    assert not list(cwd.rglob('.dist_test'))
+
+
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # Stand-in for srun: starts --ntasks copies of the command on this machine
 # with the variables Slurm gives each task.

@@ -42,10 +42,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint_check
 from .amp import use_cpu_amp
+from .collect_dir import CollectInWorkDirHook
 from .configcheck import ConfigError, check_config_path, check_layer_cfgs
 from ..compat import TorchTooOldError
 from .datacheck import DataNotFoundError, check_data_present
 from .resume import ResumeRandomStateHook
+from .workers import end_workers_with_runner
 
 __all__ = [
     'CPUDistributedDataParallel', 'USER_ERRORS', 'UsageError',
@@ -420,8 +422,6 @@ def build_runner(cfg, phase):
     evaluations collect the processes' results in the work dir
     (:mod:`mmnorm.engine.collect_dir`). For training, its checkpoints are then
     written atomically and carry the random state (:class:`ResumeRandomStateHook`)."""
-    from .collect_dir import CollectInWorkDirHook
-    from .workers import end_workers_with_runner
     check_data_present(cfg, phase)
     _check_checkpoint(cfg, phase)
     setup_distributed(cfg, cfg.launcher)
