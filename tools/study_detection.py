@@ -10,7 +10,7 @@ What each row runs and what is written: mmnorm/studies/detection.py.
 import argparse
 import os.path as osp
 
-from mmnorm.studies.detection import ROOT, ROWS, run_study
+from mmnorm.studies.detection import DEFAULT_SEEDS, ROOT, ROWS, run_study
 
 
 def parse_args():
@@ -20,7 +20,7 @@ def parse_args():
                    help='where the table and the plot go (default: docs)')
     p.add_argument('--rows', nargs='+', choices=sorted(ROWS), default=list(ROWS),
                    help='which rows to run (default: all)')
-    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2],
+    p.add_argument('--seeds', nargs='+', type=int, default=DEFAULT_SEEDS,
                    help='the seeds of each row; the 8-image reference row runs with the '
                    'first only (default: 0 1 2)')
     p.add_argument('--data-root', default=None,

@@ -33,6 +33,7 @@ from .results import last_record_with, logged_minutes, markdown_table, read_scal
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 METRICS = ('coco/bbox_mAP', 'coco/segm_mAP')
 PRECISE_BN_ITERS = 200
+DEFAULT_SEEDS = [0, 1, 2]
 #: name -> (label in the table, demo config, images per batch)
 ROWS = {
     'bn': ('BN', 'mask_rcnn_r18_bn.py', 2),
@@ -191,13 +192,20 @@ def write_report(results, seeds, out_dir):
     header = ('norm (everywhere unless stated)', 'images per batch', 'iterations', 'seeds',
               'box AP', 'spread', 'mask AP', 'spread', 'box AP, PreciseBN', 'spread',
               'mask AP, PreciseBN', 'spread', 'train + eval time per run (min)')
+    command = 'python tools/study_detection.py'
+    if list(results) != list(ROWS):
+        command += ' --rows ' + ' '.join(results)
+    if list(seeds) != DEFAULT_SEEDS:
+        command += ' --seeds ' + ' '.join(map(str, seeds))
+    reference = (f'; the 8-image reference row: seed {seeds[0]} only'
+                 if any(name in REFERENCE_ROWS for name in results) else '')
     with open(osp.join(out_dir, 'detection_study.md'), 'w') as f:
         f.write('# Detection study: the demo Mask R-CNN on the Fashion-MNIST scenes\n\n'
-                'Made by `python tools/study_detection.py`. ResNet-18 Mask R-CNN from '
+                f'Made by `{command}`. ResNet-18 Mask R-CNN from '
                 'scratch, configs in `configs/demo/`, one thread per run. AP: COCO box / '
                 'mask AP x 100 on the 300 val scenes, mean over the seeds '
-                f'({", ".join(map(str, seeds))}; the 8-image reference row: seed {seeds[0]} '
-                'only), spread = max - min. "PreciseBN": the same checkpoint tested after '
+                f'({", ".join(map(str, seeds))}{reference}), spread = max - min. "PreciseBN": '
+                'the same checkpoint tested after '
                 f'`tools/test.py --precise-bn {PRECISE_BN_ITERS}` recomputed the inference '
                 'statistics of its BN-family layers from 200 training batches; rows with no '
                 'such layer that trains (frozen BN, GN + WS) are unchanged by it. Time: wall '

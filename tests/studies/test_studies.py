@@ -116,7 +116,9 @@ def test_detection_study_trains_and_tests_each_run_and_reads_back(tmp_path):
     proc = run(cmd, env=tool_env())
     assert proc.stdout.count('tools/train.py') == 3 and proc.stdout.count('tools/test.py') == 3
     assert proc.stdout.count('randomness.seed=1') == 2  # bn: trained and tested
-    rows, runs = tables((out / 'detection_study.md').read_text())
+    report = (out / 'detection_study.md').read_text()
+    assert 'Made by `python tools/study_detection.py --rows bn bn_8img --seeds 0 1`' in report
+    rows, runs = tables(report)
     assert [(r[0], r[1], r[2], r[3]) for r in rows[:2]] == [
         ('BN', '2', '2', '2'), ('BN, 8 images per batch (reference)', '8', '2', '1')]
     assert [(r[0], r[1]) for r in runs] == [('BN', '0'), ('BN', '1'),
