@@ -81,8 +81,8 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
 
     assert aims['header'] == AIMS_HEADER
     assert [(r['layer'], r['aim']) for r in aims['rows']] == [
-        ('MABN', 'fwd+bwd <= 1.5x'), ('WSConv', 'fwd+bwd <= 1.1x'),
-        ('WSConv', 'eval = 1.0x (<= 1.05x, noise)')]
+        ('MABN', 'fwd+bwd <= 1.5x'), ('MABN', 'eval (unfolded) <= 1.05x'),
+        ('WSConv', 'fwd+bwd <= 1.1x'), ('WSConv', 'eval = 1.0x (<= 1.05x, noise)')]
     assert all(r['verdict'] in ('met', 'MISSED') for r in aims['rows'])
 
     # --plot-from reads the ratios back from the written table and redraws the plot.
@@ -90,7 +90,7 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
     assert [(label, shape) for label, _, shape, _ in points] == (
         [('MABN\nvs BN\nfloat32\ncontiguous', s) for s in SHAPES]
         + [('WSConv\nvs Conv\nfloat32\ncontiguous', s) for s in SHAPES])
-    assert [aim.limit for aim in points[0][1]] == [1.5]  # the CPU's aims
+    assert [aim.limit for aim in points[0][1]] == [1.5, 1.05]  # the CPU's aims
     for (_, _, _, ratios), row in zip(points, table['rows']):
         assert ratios == {'fwd+bwd': float(row['fwd+bwd x'].rstrip('x')),
                           'eval': float(row['eval x'].rstrip('x'))}
@@ -126,7 +126,8 @@ def test_tiny_run_bfloat16_channels_last_compiled(tool, tmp_path, keep_threads):
     assert aims['header'] == AIMS_HEADER
     assert [(r['layer'], r['dtype'], r['aim']) for r in aims['rows']] == [
         (layer, dtype, aim) for dtype in ('float32', 'bfloat16')
-        for layer, aim in (('MABN', 'fwd+bwd <= 1.5x'), ('WSConv', 'fwd+bwd <= 1.1x'),
+        for layer, aim in (('MABN', 'fwd+bwd <= 1.5x'), ('MABN', 'eval (unfolded) <= 1.05x'),
+                           ('WSConv', 'fwd+bwd <= 1.1x'),
                            ('WSConv', 'eval = 1.0x (<= 1.05x, noise)'))]
     labels = [label for label, _, _, _ in layers.points_from_markdown(markdown)]
     assert list(dict.fromkeys(labels)) == [
