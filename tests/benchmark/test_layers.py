@@ -251,9 +251,8 @@ def test_cuda_aims_and_header(tmp_path, monkeypatch):
     assert layers.device_text(torch.device('cpu')) == f'device cpu, {threads} threads'
 
 
-def test_plot_from_a_table_without_dtype_columns():
-    """docs/layer_benchmark.md, written before the dtype and memory format
-    columns, still gives its points (float32, contiguous, the CPU aims)."""
+def test_plot_from_the_committed_table():
+    """docs/layer_benchmark.md gives its points (float32, contiguous, the CPU aims)."""
     points = layers.points_from_markdown((REPO / 'docs' / 'layer_benchmark.md').read_text())
     assert points and all(label.endswith('\nfloat32\ncontiguous') for label, _, _, _ in points)
     assert any(aims and aims[0].limit == 1.5 for _, aims, _, _ in points)
