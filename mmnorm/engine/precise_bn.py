@@ -220,7 +220,8 @@ class PreciseBNHook(Hook):
         """Recompute now; ``loader`` (default the runner's training loader)
         gives the data set, batch size and collate function."""
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        loader = loader or runner.train_dataloader
+        if loader is None:
+            loader = runner.train_dataloader
         rank, world = get_dist_info()
         size = loader.batch_size
         share = list(range(rank, min(len(loader.dataset), self.num_iters * size * world), world))
