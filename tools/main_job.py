@@ -18,7 +18,6 @@
 Exit status: the failing tool's, 1 if the run left no AP, else 0.
 """
 import argparse
-import glob
 import os.path as osp
 import re
 import subprocess
@@ -64,23 +63,13 @@ def describe_scenes(prepared, seconds):
             f'{val["num_annotations"]} garments']
 
 
-def newest_log(work_dir, since):
-    """The text of the newest ``WORK_DIR/TIMESTAMP/TIMESTAMP.log`` modified at
-    or after ``since`` (a ``time.time()`` value); '' if there is none."""
-    logs = [f for f in glob.glob(osp.join(work_dir, '*', '*.log')) if osp.getmtime(f) >= since]
-    if not logs:
-        return ''
-    with open(max(logs, key=osp.getmtime)) as f:
-        return f.read()
-
-
 def main():
     args = parse_args()
     from mmengine.config import Config
 
     from mmnorm.datasets import scenes
     from mmnorm.studies import pictures
-    from mmnorm.studies.results import last_record_with, read_scalars
+    from mmnorm.studies.results import last_record_with, newest_log, read_scalars
     start = time.time()
     prepared = scenes.prepare(osp.join(ROOT, scenes.DEFAULT_OUT_DIR))
     print('\n'.join(describe_scenes(prepared, time.time() - start)), flush=True)

@@ -13,7 +13,7 @@ import os.path as osp
 import re
 from typing import List, Optional, Sequence
 
-__all__ = ['last_record_with', 'logged_minutes', 'markdown_table', 'read_scalars']
+__all__ = ['last_record_with', 'logged_minutes', 'markdown_table', 'newest_log', 'read_scalars']
 
 #: The time stamp mmengine's logger puts at the start of every line.
 _LOG_TIME = re.compile(r'^(\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}) ')
@@ -30,15 +30,21 @@ def read_scalars(work_dir: str, since: float = 0.0) -> Optional[List[dict]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def newest_log(work_dir: str, since: float = 0.0) -> str:
+    """The text of the newest ``WORK_DIR/TIMESTAMP/TIMESTAMP.log`` modified at
+    or after ``since`` (a ``time.time()`` value); '' if there is none."""
+    logs = [f for f in glob.glob(osp.join(work_dir, '*', '*.log')) if osp.getmtime(f) >= since]
+    if not logs:
+        return ''
+    with open(max(logs, key=osp.getmtime)) as f:
+        return f.read()
+
+
 def logged_minutes(work_dir: str) -> Optional[float]:
     """Wall time in minutes from the first to the last time-stamped line of
     the newest ``WORK_DIR/TIMESTAMP/TIMESTAMP.log`` (the whole run: training
     and evaluation), or None if there is no such log."""
-    logs = glob.glob(osp.join(work_dir, '*', '*.log'))
-    if not logs:
-        return None
-    with open(max(logs, key=osp.getmtime)) as f:
-        stamps = [m.group(1) for m in map(_LOG_TIME.match, f) if m]
+    stamps = [m.group(1) for m in map(_LOG_TIME.match, newest_log(work_dir).splitlines()) if m]
     if len(stamps) < 2:
         return None
     first, last = (datetime.datetime.strptime(stamp, '%Y/%m/%d %H:%M:%S')
