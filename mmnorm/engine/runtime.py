@@ -24,6 +24,7 @@ to the environments this project runs in lives here.
 This module deliberately does not import mmnorm's layers.
 """
 import datetime
+import gc
 import os
 import os.path as osp
 import subprocess
@@ -52,7 +53,7 @@ from .workers import end_workers_with_runner
 __all__ = [
     'CPUDistributedDataParallel', 'USER_ERRORS', 'UsageError',
     'add_common_args', 'add_debug_arg', 'build_runner', 'parse_common', 'load_config',
-    'require_pkg_resources', 'run_tool',
+    'require_pkg_resources', 'run_tool', 'end_distributed',
     'setup_distributed', 'trust_checkpoints', 'report_rank_finished'
 ]
 
@@ -371,6 +372,22 @@ def run_tool(main):
         if '--debug' in sys.argv[1:] or os.environ.get(DEBUG_ENV) == '1':
             raise
         sys.exit(f'error: {error}')
+    end_distributed()
+
+
+def end_distributed():
+    """Tear down torch.distributed, if this process joined it, while the
+    interpreter is still whole: wait for every rank, free what holds the
+    process group (the runner's DDP wrapper sits in reference cycles), then
+    destroy it. Left to interpreter shutdown, gloo's threads and rank 0's store
+    server can end the process with ``terminate called without an active
+    exception`` (SIGABRT) after a finished run (seen with torch 2.1)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return
+    torch_dist.barrier()
+    gc.collect()
+    torch_dist.destroy_process_group()
+    gc.collect()
 
 
 def parse_common(parser):

@@ -60,3 +60,20 @@ torch.distributed.destroy_process_group()
     assert '[mmnorm rank 0/1] no CUDA: initialised torch.distributed' in proc.stdout
     assert ('[mmnorm rank 0/1] keeping the config\'s model_wrapper_cfg type '
             'MMDistributedDataParallel (the Runner passes device_ids') in proc.stdout
+
+
+def test_run_tool_ends_the_process_group(tmp_path):
+    """A tool that joined torch.distributed leaves it, process group destroyed,
+    before interpreter shutdown (where gloo's threads could abort the process)."""
+    code = '''
+import torch
+from mmengine.config import Config
+from mmnorm.engine import runtime
+runtime.run_tool(lambda: runtime.setup_distributed(Config(dict()), 'pytorch'))
+print('initialised after run_tool:', torch.distributed.is_initialized())
+'''
+    env = tool_env(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
+                   CUDA_VISIBLE_DEVICES='')
+    proc = run([sys.executable, '-c', code], env=env)
+    assert 'initialised after run_tool: False' in proc.stdout
