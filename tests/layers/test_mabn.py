@@ -799,3 +799,30 @@ def test_inference_runs_batch_norms_kernel_alone():
     assert calls[0] == calls[1]
     expected = x * (layer.weight / (layer.running_var + layer.eps).sqrt()).view(1, -1, 1, 1)
     torch.testing.assert_close(layer(x), expected + layer.bias.view(1, -1, 1, 1))
+
+
+def test_inference_zero_mean_follows_casts_and_moves():
+    # The zero mean kept between inference calls is made again whenever the
+    # layer's buffer is replaced (.double(), .half(), .to(device)), so every
+    # call still computes weight * x / sqrt(running_var + eps) + bias.
+    layer = random_affine(MABN(C)).eval()
+    layer.running_var.uniform_(0.5, 2)
+
+    def expected(x):
+        var = layer.running_var.to(torch.float64)
+        scale = layer.weight.to(torch.float64) / (var + layer.eps).sqrt()
+        return x.to(torch.float64) * scale.view(1, -1, 1, 1) + layer.bias.to(
+            torch.float64).view(1, -1, 1, 1)
+
+    x = torch.randn(2, C, 3, 3)
+    for cast, dtype, tol in ((torch.nn.Module.float, torch.float32, 1e-6),
+                             (torch.nn.Module.double, torch.float64, 1e-12),
+                             (torch.nn.Module.half, torch.float16, 2e-3),
+                             (torch.nn.Module.float, torch.float32, 1e-6)):
+        cast(layer)
+        xi = x.to(dtype)
+        for _ in range(2):  # the second call uses the kept zeros
+            y = layer(xi)
+            assert y.dtype == dtype
+            torch.testing.assert_close(y.to(torch.float64), expected(xi), rtol=tol, atol=tol)
+        assert layer.__dict__['_zeros'][0] is layer.running_var
