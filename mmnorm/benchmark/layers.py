@@ -333,7 +333,7 @@ ROWS = [
         cuda_aims=(h100_aim('fwd+bwd', 1.05), h100_aim('eval', 1.05))),
     Row('CenConv', 'Conv', cen_conv, conv, conv_input=True),
 ]
-MAX_ROUNDS = 200
+MAX_ROUNDS = 1000
 MIN_TIME = {'cpu': 1.0, 'cuda': 0.05}  # the default --min-time per device type
 DTYPES = ('float32', 'bfloat16')
 MEMORY_FORMATS = {'contiguous': torch.contiguous_format, 'channels_last': torch.channels_last}
