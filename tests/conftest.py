@@ -1,4 +1,4 @@
-"""Shared pytest fixtures and helpers."""
+"""Shared pytest fixtures and helpers, and the markers of docs/testing.md."""
 import importlib.util
 import json
 import os
@@ -9,8 +9,21 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pytest
+
+def _share_the_cores():
+    """Under pytest-xdist, give each worker its share of the cores before torch
+    is imported: N workers with N threads each (and the tools they start, which
+    inherit the variable) would oversubscribe the machine."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        os.environ.setdefault('OMP_NUM_THREADS', str(max(1, (cores or 1) // workers)))
+
+
+_share_the_cores()
+
+import numpy as np  # noqa: E402  (after the thread count is set)
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLASSES = ('rectangle', 'ellipse')
@@ -47,6 +60,10 @@ NO_CPU_FLOAT16_CONV = _cpu_refusal(_float16_conv)
 def pytest_configure(config):
     config.addinivalue_line('markers', 'cuda: needs an NVIDIA GPU (tests/cuda; '
                             'MMNORM_CUDA_TESTS_ON_CPU=1 runs their code on the CPU)')
+    config.addinivalue_line('markers', 'end_to_end: runs a tool, a training or several '
+                            'processes; the torch 2.1 stack deselects these (docs/testing.md)')
+    config.addinivalue_line('markers', 'every_stack: an end_to_end test that runs on every '
+                            'stack all the same (docs/testing.md)')
 
 
 def tool_env(**extra):
@@ -227,3 +244,20 @@ def tiny_coco(tmp_path):
 def tiny_coco_session(tmp_path_factory):
     """The tiny COCO data set, written once and shared by a session."""
     return write_tiny_coco(tmp_path_factory.mktemp('data') / 'tiny_coco')
+
+
+@pytest.fixture(scope='session')
+def default_scenes():
+    """The main job's scenes (``data/fmnist_scenes`` in the repository),
+    prepared once under a file lock: the tests that run the main job or the
+    README's commands may start on two pytest-xdist workers at once, and each
+    of those writes the scenes when they are missing."""
+    import fcntl
+
+    from mmnorm.datasets import scenes
+    out_dir = REPO / scenes.DEFAULT_OUT_DIR
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / '.fmnist_scenes.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        scenes.prepare(str(out_dir))
+    return out_dir

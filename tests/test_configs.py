@@ -123,6 +123,7 @@ def workspace(tmp_path_factory):
 
 
 @pytest.mark.parametrize('config', CONFIGS)
+@pytest.mark.end_to_end
 def test_config_trains_and_evaluates(config, workspace, tmp_path):
     path = REPO / 'configs' / config
     work_dir = tmp_path / 'work'
@@ -140,6 +141,7 @@ def test_config_trains_and_evaluates(config, workspace, tmp_path):
     assert re.search(r'coco/segm_mAP: -?\d', out), out[-3000:]
 
 
+@pytest.mark.end_to_end
 def test_config_without_coco_stops_with_a_message(tmp_path):
     proc = run([sys.executable, REPO / 'tools' / 'train.py',
                 REPO / 'configs' / 'mask_rcnn_mabn.py', '--work-dir', tmp_path / 'work'],

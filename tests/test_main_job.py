@@ -119,7 +119,7 @@ def test_masks_are_translucent(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def main_job(tmp_path_factory):
+def main_job(tmp_path_factory, default_scenes):
     """One short main job: its output and work dir."""
     work_dir = tmp_path_factory.mktemp('main_job')
     out = run([sys.executable, REPO / 'tools' / 'main_job.py', '--work-dir', work_dir,
@@ -128,6 +128,8 @@ def main_job(tmp_path_factory):
 
 
 @needs_fashion_mnist
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('main_job')
 def test_main_job_draws_one_grid_and_the_loss_curve(main_job):
     out, work_dir = main_job
     width, height = Image.open(work_dir / 'predictions.png').size
@@ -138,6 +140,8 @@ def test_main_job_draws_one_grid_and_the_loss_curve(main_job):
 
 
 @needs_fashion_mnist
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('main_job')
 def test_drawing_pass_computes_no_metric(main_job):
     out, work_dir = main_job
     drawing = out[out.index(str(REPO / 'tools' / 'test.py')):]
@@ -147,6 +151,8 @@ def test_drawing_pass_computes_no_metric(main_job):
 
 
 @needs_fashion_mnist
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('main_job')
 def test_main_job_sums_up_in_human_lines(main_job):
     out, _ = main_job
     lines = [line for line in out.splitlines() if line.startswith('[main job]')]
@@ -161,7 +167,8 @@ def test_main_job_sums_up_in_human_lines(main_job):
 
 
 @needs_fashion_mnist
-def test_main_job_warns_when_the_model_predicted_nothing(tmp_path):
+@pytest.mark.end_to_end
+def test_main_job_warns_when_the_model_predicted_nothing(tmp_path, default_scenes):
     nothing_passes = 'model.test_cfg.rcnn.score_thr=1.01'  # scores are at most 1
     proc = run([sys.executable, REPO / 'tools' / 'main_job.py', '--work-dir', tmp_path,
                 '--cfg-options', *FEW, nothing_passes])

@@ -71,11 +71,9 @@ def test_ci_runs_the_readme_test_commands_of_both_stacks():
 
 
 @pytest.fixture(scope='module')
-def scratch(tmp_path_factory):
+def scratch(tmp_path_factory, default_scenes):
     """One folder for all blocks (a later block reads what an earlier one
     wrote), linking the repository's files; the scenes are prepared."""
-    from mmnorm.datasets import scenes
-    scenes.prepare(str(REPO / scenes.DEFAULT_OUT_DIR))
     folder = tmp_path_factory.mktemp('readme')
     for name in LINKED:
         (folder / name).symlink_to(REPO / name)
@@ -87,6 +85,8 @@ def scratch(tmp_path_factory):
                     'runs them')
 @pytest.mark.parametrize('block', BLOCKS,
                          ids=[without_comment(block[-1])[:48] for block in BLOCKS])
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('readme')
 def test_readme_block_runs_as_written(block, scratch):
     before = git_status()
     env = tool_env(PATH='/usr/local/bin:/usr/bin:/bin')

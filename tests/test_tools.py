@@ -17,6 +17,7 @@ from conftest import REPO, free_port, run, tool_env, write_exe
 
 from mmnorm.compat import torch_version
 
+pytestmark = pytest.mark.end_to_end
 CONFIG = REPO / 'tests' / 'configs' / 'tiny_mask_rcnn.py'
 def train(work_dir, data, *args, max_iters=2, env=None, check=True):
     return run([sys.executable, REPO / 'tools' / 'train.py', CONFIG,
@@ -38,6 +39,8 @@ def trained(tiny_coco_session, tmp_path_factory):
     return work_dir, proc.stdout
 
 
+@pytest.mark.every_stack
+@pytest.mark.xdist_group('tools_trained')
 def test_train_writes_checkpoint(trained):
     work_dir, out = trained
     ckpt = work_dir / 'iter_2.pth'
@@ -54,6 +57,7 @@ def test_train_writes_checkpoint(trained):
 
 
 @pytest.mark.parametrize('how', ['path', 'auto'])
+@pytest.mark.xdist_group('tools_trained')
 def test_resume_continues(trained, tiny_coco_session, tmp_path, how):
     src_dir, _ = trained
     if how == 'path':
@@ -76,6 +80,7 @@ def test_resume_continues(trained, tiny_coco_session, tmp_path, how):
 
 @pytest.mark.skipif(torch_version() < (2, 6), reason='torch < 2.6 loads with weights_only=False '
                     'by default: mmengine loads its checkpoints without trust_checkpoints')
+@pytest.mark.xdist_group('tools_trained')
 def test_resume_fails_without_trusted_loading(trained, tiny_coco_session,
                                               tmp_path):
     """Guards the reason for trust_checkpoints: with torch's default
@@ -89,6 +94,8 @@ def test_resume_fails_without_trusted_loading(trained, tiny_coco_session,
     assert 'Weights only load failed' in proc.stdout
 
 
+@pytest.mark.every_stack
+@pytest.mark.xdist_group('tools_trained')
 def test_test_tool_evaluates(trained, tiny_coco_session, tmp_path):
     src_dir, _ = trained
     out_pkl = tmp_path / 'preds.pkl'
@@ -106,6 +113,7 @@ def test_test_tool_evaluates(trained, tiny_coco_session, tmp_path):
     assert {'pred_instances', 'img_id'} <= set(preds[0])
 
 
+@pytest.mark.xdist_group('tools_trained')
 def test_test_tool_precise_bn_recomputes_before_testing(trained, tiny_coco_session, tmp_path):
     """--precise-bn N: the statistics are recomputed from N training batches
     with the checkpoint's weights, and the test uses them (its predictions
@@ -128,6 +136,7 @@ def test_test_tool_precise_bn_recomputes_before_testing(trained, tiny_coco_sessi
     assert scores[0] != scores[1]
 
 
+@pytest.mark.xdist_group('tools_trained')
 def test_test_tool_precise_bn_refuses_bad_values(trained, tiny_coco_session, tmp_path):
     src_dir, _ = trained
     proc = run([sys.executable, REPO / 'tools' / 'test.py', CONFIG, src_dir / 'iter_2.pth',
@@ -136,6 +145,7 @@ def test_test_tool_precise_bn_refuses_bad_values(trained, tiny_coco_session, tmp
     assert '--precise-bn must be at least 1, got 0' in proc.stdout
 
 
+@pytest.mark.every_stack
 def test_dist_train_two_cpu_processes(tiny_coco_session, tmp_path):
     work_dir = tmp_path / 'dist'
     env = tool_env(PORT=str(free_port()), PYTHON=sys.executable)

@@ -253,6 +253,7 @@ def test_prepare_is_idempotent_and_redoes_what_changed(tmp_path):
         scenes.prepare(str(out), num_train=0, num_val=2)
 
 
+@pytest.mark.end_to_end
 def test_cli_prepares_then_does_nothing(tmp_path):
     cmd = [sys.executable, str(REPO / 'tools' / 'prepare_scenes.py'), '--out',
            str(tmp_path / 's'), '--num-train', '3', '--num-val', '2', '--seed', '5']
@@ -401,6 +402,7 @@ def test_demo_base_matches_the_scenes():
 
 
 @pytest.mark.parametrize('demo', sorted(DEMOS))
+@pytest.mark.end_to_end
 def test_demo_config_trains_and_evaluates(demo, small_set, tmp_path, one_thread):
     import torch
     from mmengine.config import Config
@@ -440,6 +442,7 @@ def test_demo_config_trains_and_evaluates(demo, small_set, tmp_path, one_thread)
     check(model)
 
 
+@pytest.mark.end_to_end
 def test_dist_train_two_cpu_processes_on_the_demo_then_evaluate(small_set, tmp_path):
     """tools/dist_train.sh with 2 CPU processes (gloo) trains the MABN demo a
     few iterations; tools/test.py evaluates the checkpoint it wrote."""

@@ -37,6 +37,7 @@ NORM_BUFFERS = {
 
 @needs_cpu_grad_scaler
 @pytest.mark.parametrize('method', ['mabn', 'cbn', 'brn', 'gnws'])
+@pytest.mark.end_to_end
 def test_amp_trains_demo_config(method, scene_data, tmp_path):  # noqa: F811
     out = train_demo(method, tmp_path, scene_data, '--amp', max_iters=AMP_ITERS,
                      checkpoint_interval=AMP_ITERS).stdout

@@ -65,12 +65,14 @@ def assert_one_line_error(proc, message):
     assert len(lines) <= 3  # at most mmnorm's trusted-loading note before it
 
 
+@pytest.mark.end_to_end
 def test_train_reports_a_bad_value_in_one_line(tmp_path):
     proc = train(MABN_CONFIG, '--work-dir', tmp_path, '--cfg-options',
                  'model.backbone.norm_cfg.buffer_size=0')
     assert_one_line_error(proc, 'model.backbone.norm_cfg: MABN: buffer_size must be > 0, got 0')
 
 
+@pytest.mark.end_to_end
 def test_train_names_the_closest_key_of_a_misspelled_one(tmp_path):
     proc = train(MABN_CONFIG, '--work-dir', tmp_path, '--cfg-options',
                  'model.backbone.norm_cfg.bufer_size=16')
@@ -80,6 +82,7 @@ def test_train_names_the_closest_key_of_a_misspelled_one(tmp_path):
     assert_one_line_error(proc, proc.stdout.strip().splitlines()[-1][len('error: '):])
 
 
+@pytest.mark.end_to_end
 def test_train_names_the_closest_config_of_a_missing_one(tmp_path):
     proc = train('configs/demo/mask_rcnn_r18_mabm.py')
     assert_one_line_error(proc, 'config file configs/demo/mask_rcnn_r18_mabm.py does not exist; '
@@ -88,6 +91,7 @@ def test_train_names_the_closest_config_of_a_missing_one(tmp_path):
 
 
 @pytest.mark.parametrize('how', ['--debug', 'MMNORM_DEBUG=1'])
+@pytest.mark.end_to_end
 def test_the_traceback_is_shown_when_asked_for(tmp_path, how):
     args = [MABN_CONFIG, '--work-dir', tmp_path, '--cfg-options',
             'model.backbone.norm_cfg.buffer_size=0']
@@ -119,6 +123,7 @@ def truncated(tmp_path_factory):
     ('convert_checkpoint.py', ['{ckpt}', '{out}', '--from', 'torchvision', '--norm', 'MABN'],
      'source checkpoint'),
 ])
+@pytest.mark.end_to_end
 def test_every_tool_refuses_a_truncated_checkpoint_in_one_line(truncated, tiny_coco_session,
                                                                tmp_path, tool, args, what):
     args = [str(a).format(ckpt=truncated, out=tmp_path / 'out.pth', data='{data}') for a in args]

@@ -174,6 +174,8 @@ def start_and_kill_after_checkpoint(method, work_dir, data, log_path, config=Non
 
 
 @pytest.mark.parametrize('method', ['mabn', 'cbn', 'brn'])
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('demo_runs')
 def test_killed_run_resumes_exactly(method, scene_data, uninterrupted, tmp_path):
     """SIGKILL after the checkpoint of iteration 8, then --resume: the final
     state dict (weights and every norm buffer) and the optimizer's momentum
@@ -206,6 +208,8 @@ def test_killed_run_resumes_exactly(method, scene_data, uninterrupted, tmp_path)
         assert state['backbone.bn1.buffer_x2'].shape == (2, 16)
 
 
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('demo_runs')
 def test_killed_run_with_precise_bn_hook_resumes_exactly(scene_data, uninterrupted, tmp_path):
     """PreciseBNHook recomputes the statistics at the last iteration from its
     own batches and restores the random states: a killed and resumed run still
@@ -227,6 +231,8 @@ def test_killed_run_with_precise_bn_hook_resumes_exactly(scene_data, uninterrupt
     assert changed and all(key.endswith('running_var') for key in changed), changed
 
 
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('demo_runs')
 def test_resume_without_random_state_is_not_exact(scene_data, uninterrupted, tmp_path):
     """Guards the reason for ResumeRandomStateHook: mmengine's own resume (the
     checkpoint without ``rng_states``) ends elsewhere, and the user is told."""
@@ -311,6 +317,8 @@ def assert_clean_error(proc, *parts):
     return error
 
 
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('demo_runs')
 def test_resume_path_refuses_truncated_checkpoint(damaged_run, scene_data):
     proc = train_demo('brn', damaged_run, scene_data, '--resume', damaged_run / 'iter_12.pth',
                       check=False)
@@ -318,6 +326,8 @@ def test_resume_path_refuses_truncated_checkpoint(damaged_run, scene_data):
                        'truncated or corrupt')
 
 
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('demo_runs')
 def test_auto_resume_stops_at_truncated_newest_then_previous_resumes(
         damaged_run, scene_data, uninterrupted):
     """--resume without a path stops, names the damaged file and the intact
@@ -339,6 +349,8 @@ def test_auto_resume_stops_at_truncated_newest_then_previous_resumes(
     assert differences(expected, load_ckpt(damaged_run / 'iter_12.pth')['state_dict']) == {}
 
 
+@pytest.mark.end_to_end
+@pytest.mark.xdist_group('demo_runs')
 def test_test_tool_refuses_truncated_checkpoint(damaged_run, scene_data):
     proc = run([sys.executable, REPO / 'tools' / 'test.py', DEMO / 'mask_rcnn_r18_brn.py',
                 damaged_run / 'iter_12.pth', '--work-dir', damaged_run / 'test',

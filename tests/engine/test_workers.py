@@ -116,6 +116,7 @@ def assert_gone(pids, seconds=WORKERS_GONE_WITHIN):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.end_to_end
 def test_killed_training_ends_its_training_and_validation_workers(data, tmp_path):
     """Killed while validating after iteration 1: the 2 workers of the
     training loader (they stay while validating) and the 2 of the validation
@@ -127,6 +128,7 @@ def test_killed_training_ends_its_training_and_validation_workers(data, tmp_path
     assert_gone(workers)
 
 
+@pytest.mark.end_to_end
 def test_killed_test_ends_its_test_workers(data, tmp_path):
     """Killed while testing: the 2 workers of the test loader end with the run."""
     checkpoint = tmp_path / 'untrained.pth'  # the model keeps its initial weights

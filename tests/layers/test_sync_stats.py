@@ -203,6 +203,7 @@ def assert_states_close(actual, expected, **tol):
 
 
 @pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.xdist_group('sync_stats_ddp')
 def test_sync_stats_ranks_agree_and_equal_one_process_on_the_union(ddp_results, kind):
     rank0, rank1 = (r[kind, True] for r in ddp_results)
     for key in rank0:  # identical buffers (and weights) on both ranks
@@ -219,6 +220,7 @@ def test_sync_stats_ranks_agree_and_equal_one_process_on_the_union(ddp_results, 
 
 
 @pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.xdist_group('sync_stats_ddp')
 def test_without_sync_stats_each_rank_keeps_its_own_buffers(ddp_results, kind):
     rank0, rank1 = (r[kind, False] for r in ddp_results)
     for key in rank0:
@@ -232,6 +234,7 @@ def test_without_sync_stats_each_rank_keeps_its_own_buffers(ddp_results, kind):
 
 
 @pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.xdist_group('sync_stats_ddp')
 def test_sync_stats_empty_union_stores_nothing_and_advances_every_counter(ddp_results, kind):
     for result in ddp_results:
         res = result[kind, 'empty']
@@ -279,6 +282,7 @@ def test_sync_stats_must_be_a_bool(kind, value):
 
 # ---------------------------------------------------------- SyncBuffersHook
 @pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.xdist_group('sync_stats_ddp')
 def test_sync_buffers_hook_with_equal_counters_averages_into_a_valid_state(ddp_results, kind):
     results = [r[kind, 'hook'] for r in ddp_results]
     before = [r['equal_before'] for r in results]
@@ -329,6 +333,7 @@ def test_sync_buffers_hook_with_unequal_counters_then_training_continues_consist
 
 
 @pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.xdist_group('sync_stats_ddp')
 def test_sync_buffers_hook_keeps_large_equal_counters(ddp_results, kind):
     for result in ddp_results:
         assert result[kind, 'hook']['large_counters'] == [5_000_001, 5_000_001]
