@@ -66,6 +66,20 @@ def pytest_configure(config):
                             'stack all the same (docs/testing.md)')
 
 
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` every test marked ``xdist_group`` must carry
+    its group in its node id: that is how pytest-xdist keeps a group on one
+    worker (a pytest that forbids it would run shared trainings twice, and
+    README blocks that build on each other apart)."""
+    if 'PYTEST_XDIST_WORKER' not in os.environ or session.config.getoption('dist') != 'loadgroup':
+        return
+    lost = [item.nodeid for item in session.items
+            if item.get_closest_marker('xdist_group') and '@' not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f'pytest-xdist could not group {len(lost)} tests (first: '
+                                f'{lost[0]}): use the pytest of requirements/tests.txt')
+
+
 def tool_env(**extra):
     """The environment the tools run in: without the weights-only override, so
     the tools' own trusted-loading fix (mmnorm.engine.runtime) is what is tested."""

@@ -19,6 +19,7 @@ def wheels(tmp_path_factory):
     return folder
 
 
+@pytest.mark.end_to_end
 def test_smoke_installs_from_wheels_and_runs_every_step(wheels, tmp_path):
     names = sorted(path.name.split('-')[0] for path in wheels.glob('*.whl'))
     assert names == ['addict', 'mmengine', 'platformdirs', 'termcolor', 'yapf']

@@ -82,6 +82,7 @@ def environment(tmp_path_factory):
     return python, set_torch, str(source)
 
 
+@pytest.mark.end_to_end
 def test_switching_torch_never_keeps_an_mmcv_built_for_another(environment, tmp_path,
                                                                 capfd):
     python, set_torch, source = environment
@@ -126,6 +127,7 @@ def test_switching_torch_never_keeps_an_mmcv_built_for_another(environment, tmp_
     assert installer.mmcv_problem(python, VERSION) is None
 
 
+@pytest.mark.end_to_end
 def test_another_mmcv_version_counts_as_missing(environment, tmp_path):
     python, set_torch, source = environment
     installer = load_tool('install_mmcv')

@@ -145,15 +145,23 @@ def test_test_tool_precise_bn_refuses_bad_values(trained, tiny_coco_session, tmp
     assert '--precise-bn must be at least 1, got 0' in proc.stdout
 
 
+@pytest.fixture(scope='module')
+def dist_trained(tiny_coco_session, tmp_path_factory):
+    """tools/dist_train.sh, 2 CPU processes, 2 iterations (it validates at its
+    end), started in an empty folder with a relative work dir: (folder,
+    output, what the folder held afterwards)."""
+    cwd = tmp_path_factory.mktemp('dist') / 'cwd'
+    cwd.mkdir()
+    out = run(['bash', REPO / 'tools' / 'dist_train.sh', CONFIG, '2', '--work-dir', 'train',
+               '--cfg-options', *tiny_coco_session.cfg_options(), 'train_cfg.max_iters=2'],
+              env=tool_env(PORT=str(free_port()), PYTHON=sys.executable), cwd=cwd).stdout
+    return cwd, out, sorted(os.listdir(cwd))
+
+
 @pytest.mark.every_stack
-def test_dist_train_two_cpu_processes(tiny_coco_session, tmp_path):
-    work_dir = tmp_path / 'dist'
-    env = tool_env(PORT=str(free_port()), PYTHON=sys.executable)
-    proc = run(['bash', REPO / 'tools' / 'dist_train.sh', CONFIG, '2',
-                '--work-dir', work_dir, '--cfg-options',
-                *tiny_coco_session.cfg_options(), 'train_cfg.max_iters=2'],
-               env=env)
-    out = proc.stdout
+@pytest.mark.xdist_group('tools_dist')
+def test_dist_train_two_cpu_processes(dist_trained):
+    cwd, out, _ = dist_trained
     for rank in (0, 1):
         assert (f'[mmnorm rank {rank}/2] no CUDA: initialised torch.distributed'
                 f' for the pytorch launcher with the gloo backend') in out
@@ -162,26 +170,23 @@ def test_dist_train_two_cpu_processes(tiny_coco_session, tmp_path):
     assert 'Distributed training: True' in out
     assert 'GPU number: 2' in out  # mmengine's name for the world size
     assert 'Iter(train) [2/2]' in out
-    assert load_ckpt(work_dir / 'iter_2.pth')['meta']['iter'] == 2
+    assert load_ckpt(cwd / 'train' / 'iter_2.pth')['meta']['iter'] == 2
 
 
-def test_two_process_runs_write_only_their_work_dirs(tiny_coco_session, tmp_path):
+@pytest.mark.xdist_group('tools_dist')
+def test_two_process_runs_write_only_their_work_dirs(dist_trained, tiny_coco_session):
     """Issue 16: dist_train.sh (which validates at its end) and dist_test.sh
     (with --out, a metric added after the runner is built), 2 CPU processes
     each, started in an empty folder, leave nothing there but their work dirs:
     the processes' results are collected in WORK_DIR/.dist_test, which goes
     once collected, not in mmengine's default ./.dist_test."""
-    cwd = tmp_path / 'cwd'
-    cwd.mkdir()
-    options = ['--cfg-options', *tiny_coco_session.cfg_options()]
-    out = run(['bash', REPO / 'tools' / 'dist_train.sh', CONFIG, '2', '--work-dir', 'train',
-               *options, 'train_cfg.max_iters=1'],
-              env=tool_env(PORT=str(free_port()), PYTHON=sys.executable), cwd=cwd).stdout
+    cwd, out, after_training = dist_trained
     assert 'coco/segm_mAP:' in out and 'GPU number: 2' in out
-    assert sorted(os.listdir(cwd)) == ['train']
+    assert after_training == ['train']
 
-    out = run(['bash', REPO / 'tools' / 'dist_test.sh', CONFIG, 'train/iter_1.pth', '2',
-               '--work-dir', 'test', '--out', 'test/preds.pkl', *options],
+    out = run(['bash', REPO / 'tools' / 'dist_test.sh', CONFIG, 'train/iter_2.pth', '2',
+               '--work-dir', 'test', '--out', 'test/preds.pkl', '--cfg-options',
+               *tiny_coco_session.cfg_options()],
               env=tool_env(PORT=str(free_port()), PYTHON=sys.executable), cwd=cwd).stdout
     assert 'coco/segm_mAP:' in out and (cwd / 'test' / 'preds.pkl').is_file()
     assert sorted(os.listdir(cwd)) == ['test', 'train']

@@ -104,7 +104,8 @@ case "${1:-}" in
         status=0
         "$VENV/bin/python" -m pytest -q -n "${MMNORM_TEST_WORKERS:-$(nproc)}" --dist loadgroup \
             --durations=15 "${SELECT[@]}" "$@" tests || status=$?
-        printf "[mmnorm test] the suite took %s (pytest exit status %s)\n" "$(elapsed $((SECONDS - start)))" "$status"
+        printf '[mmnorm test] the suite took %s (pytest exit status %s)\n' \
+            "$(elapsed $((SECONDS - start)))" "$status"
         phase suite $((SECONDS - start))
         exit $status ;;
     setup) say "done: activate the environment with  source ${VENV#"$ROOT"/}/bin/activate" ;;

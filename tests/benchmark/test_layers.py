@@ -52,6 +52,7 @@ def numbers(cell):
     return [float(v) for v in re.findall(r'\d+(?:\.\d+)?', cell)]
 
 
+@pytest.mark.end_to_end
 def test_tiny_run(tool, tmp_path, capsys, keep_threads):
     out = tmp_path / 'docs' / 'bench.md'
     argv = TINY + ['--layers', 'MABN', 'wsconv', '--out', str(out)]
@@ -102,6 +103,7 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
     assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.end_to_end
 def test_tiny_run_bfloat16_channels_last_compiled(tool, tmp_path, keep_threads):
     """--dtype float32 bfloat16 --memory-format channels_last --compile
     (backend aot_eager: no C++ compiler needed): a set of rows per dtype, the

@@ -22,6 +22,7 @@ def tool():
     return load_tool('benchmark_models')
 
 
+@pytest.mark.end_to_end
 def test_tiny_run_with_memory_and_profile(tool, tmp_path, capsys, keep_threads):
     out = tmp_path / 'docs' / 'model.md'
     markdown = tool.main(TINY + ['--methods', 'MABN', '--profile', '--out', str(out)])
@@ -73,6 +74,7 @@ def test_tiny_run_with_memory_and_profile(tool, tmp_path, capsys, keep_threads):
     assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.end_to_end
 def test_fused_and_no_norm_rows(tool, keep_threads):
     """The issue-7 rows: inference only, the same architecture (checked by the
     script), and the fused / no-norm ratio with its verdict."""

@@ -4,7 +4,8 @@ Without an accelerator, mmnorm.engine.amp runs ``--amp`` as bfloat16 autocast
 with ``torch.amp.GradScaler('cpu')`` (CPUAmpOptimWrapper) and runs mmcv's
 float32-only CPU ops (NMS, RoIAlign) in float32 under autocast. The
 end-to-end test trains each demo config (MABN, CBN, BRN, GN + WS; shrunk as in
-tests/engine/test_faults.py) for 30 iterations with ``--amp``: every loss is finite
+tests/engine/test_faults.py, so that each layer's schedule is crossed within 12
+iterations) for 12 iterations with ``--amp``: every loss is finite
 and the checkpoint's parameters and buffers are finite float32. PyTorch's
 CPU GradScaler exists from torch 2.3 on: on older torch ``--amp`` without a
 GPU stops with an error naming the feature and the version it needs.
@@ -20,7 +21,7 @@ from test_faults import load_ckpt, scene_data, train_demo  # noqa: F401  (scene_
 from mmnorm.engine import amp
 from mmnorm.compat import TorchTooOldError, torch_version
 
-AMP_ITERS = 30
+AMP_ITERS = 12  # the MAX_ITERS of test_faults, whose schedules end by then
 CPU_GRAD_SCALER = torch_version() >= (2, 3)
 needs_cpu_grad_scaler = pytest.mark.skipif(
     not CPU_GRAD_SCALER, reason=f'the CPU GradScaler needs torch >= 2.3 (this is '
@@ -48,7 +49,7 @@ def test_amp_trains_demo_config(method, scene_data, tmp_path):  # noqa: F811
 
     ckpt = load_ckpt(tmp_path / f'iter_{AMP_ITERS}.pth')
     # Saved by the AMP wrapper only. No step was skipped for an inf/NaN
-    # gradient: the scale kept its initial 2^16 and counted 30 good steps.
+    # gradient: the scale kept its initial 2^16 and counted AMP_ITERS good steps.
     scaler = ckpt['optimizer']['loss_scaler']
     assert (scaler['scale'], scaler['_growth_tracker']) == (2.0 ** 16, AMP_ITERS)
     state = ckpt['state_dict']

@@ -173,9 +173,14 @@ def start_and_kill_after_checkpoint(method, work_dir, data, log_path, config=Non
     return proc.returncode
 
 
-@pytest.mark.parametrize('method', ['mabn', 'cbn', 'brn'])
+#: The tests that share a method's uninterrupted run stay on one test worker.
+ON_ONE_WORKER = {method: pytest.mark.xdist_group(f'demo_runs_{method}')
+                 for method in ('mabn', 'cbn', 'brn')}
+
+
+@pytest.mark.parametrize('method', [pytest.param(method, marks=ON_ONE_WORKER[method])
+                                    for method in ('mabn', 'cbn', 'brn')])
 @pytest.mark.end_to_end
-@pytest.mark.xdist_group('demo_runs')
 def test_killed_run_resumes_exactly(method, scene_data, uninterrupted, tmp_path):
     """SIGKILL after the checkpoint of iteration 8, then --resume: the final
     state dict (weights and every norm buffer) and the optimizer's momentum
@@ -209,7 +214,7 @@ def test_killed_run_resumes_exactly(method, scene_data, uninterrupted, tmp_path)
 
 
 @pytest.mark.end_to_end
-@pytest.mark.xdist_group('demo_runs')
+@ON_ONE_WORKER['mabn']
 def test_killed_run_with_precise_bn_hook_resumes_exactly(scene_data, uninterrupted, tmp_path):
     """PreciseBNHook recomputes the statistics at the last iteration from its
     own batches and restores the random states: a killed and resumed run still
@@ -232,7 +237,7 @@ def test_killed_run_with_precise_bn_hook_resumes_exactly(scene_data, uninterrupt
 
 
 @pytest.mark.end_to_end
-@pytest.mark.xdist_group('demo_runs')
+@ON_ONE_WORKER['mabn']
 def test_resume_without_random_state_is_not_exact(scene_data, uninterrupted, tmp_path):
     """Guards the reason for ResumeRandomStateHook: mmengine's own resume (the
     checkpoint without ``rng_states``) ends elsewhere, and the user is told."""
@@ -318,7 +323,7 @@ def assert_clean_error(proc, *parts):
 
 
 @pytest.mark.end_to_end
-@pytest.mark.xdist_group('demo_runs')
+@ON_ONE_WORKER['brn']
 def test_resume_path_refuses_truncated_checkpoint(damaged_run, scene_data):
     proc = train_demo('brn', damaged_run, scene_data, '--resume', damaged_run / 'iter_12.pth',
                       check=False)
@@ -327,7 +332,7 @@ def test_resume_path_refuses_truncated_checkpoint(damaged_run, scene_data):
 
 
 @pytest.mark.end_to_end
-@pytest.mark.xdist_group('demo_runs')
+@ON_ONE_WORKER['brn']
 def test_auto_resume_stops_at_truncated_newest_then_previous_resumes(
         damaged_run, scene_data, uninterrupted):
     """--resume without a path stops, names the damaged file and the intact
@@ -350,7 +355,7 @@ def test_auto_resume_stops_at_truncated_newest_then_previous_resumes(
 
 
 @pytest.mark.end_to_end
-@pytest.mark.xdist_group('demo_runs')
+@ON_ONE_WORKER['brn']
 def test_test_tool_refuses_truncated_checkpoint(damaged_run, scene_data):
     proc = run([sys.executable, REPO / 'tools' / 'test.py', DEMO / 'mask_rcnn_r18_brn.py',
                 damaged_run / 'iter_12.pth', '--work-dir', damaged_run / 'test',

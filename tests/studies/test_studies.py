@@ -79,6 +79,7 @@ def test_ordering_verdict(cls_study):
         'MABN + CenConv 2 (70.00)')
 
 
+@pytest.mark.end_to_end
 def test_classification_study_writes_table_and_plot_and_reuses_runs(tmp_path):
     work, out = tmp_path / 'work', tmp_path / 'out'
     cmd = [sys.executable, REPO / 'tools' / 'study_classification.py', '--rows', 'bn32', 'mabn2',
@@ -100,6 +101,7 @@ def test_classification_study_writes_table_and_plot_and_reuses_runs(tmp_path):
 
 
 # ----------------------------------------------------------------- detection
+@pytest.mark.end_to_end
 def test_detection_study_trains_and_tests_each_run_and_reads_back(tmp_path):
     """Each (row, seed) is trained, then tested after PreciseBN; the 8-image
     reference row with the first seed only; a second call reads back."""
