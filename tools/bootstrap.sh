@@ -27,8 +27,11 @@ esac
 
 say() { printf '[mmnorm setup] %s\n' "$*"; }
 elapsed() { printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); }
-# MMNORM_PHASE_LOG (set by .ci/run): a file that gets one "stack phase seconds" line per phase.
-phase() { [ -z "${MMNORM_PHASE_LOG:-}" ] || echo "$STACK $1 $2" >> "$MMNORM_PHASE_LOG"; }
+# MMNORM_PHASE_LOG (set by .ci/run): a file that gets one "stack phase seconds" line per
+# phase; kept from the tests' own runs of this script.
+PHASE_LOG="${MMNORM_PHASE_LOG:-}"
+unset MMNORM_PHASE_LOG
+phase() { [ -z "$PHASE_LOG" ] || echo "$STACK $1 $2" >> "$PHASE_LOG"; }
 
 make_venv() {
     if [ -x "$VENV/bin/python" ]; then
