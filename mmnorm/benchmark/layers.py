@@ -53,6 +53,10 @@ What is measured, per module:
   out the module's own parameters and buffers (resident anyway); on CUDA it is
   the peak of ``torch.cuda.max_memory_allocated`` during forward+backward above
   what was allocated before;
+* ops: the ATen operations one training step (forward + backward, after the
+  timed steps) dispatches, counted with a ``TorchDispatchMode``: on a GPU each
+  is a kernel launch (views and metadata ops aside) and a trip through the
+  dispatcher, a cost per call that does not shrink with the tensors;
 * buffers: the module's persistent buffers (running statistics, MABN's window,
   CBN's history);
 * history: of those, the bytes of CBN's history ring (its ``history_*``
@@ -109,6 +113,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..layers import BRN, CBN, MABN, CenConv, WSConv
 from ..surgery.compile import keep_cbn_convs_eager
@@ -378,6 +383,31 @@ def train_step(module, x, grad_for, sync, context):
     return middle - start, time.perf_counter() - start
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(module, x, grad_for, context):
+    """The ATen operations of one training step of ``module`` (the forward in
+    ``context()``): (forward, backward)."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    with OpCounter() as forward, context():
+        y = module(x)
+    grad = grad_for(y)
+    with OpCounter() as backward:
+        y.backward(grad)
+    return forward.count, backward.count
+
+
 def eval_step(module, x, sync, context):
     """One eval-mode forward without autograd, in ``context()``: (seconds,)."""
     sync()
@@ -558,6 +588,7 @@ def measure(row, shape, args, device, dtype='float32', memory_format='contiguous
         for module in modules:
             check_history_full(module)
         memory = [memory_bytes(module, x, grad_for, device, context) for module in modules]
+        ops = [ops_per_step(module, x, grad_for, context) for module in modules]
         if args.compile:
             result.compiled, result.compile_note = compiled_times(modules, train, args)
         for module in modules:
@@ -566,7 +597,7 @@ def measure(row, shape, args, device, dtype='float32', memory_format='contiguous
                              args.repeats, args.min_time)
         for i, target in enumerate((result.layer, result.baseline)):
             target.update({'fwd': trains[i][0], 'fwd+bwd': trains[i][1], 'eval': evals[i][0],
-                           'memory': memory[i], 'buffers': buffer_bytes(modules[i]),
+                           'memory': memory[i], 'ops': ops[i], 'buffers': buffer_bytes(modules[i]),
                            'history': history_bytes(modules[i])})
     # One failing layer (e.g. cbn.py mid-edit) must not stop the run: it becomes a row.
     except Exception as exc:  # noqa: BLE001
@@ -616,6 +647,7 @@ def load_average():
     return ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
 
 
+OPS_COLUMN = 'ATen ops fwd+bwd (layer / base)'
 COMPILED_COLUMNS = ('compiled fwd+bwd ms (layer / base)', 'layer compiled / eager x',
                     'compiled fwd+bwd x')
 
@@ -635,9 +667,10 @@ def table(results, device, compiled=False):
     """The main table's lines: one row per result (with COMPILED_COLUMNS if ``compiled``)."""
     memory = 'peak memory' if device.type == 'cuda' else 'saved for backward + output'
     header = ['layer', 'baseline', 'shape', 'dtype', 'memory format', 'fwd ms (layer / base)',
-              'fwd x', 'fwd+bwd ms (layer / base)', 'fwd+bwd x', 'eval ms (layer / base)',
-              'eval x', f'{memory} MB (layer / base)', 'memory x', 'buffers MB (layer / base)',
-              'CBN history MB (layer / base)', *(COMPILED_COLUMNS if compiled else ()), 'aim']
+              'fwd x', 'fwd+bwd ms (layer / base)', 'fwd+bwd x', OPS_COLUMN,
+              'eval ms (layer / base)', 'eval x', f'{memory} MB (layer / base)', 'memory x',
+              'buffers MB (layer / base)', 'CBN history MB (layer / base)',
+              *(COMPILED_COLUMNS if compiled else ()), 'aim']
     rows = []
     for r in results:
         cells = [r.row.name, r.row.baseline, f'{r.shape.name} {"x".join(map(str, r.shape.size))}',
@@ -649,6 +682,9 @@ def table(results, device, compiled=False):
                                 ('memory', fmt_mb)):
                 cells += [f'{fmt(r.layer[metric])} / {fmt(r.baseline[metric])}',
                           f'{r.ratio(metric):.2f}x']
+                if metric == 'fwd+bwd':
+                    cells.append(' / '.join('{}+{}'.format(*side['ops'])
+                                            for side in (r.layer, r.baseline)))
             cells.append(f'{fmt_mb(r.layer["buffers"])} / {fmt_mb(r.baseline["buffers"])}')
             history = [fmt_mb(side['history']) if side['history'] else '-'
                        for side in (r.layer, r.baseline)]
@@ -726,7 +762,9 @@ def report(results, args, argv, device, shapes, load):
         '',
         'Ratios are layer / baseline at the same shape, measured alternately in this run. '
         'fwd: training forward with autograd; fwd+bwd: the same step with its backward; '
-        'eval: eval-mode forward under no_grad. '
+        'eval: eval-mode forward under no_grad; ATen ops: the operations one training step '
+        'dispatches, forward+backward (on a GPU, each a launch and a trip through the '
+        'dispatcher). '
         + ('Memory: peak of torch.cuda.max_memory_allocated during forward+backward. '
            if device.type == 'cuda' else
            'Memory: distinct storages saved for backward (saved_tensors_hooks) plus the '

@@ -79,6 +79,8 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
             assert re.fullmatch(r'\d+\.\d\dx', row[column]), (row, column)
         assert re.search(r'(met|MISSED)', row['aim'])
         assert row[HISTORY] == '-'  # no CBN in these rows
+        layer_ops, base_ops = (side.split('+') for side in row[layers.OPS_COLUMN].split(' / '))
+        assert all(int(n) > 0 for n in layer_ops + base_ops), row
 
     assert aims['header'] == AIMS_HEADER
     assert [(r['layer'], r['aim']) for r in aims['rows']] == [
@@ -101,6 +103,31 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
     out.with_suffix('.png').unlink()
     assert tool.main(['--plot-from', str(out)]) is None
     assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_ops_per_step_counts_each_dispatched_operation():
+    """A forward through two BatchNorm2d dispatches twice the operations of a
+    forward through one, and its backward more (the input's gradient is
+    accumulated once either way); a module that adds a constant dispatches one
+    more forward operation than the same module without."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    grad_for = layers.incoming_grad(torch.randn(2, 4, 3, 3))
+
+    def count(module):
+        return layers.ops_per_step(module, x, grad_for, layers.forward_context(x.device,
+                                                                                'float32'))
+
+    one = count(nn.BatchNorm2d(4))
+    assert one[0] > 0 and one[1] > 0
+    two = count(nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4)))
+    assert two[0] == 2 * one[0] and one[1] < two[1] <= 2 * one[1]
+
+    class PlusOne(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    assert count(PlusOne(4))[0] == one[0] + 1
 
 
 @pytest.mark.end_to_end
