@@ -19,6 +19,11 @@ from mmnorm.compat import torch_version
 
 pytestmark = pytest.mark.end_to_end
 CONFIG = REPO / 'tests' / 'configs' / 'tiny_mask_rcnn.py'
+#: The tests that read one shared training (``trained``, ``dist_trained``) stay on one worker.
+ON_TRAINED_WORKER = pytest.mark.xdist_group('tools_trained')
+ON_DIST_WORKER = pytest.mark.xdist_group('tools_dist')
+
+
 def train(work_dir, data, *args, max_iters=2, env=None, check=True):
     return run([sys.executable, REPO / 'tools' / 'train.py', CONFIG,
                 '--work-dir', work_dir, *args, '--cfg-options',
@@ -40,7 +45,7 @@ def trained(tiny_coco_session, tmp_path_factory):
 
 
 @pytest.mark.every_stack
-@pytest.mark.xdist_group('tools_trained')
+@ON_TRAINED_WORKER
 def test_train_writes_checkpoint(trained):
     work_dir, out = trained
     ckpt = work_dir / 'iter_2.pth'
@@ -57,7 +62,7 @@ def test_train_writes_checkpoint(trained):
 
 
 @pytest.mark.parametrize('how', ['path', 'auto'])
-@pytest.mark.xdist_group('tools_trained')
+@ON_TRAINED_WORKER
 def test_resume_continues(trained, tiny_coco_session, tmp_path, how):
     src_dir, _ = trained
     if how == 'path':
@@ -80,7 +85,7 @@ def test_resume_continues(trained, tiny_coco_session, tmp_path, how):
 
 @pytest.mark.skipif(torch_version() < (2, 6), reason='torch < 2.6 loads with weights_only=False '
                     'by default: mmengine loads its checkpoints without trust_checkpoints')
-@pytest.mark.xdist_group('tools_trained')
+@ON_TRAINED_WORKER
 def test_resume_fails_without_trusted_loading(trained, tiny_coco_session,
                                               tmp_path):
     """Guards the reason for trust_checkpoints: with torch's default
@@ -95,7 +100,7 @@ def test_resume_fails_without_trusted_loading(trained, tiny_coco_session,
 
 
 @pytest.mark.every_stack
-@pytest.mark.xdist_group('tools_trained')
+@ON_TRAINED_WORKER
 def test_test_tool_evaluates(trained, tiny_coco_session, tmp_path):
     src_dir, _ = trained
     out_pkl = tmp_path / 'preds.pkl'
@@ -113,7 +118,7 @@ def test_test_tool_evaluates(trained, tiny_coco_session, tmp_path):
     assert {'pred_instances', 'img_id'} <= set(preds[0])
 
 
-@pytest.mark.xdist_group('tools_trained')
+@ON_TRAINED_WORKER
 def test_test_tool_precise_bn_recomputes_before_testing(trained, tiny_coco_session, tmp_path):
     """--precise-bn N: the statistics are recomputed from N training batches
     with the checkpoint's weights, and the test uses them (its predictions
@@ -136,7 +141,7 @@ def test_test_tool_precise_bn_recomputes_before_testing(trained, tiny_coco_sessi
     assert scores[0] != scores[1]
 
 
-@pytest.mark.xdist_group('tools_trained')
+@ON_TRAINED_WORKER
 def test_test_tool_precise_bn_refuses_bad_values(trained, tiny_coco_session, tmp_path):
     src_dir, _ = trained
     proc = run([sys.executable, REPO / 'tools' / 'test.py', CONFIG, src_dir / 'iter_2.pth',
@@ -159,7 +164,7 @@ def dist_trained(tiny_coco_session, tmp_path_factory):
 
 
 @pytest.mark.every_stack
-@pytest.mark.xdist_group('tools_dist')
+@ON_DIST_WORKER
 def test_dist_train_two_cpu_processes(dist_trained):
     cwd, out, _ = dist_trained
     for rank in (0, 1):
@@ -173,7 +178,7 @@ def test_dist_train_two_cpu_processes(dist_trained):
     assert load_ckpt(cwd / 'train' / 'iter_2.pth')['meta']['iter'] == 2
 
 
-@pytest.mark.xdist_group('tools_dist')
+@ON_DIST_WORKER
 def test_two_process_runs_write_only_their_work_dirs(dist_trained, tiny_coco_session):
     """Issue 16: dist_train.sh (which validates at its end) and dist_test.sh
     (with --out, a metric added after the runner is built), 2 CPU processes
