@@ -396,16 +396,13 @@ class OpCounter(TorchDispatchMode):
 
 
 def ops_per_step(module, x, grad_for, context):
-    """The ATen operations of one training step of ``module`` (the forward in
-    ``context()``): (forward, backward)."""
-    module.zero_grad(set_to_none=True)
-    x.grad = None
-    with OpCounter() as forward, context():
-        y = module(x)
-    grad = grad_for(y)
-    with OpCounter() as backward:
-        y.backward(grad)
-    return forward.count, backward.count
+    """The ATen operations of the :func:`train_step` of ``module``: (forward,
+    backward), read at the step's synchronisation points."""
+    with OpCounter() as counter:
+        marks = []
+        train_step(module, x, grad_for, lambda: marks.append(counter.count), context)
+    start, middle, end = marks
+    return middle - start, end - middle
 
 
 def eval_step(module, x, sync, context):
