@@ -14,7 +14,9 @@ Shared here, written once:
   ``STATISTIC_BUFFERS`` stay at least float32 under ``.half()``/bfloat16;
 * empty input: an empty output, zero gradients, no state change;
 * non-finite guard: a channel whose statistic is inf/NaN keeps its old buffer
-  value, and the layer warns once;
+  value; a device flag records it, and the layer warns once when the flag is
+  read: at ``train()``/``eval()``, when a state dict is saved, or at
+  :meth:`SmallBatchNorm.report_nonfinite` (never during a training step);
 * ``sync_stats`` (default False): per-process statistics, as in the papers,
   or those of the union of all processes' inputs;
 * state dicts written by another layout (BatchNorm, the original authors'
@@ -24,16 +26,13 @@ See docs/layer_state.md for why the base class matters to MMDetection, what
 ``sync_stats`` requires of every process, and what mmengine's SyncBuffersHook
 does to the buffers.
 """
-import itertools
 import warnings
-import weakref
 from numbers import Integral, Real
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._dist import sync_world
-from ._ops import Operator, compiling
 
 
 def check_number(layer, key, value, *, integer=False, minimum=None, exclusive=True):
@@ -63,7 +62,6 @@ class SmallBatchNorm(_BatchNorm):
     """
 
     _abbr_ = 'bn'  # mmcv's build_norm_layer names the module 'bn', 'bn1', ... as for BatchNorm
-    NONFINITE_CHECK_EVERY = 100
     # The buffers that hold statistics: kept at least float32 by _apply.
     STATISTIC_BUFFERS = ('running_mean', 'running_var')
 
@@ -80,19 +78,16 @@ class SmallBatchNorm(_BatchNorm):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True,
                          track_running_stats=True)
         self.sync_stats = sync_stats
-        self._start_nonfinite_note()
-
-    def _start_nonfinite_note(self):
-        # The warning's state is per layer; a copy (deepcopy, unpickling) starts its own.
+        # step_flags[0]: 1 once a statistic was inf/NaN (until reported);
+        # step_flags[1]: scratch of the fused kernels, 0 between calls. A buffer,
+        # so that torch.compile takes it as an input of a shared graph, not as a
+        # per-layer constant; not saved with the state dict.
+        self.register_buffer('step_flags', torch.zeros(2, dtype=torch.int32), persistent=False)
         self._warned_nonfinite = False
-        self._nonfinite_seen = None  # device flag, see warn_if_nonfinite
-        self._calls_since_check = 0
-        self._nonfinite_key = next(_KEYS)
-        _LAYERS[self._nonfinite_key] = self
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._start_nonfinite_note()
+        self._warned_nonfinite = False  # a copy warns for itself
 
     def _apply(self, fn, recurse=True):
         # Statistics buffers stay at least float32 (spec): ``.half()`` or
@@ -151,46 +146,37 @@ class SmallBatchNorm(_BatchNorm):
         raise NotImplementedError
 
     # ------------------------------------------------------ non-finite guard
-    def update_where_finite(self, buffer, new_value, finite):
+    @staticmethod
+    def update_where_finite(buffer, new_value, finite):
         """``buffer[c] <- new_value[c]`` for channels where ``finite[c]``, on the
         device, without a host synchronisation. ``finite`` has shape (C,) and
         broadcasts over leading dims of ``buffer``."""
         buffer.copy_(torch.where(finite, new_value.to(buffer.dtype), buffer))
 
     def warn_if_nonfinite(self, finite):
-        """Warn once if a statistic was not finite (``finite``: (C,) bool);
-        returns ``finite`` (a copy while torch.compile traces: the
-        ``mmnorm::note_nonfinite`` operator, which keeps the graph whole).
+        """Record on the device whether a statistic was not finite (``finite``:
+        (C,) bool) and return ``finite``; nothing is read on the host here."""
+        return note_nonfinite(self.step_flags, finite)
 
-        Reading the flag forces a device-to-host copy, which is free on the CPU
-        and done at once there. On accelerators the flag is or-ed into a
-        device tensor and read only every ``NONFINITE_CHECK_EVERY`` training
-        calls, so the hot path never waits for the device; the guard in
-        :meth:`update_where_finite` protects the buffers either way.
-        """
-        if compiling():
-            return _NOTE_NONFINITE(finite, self._nonfinite_key)
-        self._note_nonfinite(finite)
-        return finite
-
-    def _note_nonfinite(self, finite):
-        if self._warned_nonfinite:
+    def report_nonfinite(self):
+        """Warn once if a statistic was inf or NaN since the flag was last read.
+        Reads the device flag on the host (one synchronisation): called by
+        ``train()``/``eval()`` and when a state dict is saved, never per step."""
+        flags = self.step_flags
+        if self._warned_nonfinite or flags.device.type == 'meta' or not bool(flags[0]):
             return
-        seen = ~finite.all()
-        if finite.device.type != 'cpu':
-            if self._nonfinite_seen is None or self._nonfinite_seen.device != seen.device:
-                self._nonfinite_seen = torch.zeros_like(seen)
-            self._nonfinite_seen |= seen
-            self._calls_since_check += 1
-            if self._calls_since_check < self.NONFINITE_CHECK_EVERY:
-                return
-            self._calls_since_check = 0
-            seen = self._nonfinite_seen
-        if bool(seen):
-            self._warned_nonfinite = True
-            warnings.warn(f'{type(self).__name__}({self.num_features}): a batch statistic was '
-                          'inf or NaN; the affected channels kept their previous buffers',
-                          RuntimeWarning, stacklevel=4)
+        self._warned_nonfinite = True
+        warnings.warn(f'{type(self).__name__}({self.num_features}): a batch statistic was '
+                      'inf or NaN; the affected channels kept their previous buffers',
+                      RuntimeWarning, stacklevel=3)
+
+    def train(self, mode=True):
+        self.report_nonfinite()
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.report_nonfinite()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     # ------------------------------------------------------ state-dict loads
     def convert_state(self, state_dict, prefix):
@@ -209,17 +195,8 @@ class SmallBatchNorm(_BatchNorm):
                                       unexpected_keys, error_msgs)
 
 
-# Layers by their note key, for the operator below (which gets the key, an int).
-_LAYERS = weakref.WeakValueDictionary()
-_KEYS = itertools.count()
-
-
-def _note_nonfinite(finite: torch.Tensor, key: int) -> torch.Tensor:
-    layer = _LAYERS.get(key)
-    if layer is not None:
-        layer._note_nonfinite(finite)
-    return finite.clone()
-
-
-_NOTE_NONFINITE = Operator('note_nonfinite', _note_nonfinite,
-                           lambda finite, key: torch.empty_like(finite))
+def note_nonfinite(flags, finite):
+    """``flags[0] |= not all(finite)`` on the device (``flags``: a layer's
+    ``step_flags``); returns ``finite``."""
+    flags[:1].bitwise_or_(finite.logical_not().any())
+    return finite

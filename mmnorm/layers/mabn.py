@@ -45,7 +45,7 @@ import torch
 from mmengine.registry import MODELS
 from ._dist import union_mean
 from ._ops import Operator, compiling, with_backward
-from ._state import _LAYERS, SmallBatchNorm, check_number
+from ._state import SmallBatchNorm, check_number, note_nonfinite
 
 _AUTOCAST_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -102,10 +102,26 @@ def scaled_grad_and_sums(dy, x, scale, need_scaled):
                                                      0.0, [need_scaled, True, True])
 
 
+def window_statistic(buffer, row, early, value, flags, present=None):
+    """Write the (C,) batch statistic ``value`` into ``buffer[row]`` where it
+    is finite (elsewhere the row keeps its value and ``flags`` records it),
+    and return the statistic of this step: ``value`` if ``early``, else the
+    mean of the m rows. ``row`` is a 1-element index tensor and ``early`` a
+    0-dim bool tensor, so nothing here reads a tensor on the host. ``present``
+    (0-dim bool, sync_stats only): False when the union of the processes'
+    inputs is empty, and then nothing is written."""
+    finite = note_nonfinite(flags, torch.isfinite(value))
+    rows = torch.arange(buffer.size(0), device=buffer.device) == row
+    if present is not None:
+        rows = rows & present
+    SmallBatchNorm.update_where_finite(buffer, value, rows.unsqueeze(1) & finite)
+    return torch.where(early, value, buffer.to(value.dtype).mean(0))
+
+
 def _train_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   inv_std: torch.Tensor, r: torch.Tensor, buffer_gz: torch.Tensor,
-                  row: torch.Tensor, early: torch.Tensor, out_dtype: torch.dtype, key: int,
-                  sync: bool) -> torch.Tensor:
+                  row: torch.Tensor, early: torch.Tensor, out_dtype: torch.dtype,
+                  flags: torch.Tensor, sync: bool) -> torch.Tensor:
     """The training step's output ``y = x * (weight * r * inv_std) + bias``, one
     fused pass; the other arguments are for :func:`_train_backward`."""
     cdtype = inv_std.dtype
@@ -118,11 +134,10 @@ def _train_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 def _train_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     inv_std: torch.Tensor, r: torch.Tensor, buffer_gz: torch.Tensor,
-                    row: torch.Tensor, early: torch.Tensor, bias_dtype: torch.dtype, key: int,
-                    sync: bool, need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    row: torch.Tensor, early: torch.Tensor, bias_dtype: torch.dtype,
+                    flags: torch.Tensor, sync: bool, need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) of :func:`_train_output`, writing psi_t into
     ``buffer_gz[row]`` (see :data:`train_step`); dx is empty unless ``need_dx``."""
-    layer = _LAYERS[key]
     cdtype = inv_std.dtype
     with _without_autocast(dy.device.type):
         xs, dys = x.to(cdtype), dy.to(cdtype)
@@ -140,20 +155,20 @@ def _train_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             psi_t, present = coef * dot_mean, total > 0
         else:
             psi_t = coef * dot / count  # mean(g * z)
-        psi = layer.window_statistic(buffer_gz, row, early, psi_t, present)
+        psi = window_statistic(buffer_gz, row, early, psi_t, flags, present)
         if need_dx:
-            shape = layer.channel_shape(xs)
+            shape = SmallBatchNorm.channel_shape(xs)
             dx = dx.addcmul_(xs, (psi * inv_std.square()).view(shape), value=-1).to(x.dtype)
         else:
             dx = x.new_empty(0)
         return dx, (r * inv_std * dot).to(weight.dtype), dy_sum.to(bias_dtype)
 
 
-def _fake_output(x, weight, bias, inv_std, r, buffer_gz, row, early, out_dtype, key, sync):
+def _fake_output(x, weight, bias, inv_std, r, buffer_gz, row, early, out_dtype, flags, sync):
     return torch.empty_like(x, dtype=out_dtype)
 
 
-def _fake_backward(dy, x, weight, inv_std, r, buffer_gz, row, early, bias_dtype, key, sync,
+def _fake_backward(dy, x, weight, inv_std, r, buffer_gz, row, early, bias_dtype, flags, sync,
                    need_dx):
     return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight),
             torch.empty_like(weight, dtype=bias_dtype))
@@ -161,19 +176,20 @@ def _fake_backward(dy, x, weight, inv_std, r, buffer_gz, row, early, bias_dtype,
 
 _TRAIN_OUTPUT = Operator('mabn_train_output', _train_output, _fake_output)
 _TRAIN_BACKWARD = Operator('mabn_train_backward', _train_backward, _fake_backward,
-                           mutates=('buffer_gz',))
+                           mutates=('buffer_gz', 'flags'))
 
 
 def _keep_for_backward(ctx, inputs, output):
-    x, weight, bias, inv_std, r, buffer_gz, row, early, _, key, sync = inputs
+    x, weight, bias, inv_std, r, buffer_gz, row, early, _, flags, sync = inputs
     ctx.save_for_backward(x, weight, inv_std, r, row, early)
-    ctx.buffer_gz = buffer_gz  # not saved: other calls' backwards write it first
-    ctx.key, ctx.sync, ctx.bias_dtype = key, sync, bias.dtype
+    # not saved: other calls' backwards write them first
+    ctx.buffer_gz, ctx.flags = buffer_gz, flags
+    ctx.sync, ctx.bias_dtype = sync, bias.dtype
 
 
 def _backward_args(ctx, dy, need_dx):
     x, weight, inv_std, r, row, early = ctx.saved_tensors
-    return (dy, x, weight, inv_std, r, ctx.buffer_gz, row, early, ctx.bias_dtype, ctx.key,
+    return (dy, x, weight, inv_std, r, ctx.buffer_gz, row, early, ctx.bias_dtype, ctx.flags,
             ctx.sync, need_dx)
 
 
@@ -188,7 +204,7 @@ and ``r``, both (C,) in the statistics dtype; the layer's ``buffer_gz``, which
 the backward writes; ``row`` = [t mod m] and ``early`` (t <= m or t <
 warmup_iters), both computed at this call's forward, so the backward writes
 the row of its own step even if the layer has been called again since; the
-output dtype; the layer's key (for its non-finite warning); and ``sync``:
+output dtype; the layer's ``step_flags`` (its non-finite flag); and ``sync``:
 with ``sync_stats`` in a multi-process run, psi_t is the union's (sum(dy * x)
 and the element count are all-reduced; the backward is then a collective).
 
@@ -342,21 +358,6 @@ class MABN(SmallBatchNorm):
                 self._buffers[name].zero_()
 
     # -------------------------------------------------------------- training
-    def window_statistic(self, buffer, row, early, value, present=None):
-        """Write the (C,) batch statistic ``value`` into ``buffer[row]`` where
-        it is finite (elsewhere the row keeps its value; warns once), and return
-        the statistic of this step: ``value`` if ``early``, else the mean of the
-        m rows. ``row`` is a 1-element index tensor and ``early`` a 0-dim bool
-        tensor, so nothing here reads a tensor on the host. ``present`` (0-dim
-        bool, sync_stats only): False when the union of the processes' inputs
-        is empty, and then nothing is written."""
-        finite = self.warn_if_nonfinite(torch.isfinite(value))
-        rows = torch.arange(buffer.size(0), device=buffer.device) == row
-        if present is not None:
-            rows = rows & present
-        self.update_where_finite(buffer, value, rows.unsqueeze(1) & finite)
-        return torch.where(early, value, buffer.to(value.dtype).mean(0))
-
     def _train_forward(self, x, sync):
         self.num_batches_tracked.add_(1)
         cdtype = self.stats_dtype(x)
@@ -375,7 +376,8 @@ class MABN(SmallBatchNorm):
                     present = total > 0
                 else:
                     chi2 = chi2.square().div_(count)
-                v = self.window_statistic(self.buffer_x2, row, early, chi2, present)
+                v = window_statistic(self.buffer_x2, row, early, chi2, self.step_flags,
+                                     present)
                 std = (v + self.eps).sqrt()
                 running = self.running_var.to(cdtype)
                 ratio = std / (running + self.eps).sqrt()
@@ -388,7 +390,7 @@ class MABN(SmallBatchNorm):
                 self.update_where_finite(self.running_var, new_running, update)
                 inv_std = std.reciprocal()
             return train_step(x, self.weight, self.bias, inv_std, r, self.buffer_gz, row, early,
-                              out_dtype, self._nonfinite_key, sync)
+                              out_dtype, self.step_flags, sync)
 
     # ------------------------------------------------------------- inference
     def _eval_forward(self, x):

@@ -218,6 +218,7 @@ def test_non_finite_batch_keeps_buffers_and_warns_once():
     x[0, 2, 0, 0] = float('inf')
     with pytest.warns(RuntimeWarning, match='BRN'):
         layer(x)
+        layer.train()  # reads the flag the step set on the device
     assert layer.running_mean[1:].eq(0).all() and layer.running_var[1:].eq(1).all()
     assert layer.running_mean[0] != 0  # the finite channel did update
     good = torch.randn(2, 3, 4, 4) + 2
@@ -225,6 +226,7 @@ def test_non_finite_batch_keeps_buffers_and_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         y = layer(good)  # no second warning, normal step
+        layer.train()
     assert torch.isfinite(y).all()
     assert (layer.running_mean > 0.5).all()
 
