@@ -83,6 +83,42 @@ def with_backward(forward, setup_context, backward, backward_args):
     return call
 
 
+def fused_operator(name, impl, fake, mutates):
+    """``impl`` as the operator ``mmnorm::<name>``, called as such in eager mode
+    too (one dispatched operator per call, like ``native_batch_norm``). For
+    the fused kernels, which exist only where ``custom_op`` does (torch >=
+    2.4); None on older torch."""
+    if not CUSTOM_OPS:
+        return None
+    op = torch.library.custom_op(f'mmnorm::{name}', impl, mutates_args=mutates)
+    op.register_fake(fake)
+    return op
+
+
+def fused_step(forward, keep, gradients):
+    """A differentiable call of ``forward(*inputs) -> (output, saved)``, a
+    :func:`fused_operator` that updates buffers (which ``custom_op`` cannot
+    give an autograd formula): ``keep(ctx, inputs, saved)`` stores what
+    ``gradients(ctx, grad_output)`` needs, which returns one gradient (or
+    None) per input. Traced whole by torch.compile."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output, saved = forward(*inputs)
+            keep(ctx, inputs, saved)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return gradients(ctx, grad_output)
+
+    def call(*inputs):
+        return Function.apply(*inputs)
+
+    return call
+
+
 def _disable(function):
     compiler = getattr(torch, 'compiler', None)
     if compiler is not None and hasattr(compiler, 'disable'):

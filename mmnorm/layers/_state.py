@@ -33,6 +33,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._dist import sync_world
+from ._kernels import announce
 
 
 def check_number(layer, key, value, *, integer=False, minimum=None, exclusive=True):
@@ -84,6 +85,7 @@ class SmallBatchNorm(_BatchNorm):
         # per-layer constant; not saved with the state dict.
         self.register_buffer('step_flags', torch.zeros(2, dtype=torch.int32), persistent=False)
         self._warned_nonfinite = False
+        announce()  # which implementation the training steps take (logged once)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -42,7 +42,8 @@ import torch
 from mmengine.registry import MODELS
 
 from ._dist import union_moments
-from ._ops import Operator, with_backward
+from ._kernels import fused, kernel_module
+from ._ops import Operator, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, check_number
 
 
@@ -101,6 +102,59 @@ so dweight = r * sum(dy * x_hat) + d * sum(dy) and dbias = sum(dy).
 """
 
 
+def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   running_mean: torch.Tensor, running_var: torch.Tensor, counter: torch.Tensor,
+                   flags: torch.Tensor, eps: float, momentum: float, rmax: float, dmax: float,
+                   warmup_iters: int, rmax_iters: int,
+                   dmax_iters: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The training step's forward in one Triton kernel: (y, [mu_B, 1 /
+    sigma_B, r, d]); the running statistics, counter and flags updated."""
+    return kernel_module('brn').forward(x, weight, bias, running_mean, running_var, counter,
+                                        flags, eps, momentum, rmax, dmax, warmup_iters,
+                                        rmax_iters, dmax_iters, SmallBatchNorm.stats_dtype(x))
+
+
+def _fused_forward_fake(x, weight, bias, running_mean, running_var, counter, flags, eps, momentum,
+                        rmax, dmax, warmup_iters, rmax_iters, dmax_iters):
+    return torch.empty_like(x), x.new_empty(4 * x.size(1), dtype=SmallBatchNorm.stats_dtype(x))
+
+
+def _fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
+                    bias_dtype: torch.dtype,
+                    need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) in one Triton kernel."""
+    return kernel_module('brn').backward(dy, x, weight, saved, bias_dtype, need_dx)
+
+
+def _fused_backward_fake(dy, x, weight, saved, bias_dtype, need_dx):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight),
+            torch.empty_like(weight, dtype=bias_dtype))
+
+
+def _keep_for_fused_backward(ctx, inputs, saved):
+    ctx.save_for_backward(inputs[0], inputs[1], saved)
+    ctx.bias_dtype = inputs[2].dtype
+
+
+def _fused_gradients(ctx, dy):
+    x, weight, saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _FUSED_BACKWARD(dy, x, weight, saved, ctx.bias_dtype, need[0])
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * (len(need) - 3)
+
+
+_FUSED_BACKWARD = fused_operator('brn_fused_backward', _fused_backward, _fused_backward_fake, ())
+fused_train_step = fused_step(
+    fused_operator('brn_fused_forward', _fused_forward, _fused_forward_fake,
+                   ('running_mean', 'running_var', 'counter', 'flags')),
+    _keep_for_fused_backward, _fused_gradients)
+fused_train_step.__doc__ = """BRN's training step on the fused kernels: the output y of x
+(N, C, *), one ``mmnorm::brn_fused_forward`` operator (one Triton launch), and
+its backward, one ``mmnorm::brn_fused_backward``. Arguments: x, weight, bias,
+running_mean, running_var, the step counter, step_flags, eps, momentum, rmax,
+dmax, warmup_iters, rmax_iters, dmax_iters."""
+
+
 @MODELS.register_module()
 class BRN(SmallBatchNorm):
     """Batch renormalization. Buffers are BatchNorm's (``running_mean``,
@@ -156,6 +210,11 @@ class BRN(SmallBatchNorm):
         return 1 + (self.rmax - 1) * r_ramp, self.dmax * d_ramp
 
     def _train_forward(self, x, sync):
+        if not sync and fused(x):
+            return fused_train_step(x, self.weight, self.bias, self.running_mean,
+                                    self.running_var, self.num_batches_tracked, self.step_flags,
+                                    self.eps, self.momentum, self.rmax, self.dmax,
+                                    self.warmup_iters, self.rmax_iters, self.dmax_iters)
         self.num_batches_tracked.add_(1)
         dtype = self.stats_dtype(x)
         if sync:

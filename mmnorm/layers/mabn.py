@@ -44,7 +44,8 @@ from typing import Tuple
 import torch
 from mmengine.registry import MODELS
 from ._dist import union_mean
-from ._ops import Operator, compiling, with_backward
+from ._kernels import fused, kernel_module
+from ._ops import Operator, compiling, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, check_number, note_nonfinite
 
 _AUTOCAST_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -233,6 +234,68 @@ sums sum(dy * x), sum(dy) come from one pass (:func:`scaled_grad_and_sums`).
 """
 
 
+def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   running_var: torch.Tensor, buffer_x2: torch.Tensor, buffer_gz: torch.Tensor,
+                   counter: torch.Tensor, flags: torch.Tensor, eps: float, momentum: float,
+                   warmup_iters: int, renorm_after: int, rmax: float, out_dtype: torch.dtype,
+                   sync: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The training step's forward in one Triton kernel: (y, what the backward
+    needs); ``buffer_gz`` only passes through to the backward."""
+    return kernel_module('mabn').forward(x, weight, bias, running_var, buffer_x2, counter, flags,
+                                         eps, momentum, warmup_iters, renorm_after, rmax,
+                                         out_dtype, SmallBatchNorm.stats_dtype(x), sync)
+
+
+def _fused_forward_fake(x, weight, bias, running_var, buffer_x2, buffer_gz, counter, flags, eps,
+                        momentum, warmup_iters, renorm_after, rmax, out_dtype, sync):
+    channels = x.size(1)
+    return (torch.empty_like(x, dtype=out_dtype),
+            x.new_empty(2 * channels + 2, dtype=SmallBatchNorm.stats_dtype(x)))
+
+
+def _fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
+                    buffer_gz: torch.Tensor, flags: torch.Tensor, bias_dtype: torch.dtype,
+                    sync: bool, need_dx: bool
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) in one Triton kernel, writing psi_t into ``buffer_gz``."""
+    return kernel_module('mabn').backward(dy, x, weight, saved, buffer_gz, flags, bias_dtype,
+                                          sync, need_dx)
+
+
+def _fused_backward_fake(dy, x, weight, saved, buffer_gz, flags, bias_dtype, sync, need_dx):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight),
+            torch.empty_like(weight, dtype=bias_dtype))
+
+
+def _keep_for_fused_backward(ctx, inputs, saved):
+    x, weight, bias, _, _, buffer_gz, _, flags = inputs[:8]
+    ctx.save_for_backward(x, weight, saved)
+    # not saved: other calls' backwards write them first
+    ctx.buffer_gz, ctx.flags, ctx.sync, ctx.bias_dtype = buffer_gz, flags, inputs[-1], bias.dtype
+
+
+def _fused_gradients(ctx, dy):
+    x, weight, saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _FUSED_BACKWARD(dy, x, weight, saved, ctx.buffer_gz, ctx.flags, ctx.bias_dtype,
+                            ctx.sync, need[0])
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * (len(need) - 3)
+
+
+_FUSED_BACKWARD = fused_operator('mabn_fused_backward', _fused_backward, _fused_backward_fake,
+                                 ('buffer_gz', 'flags'))
+fused_train_step = fused_step(
+    fused_operator('mabn_fused_forward', _fused_forward, _fused_forward_fake,
+                   ('running_var', 'buffer_x2', 'counter', 'flags')),
+    _keep_for_fused_backward, _fused_gradients)
+fused_train_step.__doc__ = """MABN's training step on the fused kernels: the output y of
+``x`` (N, C, *), one ``mmnorm::mabn_fused_forward`` operator (one Triton
+launch; two and an all-reduce with ``sync``), and its backward, one
+``mmnorm::mabn_fused_backward``. Arguments: x, weight, bias, running_var,
+buffer_x2, buffer_gz, the step counter, step_flags, eps, momentum,
+warmup_iters, renorm_after, rmax, the output dtype, sync."""
+
+
 @MODELS.register_module('MABN')
 class MABN(SmallBatchNorm):
     """Moving-average batch normalization, spec section 1 (see the module
@@ -359,9 +422,14 @@ class MABN(SmallBatchNorm):
 
     # -------------------------------------------------------------- training
     def _train_forward(self, x, sync):
+        out_dtype = output_dtype(x)
+        if fused(x):
+            return fused_train_step(x, self.weight, self.bias, self.running_var, self.buffer_x2,
+                                    self.buffer_gz, self.num_batches_tracked, self.step_flags,
+                                    self.eps, self.momentum, self.warmup_iters,
+                                    self.renorm_after, self.rmax, out_dtype, sync)
         self.num_batches_tracked.add_(1)
         cdtype = self.stats_dtype(x)
-        out_dtype = output_dtype(x)
         with _without_autocast(x.device.type):
             with torch.no_grad():
                 t = self.num_batches_tracked

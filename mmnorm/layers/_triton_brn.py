@@ -1,0 +1,162 @@
+"""BRN's training step as two Triton kernels (see :mod:`mmnorm.layers.brn` for
+the equations and :mod:`mmnorm.layers._triton_shared` for the layout).
+
+Forward, per channel: mu_B and sigma_B (sums of x - x[0, c, 0], which keeps
+the variance free of cancellation for data far from zero), the clipping
+bounds from the step counter, r, d, the running statistics and the output
+y = x * scale + shift, one launch. Backward: BatchNorm's backward with gamma
+= weight * r, dweight = r * sum(dy x_hat) + d * sum(dy), one launch.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._kernels import launch
+from ._triton_shared import advance_counter, channel_view, isfinite, note_nonfinite, tile
+
+
+@triton.jit
+def brn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+                       t_ptr, flags_ptr, saved_ptr, N, C, L, stride_n, stride_c, stride_l,
+                       eps, momentum, rmax, dmax, warmup_iters, rmax_iters, dmax_iters,
+                       inv_count, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    ACC: tl.constexpr = saved_ptr.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    channel = c.to(tl.int64)[:, None] * stride_c
+    shift_point = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=cmask, other=0.0).to(ACC)
+    sums = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    squares = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    for n in range(0, N):
+        for start in range(0, L, BLOCK_L):
+            pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
+            mask = cmask[:, None] & (pos < L)[None, :]
+            value = tl.load(x_ptr + tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l,
+                            mask=mask, other=0.0).to(ACC)
+            value = tl.where(mask, value - shift_point[:, None], 0.0)
+            sums += value
+            squares += value * value
+    shifted_mean = tl.sum(sums, 1) * inv_count
+    var = tl.maximum(tl.sum(squares, 1) * inv_count - shifted_mean * shifted_mean, 0.0)
+    mean = shift_point + shifted_mean
+    std = tl.sqrt(var + eps)
+
+    t = tl.load(t_ptr) + 1
+    steps = t.to(ACC) - warmup_iters
+    r_max = 1.0 + (rmax - 1.0) * tl.minimum(tl.maximum(steps / (rmax_iters - warmup_iters), 0.0),
+                                            1.0)
+    d_max = dmax * tl.minimum(tl.maximum(steps / (dmax_iters - warmup_iters), 0.0), 1.0)
+    running_mean = tl.load(running_mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    running_var = tl.load(running_var_ptr + c, mask=cmask, other=1.0).to(ACC)
+    std_running = tl.sqrt(running_var + eps)
+    r = tl.minimum(tl.maximum(std / std_running, 1.0 / r_max), r_max)
+    d = tl.minimum(tl.maximum((mean - running_mean) / std_running, -d_max), d_max)
+    finite = isfinite(mean) & isfinite(std)
+    note_nonfinite(flags_ptr, finite, cmask)
+    new_std = std_running + momentum * (std - std_running)
+    new_mean = running_mean + momentum * (mean - running_mean)
+    tl.store(running_mean_ptr + c, tl.where(finite, new_mean, running_mean).to(
+        running_mean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(running_var_ptr + c, tl.where(finite, new_std * new_std - eps, running_var).to(
+        running_var_ptr.dtype.element_ty), mask=cmask)
+
+    inv_std = 1.0 / std
+    tl.store(saved_ptr + c, mean, mask=cmask)
+    tl.store(saved_ptr + C + c, inv_std, mask=cmask)
+    tl.store(saved_ptr + 2 * C + c, r, mask=cmask)
+    tl.store(saved_ptr + 3 * C + c, d, mask=cmask)
+    weight = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC)
+    bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(ACC)
+    scale = weight * r * inv_std
+    shift = (weight * d + bias - mean * scale)[:, None]
+    scale = scale[:, None]
+    for n in range(0, N):
+        for start in range(0, L, BLOCK_L):
+            pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
+            mask = cmask[:, None] & (pos < L)[None, :]
+            offsets = tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l
+            value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
+                     mask=mask)
+    advance_counter(t_ptr, flags_ptr, t)
+
+
+@triton.jit
+def brn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, dweight_ptr, dbias_ptr,
+                        N, C, L, stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c,
+                        dy_stride_l, inv_count, NEED_DX: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_L: tl.constexpr):
+    ACC: tl.constexpr = saved_ptr.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    channel = c.to(tl.int64)[:, None] * stride_c
+    dy_channel = c.to(tl.int64)[:, None] * dy_stride_c
+    mean = tl.load(saved_ptr + c, mask=cmask, other=0.0)[:, None]
+    inv_std = tl.load(saved_ptr + C + c, mask=cmask, other=0.0)
+    r = tl.load(saved_ptr + 2 * C + c, mask=cmask, other=0.0)
+    d = tl.load(saved_ptr + 3 * C + c, mask=cmask, other=0.0)
+    grads = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    products = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    for n in range(0, N):
+        for start in range(0, L, BLOCK_L):
+            pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
+            mask = cmask[:, None] & (pos < L)[None, :]
+            x = tl.load(x_ptr + tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l,
+                        mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + tl.cast(n, tl.int64) * dy_stride_n + dy_channel
+                         + pos[None, :] * dy_stride_l, mask=mask, other=0.0).to(ACC)
+            grads += dy
+            products += tl.where(mask, dy * (x - mean), 0.0)
+    dy_sum = tl.sum(grads, 1)
+    dy_xhat = tl.sum(products, 1) * inv_std
+    tl.store(dweight_ptr + c, (r * dy_xhat + d * dy_sum).to(dweight_ptr.dtype.element_ty),
+             mask=cmask)
+    tl.store(dbias_ptr + c, dy_sum.to(dbias_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DX:
+        weight = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC)
+        gain = (weight * r * inv_std)[:, None]
+        mean_dy = (dy_sum * inv_count)[:, None]
+        xhat_coef = (dy_xhat * inv_count)[:, None]
+        inv_std = inv_std[:, None]
+        for n in range(0, N):
+            for start in range(0, L, BLOCK_L):
+                pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
+                mask = cmask[:, None] & (pos < L)[None, :]
+                offsets = tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+                dy = tl.load(dy_ptr + tl.cast(n, tl.int64) * dy_stride_n + dy_channel
+                             + pos[None, :] * dy_stride_l, mask=mask, other=0.0).to(ACC)
+                xhat = (x - mean) * inv_std
+                tl.store(dx_ptr + offsets, (gain * (dy - mean_dy - xhat * xhat_coef)).to(
+                    dx_ptr.dtype.element_ty), mask=mask)
+
+
+def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, momentum, rmax,
+            dmax, warmup_iters, rmax_iters, dmax_iters, cdtype):
+    """(y, saved) for x (N, C, *): y of x's dtype laid out like x, ``saved`` =
+    [mu_B, 1 / sigma_B, r, d] (4C, ``cdtype``) for :func:`backward`. Updates
+    the running statistics, ``counter`` and ``flags`` in place; one launch."""
+    x, (n, c, length), strides = channel_view(x)
+    y = torch.empty_like(x)
+    saved = x.new_empty(4 * c, dtype=cdtype)
+    block_c, block_l = tile(c, length, strides)
+    launch(brn_forward_kernel, (triton.cdiv(c, block_c),), x, y, weight, bias, running_mean,
+           running_var, counter, flags, saved, n, c, length, *strides, eps, momentum, rmax, dmax,
+           warmup_iters, rmax_iters, dmax_iters, 1.0 / (n * length), BLOCK_C=block_c,
+           BLOCK_L=block_l)
+    return y, saved
+
+
+def backward(dy, x, weight, saved, bias_dtype, need_dx):
+    """(dx, dweight, dbias) of :func:`forward`; dx laid out like x, empty
+    unless ``need_dx``. One launch."""
+    x, (n, c, length), strides = channel_view(x)
+    dy, _, dy_strides = channel_view(dy)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(weight, dtype=bias_dtype)
+    block_c, block_l = tile(c, length, strides)
+    launch(brn_backward_kernel, (triton.cdiv(c, block_c),), dy, x, dx, weight, saved, dweight,
+           dbias, n, c, length, *strides, *dy_strides, 1.0 / (n * length), NEED_DX=need_dx,
+           BLOCK_C=block_c, BLOCK_L=block_l)
+    return dx, dweight, dbias
