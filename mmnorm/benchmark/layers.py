@@ -53,10 +53,12 @@ What is measured, per module:
   out the module's own parameters and buffers (resident anyway); on CUDA it is
   the peak of ``torch.cuda.max_memory_allocated`` during forward+backward above
   what was allocated before;
-* ops: the ATen operations one training step (forward + backward, after the
-  timed steps) dispatches, counted with a ``TorchDispatchMode``: on a GPU each
-  is a kernel launch (views and metadata ops aside) and a trip through the
-  dispatcher, a cost per call that does not shrink with the tensors;
+* ops + launches: the operators one training step (forward + backward, after
+  the timed steps) dispatches, counted with a ``TorchDispatchMode`` (an
+  ``mmnorm::`` operator of the fused path counts once, as ``native_batch_norm``
+  does), plus the Triton kernels it launches: on a GPU each is a kernel launch
+  (views and metadata ops aside) or a trip through the dispatcher, a cost per
+  call that does not shrink with the tensors;
 * buffers: the module's persistent buffers (running statistics, MABN's window,
   CBN's history);
 * history: of those, the bytes of CBN's history ring (its ``history_*``
@@ -116,6 +118,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..layers import BRN, CBN, MABN, CenConv, WSConv
+from ..layers._kernels import LAUNCHES
 from ..surgery.compile import keep_cbn_convs_eager
 from ..studies.results import markdown_table
 
@@ -384,20 +387,27 @@ def train_step(module, x, grad_for, sync, context):
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched while it is active."""
+    """Counts the operators dispatched while it is active (an ``mmnorm::``
+    operator of the fused path once, like ``native_batch_norm``; what runs
+    inside either is not dispatched again) plus the Triton kernels launched."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.dispatched = 0
+
+    @property
+    def count(self):
+        return self.dispatched + LAUNCHES.count
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        self.dispatched += 1
         return func(*args, **(kwargs or {}))
 
 
 def ops_per_step(module, x, grad_for, context):
-    """The ATen operations of the :func:`train_step` of ``module``: (forward,
-    backward), read at the step's synchronisation points."""
+    """The operators and Triton launches of the :func:`train_step` of
+    ``module`` (see :class:`OpCounter`): (forward, backward), read at the
+    step's synchronisation points."""
     with OpCounter() as counter:
         marks = []
         train_step(module, x, grad_for, lambda: marks.append(counter.count), context)
@@ -644,7 +654,7 @@ def load_average():
     return ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
 
 
-OPS_COLUMN = 'ATen ops fwd+bwd (layer / base)'
+OPS_COLUMN = 'ops + launches fwd+bwd (layer / base)'
 COMPILED_COLUMNS = ('compiled fwd+bwd ms (layer / base)', 'layer compiled / eager x',
                     'compiled fwd+bwd x')
 

@@ -132,4 +132,28 @@ def kernel_module(name):
     return importlib.import_module(f'{__package__}._triton_{name}')
 
 
+FUSED_LAYERS = ('mabn', 'brn')
+
+
+def compile_ahead_of_time(archs):
+    """Compile every kernel variant of the fused layers for the NVIDIA compute
+    capabilities ``archs`` (e.g. (80, 90)) without a GPU, as Triton would on
+    one; raises at the first one that does not compile. Returns one (kernel
+    name, arch, cubin bytes) per variant and arch."""
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        raise RuntimeError('TRITON_INTERPRET=1 defines the kernels for the interpreter, which '
+                           'compiles nothing: unset it')
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    compiled = []
+    for name in FUSED_LAYERS:
+        for kernel, types, constants in kernel_module(name).variants():
+            for arch in archs:
+                source = ASTSource(fn=kernel, signature=types, constexprs=constants)
+                binary = triton.compile(source, target=GPUTarget('cuda', arch, 32))
+                compiled.append((kernel.__name__, arch, len(binary.asm['cubin'])))
+    return compiled
+
+
 select()

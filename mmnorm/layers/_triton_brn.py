@@ -160,3 +160,19 @@ def backward(dy, x, weight, saved, bias_dtype, need_dx):
            dbias, n, c, length, *strides, *dy_strides, 1.0 / (n * length), NEED_DX=need_dx,
            BLOCK_C=block_c, BLOCK_L=block_l)
     return dx, dweight, dbias
+
+
+def variants():
+    """(kernel, argument types, constants) of every kernel variant the layer
+    launches (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
+    from ._triton_shared import dtypes_and_tiles, signature
+    for (x, param, buffer, stats), (block_c, block_l) in dtypes_and_tiles():
+        pointers = dict(x_ptr=x, y_ptr=x, dy_ptr=x, dx_ptr=x, weight_ptr=param, bias_ptr=param,
+                        dweight_ptr=param, dbias_ptr=param, running_mean_ptr=buffer,
+                        running_var_ptr=buffer, t_ptr='i64', flags_ptr='i32', saved_ptr=stats)
+        constants = dict(BLOCK_C=block_c, BLOCK_L=block_l)
+        yield brn_forward_kernel, signature(brn_forward_kernel, pointers, constants), constants
+        for need_dx in (True, False):
+            backward = dict(constants, NEED_DX=need_dx)
+            yield (brn_backward_kernel, signature(brn_backward_kernel, pointers, backward),
+                   backward)

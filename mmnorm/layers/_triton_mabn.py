@@ -20,7 +20,8 @@ from ._dist import union_mean
 from ._kernels import launch
 from ._triton_shared import advance_counter, channel_view, isfinite, note_nonfinite, tile
 
-FULL, SUMS_ONLY, FROM_UNION = 0, 1, 2
+# MODE values (constexpr, so that the kernels can read them)
+FULL, SUMS_ONLY, FROM_UNION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -188,7 +189,7 @@ def forward(x, weight, bias, running_var, buffer_x2, counter, flags, eps, moment
         launch(mabn_forward_kernel, grid, x, y, weight, bias, running_var, buffer_x2, counter,
                flags, saved, sums, union, total, n, c, length, *strides, buffer_x2.size(0),
                warmup_iters, renorm_after, eps, momentum, rmax, 1.0 / max(count, 1),
-               MODE=mode, BLOCK_C=block_c, BLOCK_L=block_l)
+               MODE=mode.value, BLOCK_C=block_c, BLOCK_L=block_l)
 
     if not sync:
         run(FULL)
@@ -217,7 +218,7 @@ def backward(dy, x, weight, saved, buffer_gz, flags, bias_dtype, sync, need_dx):
     def run(mode, sums=saved, union=saved, total=saved):
         launch(mabn_backward_kernel, grid, dy, x, dx, weight, saved, buffer_gz, flags, dweight,
                dbias, sums, union, total, n, c, length, *strides, *dy_strides,
-               buffer_gz.size(0), 1.0 / max(count, 1), MODE=mode, NEED_DX=need_dx,
+               buffer_gz.size(0), 1.0 / max(count, 1), MODE=mode.value, NEED_DX=need_dx,
                BLOCK_C=block_c, BLOCK_L=block_l)
 
     if not sync:
@@ -228,3 +229,22 @@ def backward(dy, x, weight, saved, buffer_gz, flags, bias_dtype, sync, need_dx):
     union, total = union_mean(sums[:c], count)
     run(FROM_UNION, sums=sums, union=union, total=total)
     return dx, dweight, dbias
+
+
+def variants():
+    """(kernel, argument types, constants) of every kernel variant the layer
+    launches (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
+    from ._triton_shared import dtypes_and_tiles, signature
+    for (x, param, buffer, stats), (block_c, block_l) in dtypes_and_tiles():
+        pointers = dict(x_ptr=x, y_ptr=x, dy_ptr=x, dx_ptr=x, weight_ptr=param, bias_ptr=param,
+                        dweight_ptr=param, dbias_ptr=param, running_var_ptr=buffer,
+                        buffer_ptr=buffer, t_ptr='i64', flags_ptr='i32', saved_ptr=stats,
+                        sums_ptr=stats, union_ptr=stats, total_ptr=stats)
+        for mode in (FULL, SUMS_ONLY, FROM_UNION):
+            constants = dict(MODE=mode.value, BLOCK_C=block_c, BLOCK_L=block_l)
+            yield (mabn_forward_kernel, signature(mabn_forward_kernel, pointers, constants),
+                   constants)
+            for need_dx in (True, False) if mode != SUMS_ONLY else (True,):
+                backward = dict(constants, NEED_DX=need_dx)
+                yield (mabn_backward_kernel, signature(mabn_backward_kernel, pointers, backward),
+                       backward)

@@ -63,3 +63,35 @@ def advance_counter(t_ptr, flags_ptr, t):
     last = arrived == programs - 1
     tl.store(t_ptr, t, mask=last)
     tl.store(flags_ptr + 1, 0, mask=last)
+
+
+# -------------------------------------------------- ahead-of-time compiling
+FLOAT_ARGUMENTS = ('eps', 'momentum', 'rmax', 'dmax', 'inv_count')
+# (activation, parameters, buffers, statistics): the dtype sets a layer meets
+# (float32; half activations of a float32 or half module; float64).
+DTYPES = [('fp32', 'fp32', 'fp32', 'fp32'), ('bf16', 'fp32', 'fp32', 'fp32'),
+          ('fp16', 'fp16', 'fp32', 'fp32'), ('bf16', 'bf16', 'fp32', 'fp32'),
+          ('fp64', 'fp64', 'fp64', 'fp64')]
+# (BLOCK_C, BLOCK_L) that tile() gives: NCHW with large maps, small maps, channels_last.
+TILES = [(1, 1024), (64, 16), (32, 32)]
+
+
+def dtypes_and_tiles():
+    """The (dtypes, tile) pairs compiled ahead of time: every tile in float32,
+    every dtype set with the first tile (the two choices are independent)."""
+    return [(DTYPES[0], tile) for tile in TILES] + [(dtypes, TILES[0]) for dtypes in DTYPES[1:]]
+
+
+def signature(kernel, pointers, constants):
+    """The argument types of ``kernel`` for ``triton.compile``: pointers to the
+    element types of ``pointers`` (argument name -> 'fp32' ...), 'constexpr'
+    for ``constants``, fp32 for the float scalars and i32 for the rest."""
+    types = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            types[name] = 'constexpr'
+        elif name in pointers:
+            types[name] = '*' + pointers[name]
+        else:
+            types[name] = 'fp32' if name in FLOAT_ARGUMENTS else 'i32'
+    return types

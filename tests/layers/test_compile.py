@@ -81,6 +81,35 @@ def test_cbn_breaks_only_at_itself_and_has_no_process_wide_effect():
     assert count >= 1 and all('disable' in reason for reason in reasons), reasons
 
 
+def count_compiled_frames(make_norm, layers=10, steps=2):
+    """Frames dynamo compiles for one bottleneck-like block forward that ``layers``
+    conv -> norm pairs share (``make_norm()`` builds each norm), trained for
+    ``steps`` steps each. A per-layer Python value reaching the graph (a guard)
+    would compile it once per layer, up to the recompile limit."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    pairs = [nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), make_norm())
+             for _ in range(layers)]
+
+    @torch.compile(backend='aot_eager')
+    def block(pair, x):
+        return torch.relu(pair(x) + x)
+
+    x = torch.randn(2, 8, 5, 5)
+    for _ in range(steps):
+        for pair in pairs:
+            block(pair, x).square().mean().backward()
+    return counters['stats']['unique_graphs']
+
+
+@pytest.mark.parametrize('kind', ['BN', 'MABN', 'BRN'])
+def test_one_compiled_block_serves_ten_layers(kind):
+    make = dict(BN=lambda: nn.BatchNorm2d(8), MABN=lambda: MABN(8, buffer_size=2),
+                BRN=lambda: BRN(8, warmup_iters=1, rmax_iters=3, dmax_iters=3))[kind]
+    assert count_compiled_frames(make) == 1
+
+
 class Stage(nn.Module):
     """conv -> CBN in a forward without a loop, so dynamo resumes after a break."""
 
