@@ -73,14 +73,17 @@ def mabn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_var_ptr, buf
         early = (t <= M) | (t < warmup_iters)
         finite = isfinite(chi2)
         note_nonfinite(flags_ptr, finite, cmask)
-        window = _window(buffer_ptr, chi2, finite & present, c, cmask, C, row, M, ACC)
+        # (where, not &: Triton's interpreter cannot 'and' a loaded scalar with a block)
+        window = _window(buffer_ptr, chi2, tl.where(present, finite, False), c, cmask, C, row, M,
+                         ACC)
         v = tl.where(early, chi2, window)
         std = tl.sqrt(v + eps)
         running = tl.load(running_var_ptr + c, mask=cmask, other=1.0).to(ACC)
         ratio = std / tl.sqrt(running + eps)
         r = tl.where(t > renorm_after, tl.minimum(tl.maximum(ratio, 1.0 / rmax), rmax), 1.0)
         new_running = momentum * running + (1.0 - momentum) * v
-        new_running = tl.where(isfinite(new_running) & present, new_running, running)
+        new_running = tl.where(tl.where(present, isfinite(new_running), False), new_running,
+                               running)
         tl.store(running_var_ptr + c, new_running.to(running_var_ptr.dtype.element_ty),
                  mask=cmask)
         inv_std = 1.0 / std
@@ -152,7 +155,8 @@ def mabn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, buffer_pt
             present = tl.load(total_ptr) > 0
         finite = isfinite(psi_t)
         note_nonfinite(flags_ptr, finite, cmask)
-        window = _window(buffer_ptr, psi_t, finite & present, c, cmask, C, row, M, ACC)
+        window = _window(buffer_ptr, psi_t, tl.where(present, finite, False), c, cmask, C, row,
+                         M, ACC)
         psi = tl.where(early, psi_t, window)
         tl.store(dweight_ptr + c, (r * inv_std * dot).to(dweight_ptr.dtype.element_ty),
                  mask=cmask)

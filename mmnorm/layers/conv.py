@@ -95,12 +95,27 @@ class _TransformedWeightConv(nn.Conv2d):
         return state
 
 
+class _Centre(torch.autograd.Function):
+    """W[o] - mean(W[o]) for every output filter o. Centring is a symmetric
+    projection, so its backward applies the same map to the incoming
+    gradient: two operations each way (autograd's own backward of the mean
+    and the subtraction takes five)."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad - grad.mean(dim=(1, 2, 3), keepdim=True)
+
+
 @MODELS.register_module('CenConv')
 class CenConv(_TransformedWeightConv):
     """Conv2d with each output filter centred to zero mean (no scaling)."""
 
     def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+        return _Centre.apply(weight)
 
 
 @MODELS.register_module('WSConv')
