@@ -61,6 +61,10 @@ install_stack() {
     # cannot resolve together with mmcv's setuptools<70; the old setuptools is what mmcv's build
     # and mmengine's pkg_resources need, and torch only uses setuptools to build extensions.
     pip_install -r "$REQ/build.txt"
+    if [ "$STACK" = default ] && ! "$VENV/bin/python" -c 'import triton' 2>/dev/null; then
+        say "installing Triton (the fused kernels' tests and ahead-of-time compile)"
+        pip_install -r "$REQ/triton.txt"
+    fi
     say "installing the pinned packages (mmcv apart) and mmnorm (editable)"
     pip_install -r <(grep -v '^mmcv==' "$REQ/openmmlab.txt") -r "$REQ/tests.txt" -r "$REQ/build.txt"
     pip_install --no-build-isolation --no-deps -e "$ROOT"

@@ -42,18 +42,22 @@ _ANNOUNCED = [False]
 
 
 def triton_problem():
-    """Why Triton cannot run the fused kernels here, or None."""
-    if not CUSTOM_OPS:
-        return f'torch {torch.__version__} has no torch.library.custom_op (torch >= 2.4)'
+    """Why Triton cannot run the fused kernels here (every reason, '; '-joined),
+    or None."""
+    problems = []
     try:
         version = importlib.metadata.version('triton')
     except importlib.metadata.PackageNotFoundError:
-        return 'Triton is not installed (CPU-only torch builds do not ship it)'
-    found = re.match(r'(\d+)\.(\d+)', version)
-    if found is None or tuple(map(int, found.groups())) < MINIMUM_TRITON:
-        need = '.'.join(map(str, MINIMUM_TRITON))
-        return f'Triton {version} is older than {need}'
-    return None
+        problems.append('Triton is not installed (CPU-only torch builds do not ship it)')
+    else:
+        found = re.match(r'(\d+)\.(\d+)', version)
+        if found is None or tuple(map(int, found.groups())) < MINIMUM_TRITON:
+            need = '.'.join(map(str, MINIMUM_TRITON))
+            problems.append(f'Triton {version} is older than {need}')
+    if not CUSTOM_OPS:
+        problems.append(f'torch {torch.__version__} has no torch.library.custom_op '
+                        '(torch >= 2.4)')
+    return '; '.join(problems) or None
 
 
 def select(mode=None):

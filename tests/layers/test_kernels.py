@@ -1,0 +1,41 @@
+"""Which path the layers take, and the log line that says so (on every stack:
+the torch 2.1 stack has Triton 2.1 and no custom_op, so it takes ATen's)."""
+import mmengine.logging
+import torch
+
+from mmnorm import MABN
+from mmnorm.layers import _kernels
+
+
+def test_the_log_says_once_which_path_and_why(monkeypatch):
+    logged = []
+    monkeypatch.setattr(mmengine.logging, 'print_log', lambda msg, **kw: logged.append(msg))
+    monkeypatch.delenv(_kernels.KERNELS_ENV, raising=False)
+    try:
+        reason = _kernels.select()
+        MABN(4)
+        MABN(4)
+    finally:
+        _kernels.select()
+    assert logged == [reason]
+    problem = _kernels.triton_problem()
+    if problem is None:
+        assert reason == ('mmnorm layers: CUDA tensors take the fused Triton kernels, other '
+                          'devices the ATen path')
+    else:
+        assert reason == f'mmnorm layers: every layer takes the ATen path: {problem}'
+        assert not _kernels.fused(torch.empty(1, device='meta'))
+    if torch.__version__.startswith('2.1.'):
+        assert 'Triton 2.1.0 is older than 3.0' in reason and 'custom_op' in reason
+    assert not _kernels.fused(torch.empty(1))  # CPU tensors: ATen unless asked for
+
+
+def test_aten_is_chosen_by_name(monkeypatch):
+    monkeypatch.setenv(_kernels.KERNELS_ENV, 'aten')
+    try:
+        assert _kernels.select() == ('mmnorm layers: MMNORM_KERNELS=aten: every layer takes '
+                                     'the ATen path')
+        assert _kernels._PATHS == {}
+    finally:
+        monkeypatch.delenv(_kernels.KERNELS_ENV)
+        _kernels.select()
