@@ -220,9 +220,10 @@ def assert_states_close(actual, expected, tol, what):
 
 
 def statistic_buffers(model):
-    """The floating-point buffers of the norm in ``model`` (none for GroupNorm)."""
-    return {name: value for name, value in model[1].state_dict().items()
-            if value.is_floating_point() and name not in ('weight', 'bias')}
+    """The floating-point buffers of the norm in ``model`` (none for GroupNorm),
+    read without saving a state dict (which reads the non-finite flag)."""
+    return {name: value for name, value in model[1].named_buffers()
+            if value.is_floating_point()}
 
 
 def nonfinite_warnings(records):
@@ -559,3 +560,52 @@ def test_compiled_training_matches_eager(kind, device, no_tf32):
     assert_states_close(model.state_dict(), eager.state_dict(), FP32_VS_FP32,
                         f'{kind} compiled, state at the end')
     assert int(model[1].num_batches_tracked) == COMPILE_STEPS
+
+
+# ------------------------------------------------------- 8. the fused kernels
+# On CUDA the layers take the fused Triton kernels where Triton can run them
+# (every test above then tests that path); here the fused and the ATen path
+# train twins side by side, and the launches of a step are counted.
+FUSED_STEPS = 24  # crosses MABN's window, warm-up and r; BRN's bounds opening
+
+
+@pytest.mark.parametrize('memory_format', [None, torch.channels_last],
+                         ids=['contiguous', 'channels_last'])
+@pytest.mark.parametrize('kind', ['MABN', 'BRN'])
+def test_fused_kernels_match_the_aten_path(kind, memory_format, device, no_tf32):
+    from mmnorm.layers import _kernels
+    if device.type == 'cuda' and _kernels.triton_problem() is None:
+        assert _kernels.fused(torch.empty(1, device=device))
+    fused = build(kind).to(device)
+    aten = copy.deepcopy(fused)
+    optimizers = sgd(fused), sgd(aten)
+    for step in range(FUSED_STEPS):
+        x, dy = (t.to(device) for t in batch(step))
+        got = train_step(fused, optimizers[0], x, dy, memory_format)
+        _kernels.select('aten')
+        try:
+            want = train_step(aten, optimizers[1], x, dy, memory_format)
+        finally:
+            _kernels.select()
+        assert_steps_close(got, want, FP32_VS_FP32, f'{kind} fused, step {step}')
+    assert_states_close(fused.state_dict(), aten.state_dict(), FP32_VS_FP32,
+                        f'{kind} fused, state at the end')
+
+
+def test_fused_launches_per_step(device):
+    from mmnorm.benchmark.layers import forward_context, incoming_grad, ops_per_step
+    shape = (2, 64, 16, 16)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    grad_for = incoming_grad(torch.randn(shape, device=device))
+    counts = {}
+    for name, module in (('BatchNorm2d', nn.BatchNorm2d(64)), ('MABN', MABN(64)),
+                         ('BRN', BRN(64))):
+        module = module.to(device)
+        for _ in range(3):
+            module(x).backward(grad_for(x))
+        counts[name] = sum(ops_per_step(module, x, grad_for, forward_context(device, 'float32')))
+    print('operators + launches per training step:', counts)
+    assert counts['BatchNorm2d'] == 7, counts
+    from mmnorm.layers import _kernels
+    if _kernels.fused(x):  # (the ATen path, on the CPU or with an old Triton, takes dozens)
+        assert counts['MABN'] <= 8 and counts['BRN'] <= 8, counts
