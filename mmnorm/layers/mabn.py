@@ -342,7 +342,8 @@ class MABN(SmallBatchNorm):
 
     Non-finite statistics: a channel whose chi2_t (forward) or psi_t (backward)
     is inf/NaN keeps the previous value of its row (the value written m steps
-    earlier), the layer warns once, and the counter still advances. On such a
+    earlier), the layer warns once (when its flag is read, see
+    :meth:`report_nonfinite`), and the counter still advances. On such a
     step v_t (and psi) is defined as for any other step *from the buffer as it
     stands after the guarded write*: in the moving-average phase it is the
     mean of the m rows, one of them stale, so it stays finite; in the early
