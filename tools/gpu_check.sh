@@ -54,6 +54,8 @@ import torch
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
 print('torch', torch.__version__, 'CUDA', torch.version.cuda,
       'cuDNN', torch.backends.cudnn.version(), 'device', device)
+from mmnorm.layers import _kernels
+print(_kernels.select())  # which path the layers take (the fused Triton kernels on CUDA)
 EOF
 
 FAILED=()

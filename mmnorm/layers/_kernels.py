@@ -20,10 +20,12 @@ results (to float rounding, see docs/kernels.md):
   Triton's interpreter (``TRITON_INTERPRET=1``, how the kernels are tested
   without a GPU); a layer raises if Triton cannot run them.
 
-The choice and its reason are logged once, when the first layer is built.
+The choice and its reason are logged once, when the first layer is built
+(:func:`announce`).
 """
 import importlib
 import importlib.metadata
+import logging
 import os
 import re
 
@@ -93,11 +95,18 @@ def select(mode=None):
 
 
 def announce():
-    """Log the choice once (called when a layer is built)."""
-    if not _ANNOUNCED[0]:
-        _ANNOUNCED[0] = True
-        from mmengine.logging import print_log
+    """Log the choice once (called when a layer is built): to mmengine's
+    current logger where one exists (a Runner's, built before its model),
+    else to Python's ``logging.getLogger('mmnorm')``, which a script that
+    configures no logging keeps quiet."""
+    if _ANNOUNCED[0]:
+        return
+    _ANNOUNCED[0] = True
+    from mmengine.logging import MMLogger, print_log
+    if MMLogger._instance_dict:
         print_log(_REASON[0], logger='current')
+    else:
+        logging.getLogger('mmnorm').info(_REASON[0])
 
 
 def fused(x):

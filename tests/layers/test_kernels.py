@@ -8,6 +8,7 @@ from mmnorm.layers import _kernels
 
 
 def test_the_log_says_once_which_path_and_why(monkeypatch):
+    mmengine.logging.MMLogger.get_instance('test_kernels')  # as a Runner makes before its model
     logged = []
     monkeypatch.setattr(mmengine.logging, 'print_log', lambda msg, **kw: logged.append(msg))
     monkeypatch.delenv(_kernels.KERNELS_ENV, raising=False)
@@ -39,3 +40,15 @@ def test_aten_is_chosen_by_name(monkeypatch):
     finally:
         monkeypatch.delenv(_kernels.KERNELS_ENV)
         _kernels.select()
+
+
+def test_without_an_mmengine_logger_python_logging_gets_it(monkeypatch, caplog):
+    # A plain script's stdout stays its own: the line goes to logging.getLogger('mmnorm').
+    monkeypatch.setattr(mmengine.logging.MMLogger, '_instance_dict', {})
+    try:
+        reason = _kernels.select()
+        with caplog.at_level('INFO', logger='mmnorm'):
+            MABN(4)
+    finally:
+        _kernels.select()
+    assert [r.getMessage() for r in caplog.records if r.name == 'mmnorm'] == [reason]
