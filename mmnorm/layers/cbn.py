@@ -39,6 +39,7 @@ found and its limits, the state and its host mirrors, burn-in windows,
 loading a BatchNorm state dict, "DDP" (``sync_stats``), "Averaging buffers"
 (SyncBuffersHook, EMAHook) and the measured cost.
 """
+import math
 import sys
 import weakref
 from typing import NamedTuple
@@ -216,16 +217,26 @@ def expand_mean_derivative(dmu, weight_shape, groups):
 
 
 # -------------------------------------------------------------- normalizing
+def _finite(value):
+    """``torch.isfinite(value)`` in two operations instead of its four:
+    |value| < inf is False exactly for inf and NaN."""
+    return value.abs() < math.inf
+
+
 def pooled_statistics(mu_t, var_t, past_mu, past_var, keep):
     """The window's mean and variance, the pooled form of the module
     docstring: mu = (mu_t + sum of kept past mu) / c and sigma2 = (var_t +
     (mu_t - mu)^2 + sum over kept of (var + (mu_tau - mu)^2)) / c, with c = 1 +
-    the number of kept entries. mu_t, var_t (C,); past_mu, past_var (k, C),
-    zero where not kept; keep (k, C) bool. Returns (mu, sigma2, c), each (C,)."""
-    count = keep.sum(0).to(mu_t.dtype) + 1
-    mu = (mu_t + past_mu.sum(0)) / count
-    spread = torch.where(keep, past_var + (past_mu - mu).square(), 0).sum(0)
-    sigma2 = ((var_t + (mu_t - mu).square() + spread) / count).clamp_min(0)
+    the number of kept entries. Every term is >= 0 (var_t is, and keep requires
+    it of the past variances), so sigma2 needs no clamp. mu_t, var_t (C,);
+    past_mu, past_var (k, C), read only where ``keep`` (k, C, bool) is True.
+    Returns (mu, sigma2, c), each (C,)."""
+    count = keep.sum(0, dtype=mu_t.dtype) + 1
+    mu = (mu_t + torch.where(keep, past_mu, 0).sum(0)) / count
+    past_dev = past_mu - mu
+    spread = torch.where(keep, torch.addcmul(past_var, past_dev, past_dev), 0).sum(0)
+    dev = mu_t - mu
+    sigma2 = (torch.addcmul(var_t, dev, dev) + spread) / count
     return mu, sigma2, count
 
 
@@ -236,18 +247,18 @@ class _CrossIterationNorm(torch.autograd.Function):
     differentiable.
 
     Inputs past_mu, past_var (k, C) are the compensated past means and variances
-    with kept entries only (the rest zero), keep (k, C) bool, or all None.
+    and keep (k, C) bool the entries to pool, or all None.
 
     Backward, with a = weight / sqrt(sigma2 + eps), xhat = (x - mu) / sqrt(...),
     c the per-channel count: dx = a * (g - mean(g) / c - xhat * mean(g xhat) / c),
     evaluated as PyTorch's batch-norm backward kernel with (mu, invstd) and
-    weight / c, plus (1 - 1/c) * a * g.
+    weight / c, plus (weight - weight / c) / sqrt(sigma2 + eps) * g.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, past_mu, past_var, keep, eps):
         with torch.autocast(x.device.type, enabled=False):
-            dtype = torch.promote_types(x.dtype, torch.float32)
+            dtype = SmallBatchNorm.stats_dtype(x)
             weight_c, bias_c = weight.to(dtype), bias.to(dtype)
             # PyTorch's batch-norm kernel: the batch statistics (two-pass, in
             # float32 for half input) and, with no past, the output, as BN.
@@ -264,6 +275,7 @@ class _CrossIterationNorm(torch.autograd.Function):
         ctx.eps = eps
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype
         ctx.mark_non_differentiable(mu_t, var_t)
+        ctx.set_materialize_grads(False)  # no zero gradients for mu_t, var_t
         return y, mu_t, var_t
 
     @staticmethod
@@ -278,7 +290,7 @@ class _CrossIterationNorm(torch.autograd.Function):
                 gy, xs, scaled, None, None, mu, invstd, True, ctx.eps, [True, True, True])
             if count is not None:
                 shape = (1, -1) + (1,) * (x.dim() - 2)
-                grad_x = grad_x.addcmul_(gy, (weight * invstd * (1 - 1 / count)).view(shape))
+                grad_x = grad_x.addcmul_(gy, ((weight - scaled) * invstd).view(shape))
         return (grad_x.to(x.dtype), grad_weight.to(ctx.weight_dtype),
                 grad_bias.to(ctx.bias_dtype), None, None, None, None)
 
@@ -462,10 +474,11 @@ class CBN(SmallBatchNorm):
                                                self.running_mean.device))
 
     def _ages(self, device):
-        """Age of every ring slot in steps (0 = newest), as a (k,) tensor."""
+        """Age of every ring slot in steps (0 = newest), as a (k,) tensor:
+        (pushes - 1 - slot) mod k."""
         pushes = self._host_count('history_pushes')
         k = self.buffer_num
-        return (pushes - 1 - torch.arange(k, device=device)) % k
+        return torch.arange(pushes - 1, pushes - 1 - k, -1, device=device) % k
 
     def past_statistics(self, weight=None, window=None, dtype=None):
         """The stored steps moved to ``weight`` (theta_t; None: uncompensated).
@@ -476,36 +489,55 @@ class CBN(SmallBatchNorm):
         variance >= 0) and each row's age (0 = newest). None if nothing is
         stored.
         """
+        past = self._past(weight, window, dtype)
+        if past is None:
+            return None
+        mu, nu, _, keep = past
+        return mu, nu, keep, self._ages(mu.device)
+
+    def _past(self, weight, window, dtype):
+        """(mu, nu, var, keep) as :meth:`past_statistics` gives them, with the
+        compensated variances var = nu - mu^2 (k, C) instead of the ages.
+
+        All k stored steps at once. With F = C_in/groups * kh * kw, delta
+        (k, C, F) the rows of theta_t - theta_tau (the only temporary of k
+        times the weight's size) and g(c) the group of channel c:
+
+            mu_tau(theta_t)[c] = mu_tau[c] + rho * <delta_tau[c], dmu_tau[g(c)]>
+            nu_tau(theta_t)[c] = nu_tau[c] + rho * <delta_tau[c], dnu_tau[c]>
+
+        dmu_tau[g] (F,) is group g's part of the compact mean derivative, so the
+        mean shifts are one batched (1, F) x (F, C/groups) product per step and
+        group; the second-moment shifts are row-wise dot products.
+        """
         pushes = self._host_count('history_pushes')
         if pushes == 0 or self.history_mean.numel() == 0:
             return None
         k = self.buffer_num
         window = k if window is None else window
         dtype = dtype or self._history_dtype()
-        used = min(window, pushes, k)
         mu = self.history_mean.to(dtype)
         nu = self.history_sqmean.to(dtype)
         if weight is not None and self.rho != 0:
-            # One stored step at a time: k is small, and weight-sized temporaries
-            # (instead of k times that) avoid large-allocation churn on the CPU.
-            theta = weight.to(dtype).flatten(1)  # (O, F)
+            channels = weight.shape[0]
             groups = self.history_dmean.shape[1] // self.history_weight.shape[2]
-            mu_shift, nu_shift = [], []
-            for slot in range(k):
-                delta = theta - self.history_weight[slot].to(dtype).flatten(1)
-                dmu = self.history_dmean[slot].to(dtype).flatten()  # shared within a group
-                if groups == 1:
-                    mu_shift.append(torch.mv(delta, dmu))
-                else:
-                    mu_shift.append(torch.linalg.vecdot(
-                        delta.view(groups, -1, delta.shape[1]), dmu.view(groups, 1, -1)).flatten())
-                nu_shift.append(torch.linalg.vecdot(
-                    delta, self.history_dsqmean[slot].to(dtype).flatten(1)))
-            mu = mu + self.rho * torch.stack(mu_shift)
-            nu = nu + self.rho * torch.stack(nu_shift)
-        ages = self._ages(mu.device)
-        keep = (ages < used)[:, None] & (self.history_valid == 1) & (nu - mu.square() >= 0)
-        return mu, nu, keep, ages
+            # Contiguous: a channels_last weight would give a delta that .view cannot flatten.
+            theta = weight.to(dtype).contiguous()
+            delta = (theta - self.history_weight.to(dtype)).view(k, channels, -1)
+            dmu = self.history_dmean.to(dtype).reshape(k * groups, 1, -1)
+            group_rows = delta.view(k * groups, channels // groups, -1).transpose(1, 2)
+            mu = torch.baddbmm(mu.view(k * groups, 1, -1), dmu, group_rows,
+                               alpha=self.rho).view(k, channels)
+            # In place: delta is not needed any more (and a second k x weight
+            # temporary costs more than the product on the CPU).
+            dnu = self.history_dsqmean.to(dtype).view(k, channels, -1)
+            nu = nu.add(delta.mul_(dnu).sum(2), alpha=self.rho)
+        var = nu - mu.square()
+        keep = (self.history_valid == 1) & (var >= 0)
+        used = min(window, pushes, k)
+        if used < k:  # the oldest slots are outside the window (otherwise all are in)
+            keep &= (self._ages(mu.device) < used)[:, None]
+        return mu, nu, var, keep
 
     # ------------------------------------------------------------ forward
     def _train_forward(self, x, sync):
@@ -522,21 +554,21 @@ class CBN(SmallBatchNorm):
         window = self.window_size(t, burnin) if with_grad else 0
         dtype = self.stats_dtype(x)
 
-        past = None
+        pooled = (None, None, None)  # the past means and variances to pool, and keep
         if window > 0:
             with torch.no_grad():
-                past = self.past_statistics(theta, window, dtype)
-        kept = (None, None, None)  # the kept past means and variances (zero elsewhere), keep
-        if past is not None:
-            mu, nu, keep, _ = past
-            kept = (torch.where(keep, mu, 0), torch.where(keep, nu - mu.square(), 0), keep)
+                past = self._past(theta, window, dtype)
+            if past is not None:
+                mu, _, var, keep = past
+                pooled = (mu, var, keep)
         union_count = None
         if sync:
-            y, mu_t, var_t, union_count = self._union_normalize(x, dtype, *kept)
+            y, mu_t, var_t, union_count = self._union_normalize(x, dtype, *pooled)
         else:
-            y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, *kept, self.eps)
+            y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, *pooled,
+                                                       self.eps)
         with torch.no_grad():
-            finite = torch.isfinite(mu_t) & torch.isfinite(var_t)
+            finite = _finite(mu_t) & _finite(var_t)
             finite = self.warn_if_nonfinite(finite)
             if sync:
                 finite = finite & (union_count > 0)
@@ -545,7 +577,7 @@ class CBN(SmallBatchNorm):
             self._update_running(x, mu_t, var_t, finite, union_count)
         return y
 
-    def _union_normalize(self, x, dtype, kept_mu, kept_var, keep):
+    def _union_normalize(self, x, dtype, past_mu, past_var, keep):
         """The output for ``sync_stats``: mu_t and var_t are the union's
         (:func:`mmnorm.layers._dist.union_moments`), pooled with the kept past
         entries (or None) as in :class:`_CrossIterationNorm`, whose equations this
@@ -556,7 +588,7 @@ class CBN(SmallBatchNorm):
         mu_t, var_t, count = union_moments(xs)
         mu, sigma2 = mu_t, var_t
         if keep is not None:
-            mu, sigma2, _ = pooled_statistics(mu_t, var_t, kept_mu, kept_var, keep)
+            mu, sigma2, _ = pooled_statistics(mu_t, var_t, past_mu, past_var, keep)
         shape = self.channel_shape(xs)
         scale = self.weight.to(dtype) * (sigma2 + self.eps).rsqrt()
         y = (xs - mu.view(shape)) * scale.view(shape) + self.bias.to(dtype).view(shape)
@@ -588,20 +620,22 @@ class CBN(SmallBatchNorm):
         slot = self._host_count('history_pushes') % self.buffer_num
         valid = finite
         if self.rho != 0:
-            # A channel's entry is valid if all its numbers are finite; a sum is
+            # A channel's entry is valid if all its numbers are finite. A sum is
             # finite only if every summand is (an overflowing sum also counts as
-            # not finite). Non-finite numbers are stored as 0, one pass each.
+            # not finite), so one sum per channel checks its dnu row, its theta
+            # row and its group's dmu. Non-finite numbers are stored as 0, one
+            # pass each.
             groups = conv.groups
-            dmu_ok = torch.isfinite(dmu.reshape(groups, -1).sum(1))
-            dmu_ok = dmu_ok.repeat_interleave(self.num_features // groups)
-            valid = (valid & dmu_ok & torch.isfinite(dnu.flatten(1).sum(1))
-                     & torch.isfinite(theta.flatten(1).sum(1)))
+            sums = (dnu.sum((1, 2, 3)) + theta.sum((1, 2, 3))).view(groups, -1)
+            sums = sums + dmu.reshape(groups, -1).sum(1, keepdim=True)
+            valid = valid & _finite(sums.flatten())
             for key, value in (('history_dmean', dmu), ('history_dsqmean', dnu),
                                ('history_weight', theta)):
                 target = getattr(self, key)[slot]
                 torch.nan_to_num(value.to(target.dtype), 0.0, 0.0, 0.0, out=target)
-        self.history_mean[slot] = torch.where(valid, mu_t, 0)
-        self.history_sqmean[slot] = torch.where(valid, var_t + mu_t.square(), 0)
+        zero = mu_t.new_zeros(())  # where(..., out=) takes no Python number
+        torch.where(valid, mu_t, zero, out=self.history_mean[slot])
+        torch.where(valid, torch.addcmul(var_t, mu_t, mu_t), zero, out=self.history_sqmean[slot])
         self.history_valid[slot] = valid
         self._increment('history_pushes')
 
@@ -609,18 +643,20 @@ class CBN(SmallBatchNorm):
         """BN's running-statistic update from this step's mu_t and biased var_t
         (C,); the unbiased variance uses x's count, or ``union_count`` (0-dim
         tensor, sync_stats), where running_var changes only if it is > 1."""
-        m = self.momentum
-        new_mean = (1 - m) * self.running_mean + m * mu_t
-        self.update_where_finite(self.running_mean, new_mean, finite)
+        self._move_running(self.running_mean, mu_t, finite)
         if union_count is not None:
             unbias = union_count / (union_count - 1).clamp_min(1)
-            new_var = (1 - m) * self.running_var + m * var_t * unbias
-            self.update_where_finite(self.running_var, new_var, finite & (union_count > 1))
+            self._move_running(self.running_var, var_t * unbias, finite & (union_count > 1))
             return
         count = x.numel() // x.size(1)
         if count > 1:
-            new_var = (1 - m) * self.running_var + m * var_t * (count / (count - 1))
-            self.update_where_finite(self.running_var, new_var, finite)
+            self._move_running(self.running_var, var_t * (count / (count - 1)), finite)
+
+    def _move_running(self, buffer, value, finite):
+        """buffer <- (1 - m) * buffer + m * value (m = momentum, one lerp) in
+        the channels where ``finite``, written into the buffer by one where."""
+        moved = buffer.lerp(value.to(buffer.dtype), self.momentum)
+        torch.where(finite, moved, buffer, out=buffer)
 
     # --------------------------------------------------------- state dict
     def convert_state(self, state_dict, prefix):

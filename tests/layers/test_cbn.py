@@ -246,6 +246,85 @@ def test_compensated_old_statistics_are_closer_to_the_current_weights():
         assert err_nu < 0.5 * err_nu_naive, (err_nu, err_nu_naive)
 
 
+@pytest.mark.parametrize('groups', [1, 2])
+def test_compensation_of_every_slot_matches_the_docstring_equations(groups):
+    # A random ring (every slot, group and channel different) and a random
+    # theta_t; a (3, 2) kernel, so that mixing up kh, kw, groups or slots fails.
+    k, cin, cout, rho = 3, 4, 6, 0.7
+    weight_shape = (cout, cin // groups, 3, 2)
+    gen = torch.Generator().manual_seed(10 + groups)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    layer = CBN(cout, buffer_num=k, rho=rho).double()
+    layer.history_mean = rand(k, cout)
+    layer.history_sqmean = layer.history_mean.square() + rand(k, cout).abs()
+    layer.history_valid = torch.ones(k, cout, dtype=torch.long)
+    layer.history_valid[1, 2] = 0
+    layer.history_dmean = rand(k, cin, 3, 2)  # compact: rows of group g are shared by its outputs
+    layer.history_dsqmean = rand(k, *weight_shape)
+    layer.history_weight = rand(k, *weight_shape)
+    layer.history_pushes.fill_(7)  # the newest slot is 0 (age 0), then 2, then 1
+    theta = rand(*weight_shape)
+    ring = {name: buffer.clone() for name, buffer in layer.named_buffers()}
+
+    mu, nu, keep, ages = layer.past_statistics(theta)
+    assert ages.tolist() == [0, 2, 1]
+    per_group = cout // groups
+    expected_mu = torch.empty(k, cout, dtype=torch.float64)
+    expected_nu = torch.empty(k, cout, dtype=torch.float64)
+    for slot in range(k):
+        for c in range(cout):
+            g = c // per_group
+            delta = theta[c] - layer.history_weight[slot, c]
+            dmu = layer.history_dmean[slot, g * (cin // groups):(g + 1) * (cin // groups)]
+            expected_mu[slot, c] = layer.history_mean[slot, c] + rho * (dmu * delta).sum()
+            expected_nu[slot, c] = (layer.history_sqmean[slot, c]
+                                    + rho * (layer.history_dsqmean[slot, c] * delta).sum())
+    torch.testing.assert_close(mu, expected_mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nu, expected_nu, rtol=1e-12, atol=1e-12)
+    expected_keep = (expected_nu - expected_mu.square() >= 0) & (layer.history_valid == 1)
+    assert torch.equal(keep, expected_keep)
+    assert 0 < int(keep.sum()) < k * cout  # some kept, some dropped (history_valid[1, 2] = 0)
+    # A window of 2 steps leaves out the oldest slot (age 2); nothing is written.
+    _, _, keep_2, _ = layer.past_statistics(theta, window=2)
+    assert torch.equal(keep_2, expected_keep & (ages < 2)[:, None])
+    uncompensated = layer.past_statistics(None)
+    assert torch.equal(uncompensated[0], layer.history_mean)
+    for name, buffer in layer.named_buffers():
+        assert torch.equal(buffer, ring[name]), name
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_grouped_conv_matches_reference_over_sgd_steps(groups):
+    torch.manual_seed(groups)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups).double()
+    layer = CBN(6, buffer_num=2, rho=1.0).double()
+    model = nn.Sequential(conv, layer)
+    ref_conv = copy.deepcopy(conv)
+    ref_weight = layer.weight.detach().clone().requires_grad_()
+    ref_bias = layer.bias.detach().clone().requires_grad_()
+    reference = ReferenceCBN(6, buffer_num=2, rho=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(list(ref_conv.parameters()) + [ref_weight, ref_bias], lr=0.1)
+    gen = torch.Generator().manual_seed(20 + groups)
+    for _ in range(6):
+        x = torch.randn(2, 4, 5, 4, generator=gen, dtype=torch.float64) + 0.5
+        grad = torch.randn(2, 6, 5, 4, generator=gen, dtype=torch.float64)
+        y = model(x)
+        y_ref = reference.step(ref_conv(x), ref_conv.weight, ref_weight, ref_bias)
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+        y.backward(grad)
+        y_ref.backward(grad)
+        torch.testing.assert_close(conv.weight.grad, ref_conv.weight.grad, rtol=1e-8, atol=1e-9)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert layer.history_valid.all()
+
+
 def test_past_entry_with_negative_compensated_variance_is_dropped():
     model = conv_cbn(buffer_num=1, rho=1.0, conv_bias=False)
     conv, layer = model
@@ -353,6 +432,7 @@ def test_non_finite_statistic_never_enters_buffers():
     x[0, 1, 0, 0] = math.inf
     with pytest.warns(RuntimeWarning, match='inf or NaN'):
         train_step(model, x, torch.ones(2, 4, 3, 3, dtype=torch.float64))
+        layer.report_nonfinite()
     for name in ['running_mean', 'running_var']:
         assert torch.equal(getattr(layer, name)[1], before[name][1])
         assert not torch.equal(getattr(layer, name)[0], before[name][0])
