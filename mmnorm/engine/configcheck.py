@@ -18,7 +18,7 @@ import os.path as osp
 
 from torch import nn
 
-__all__ = ['ConfigError', 'check_config_path', 'check_layer_cfgs']
+__all__ = ['ConfigError', 'check_config_path', 'check_layer_cfgs', 'unknown_option']
 
 #: What mmcv's builders take out of a layer's cfg before calling the class:
 #: build_norm_layer pops ``type`` and ``requires_grad``; build_conv_layer ``type``.
@@ -83,6 +83,18 @@ def _entries(node, where):
             yield from _entries(value, f'{where}[{i}]')
 
 
+def unknown_option(name, cls, kind, entry):
+    """The message for the first key of the layer cfg ``entry`` that ``cls``
+    (named ``name``, a 'norm' or 'conv' ``kind``) does not take, or None."""
+    options = layer_options(cls, kind)
+    for key in entry:
+        if key not in options:
+            close = difflib.get_close_matches(key, options, n=1)
+            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            return f'{name} has no option {key!r}{hint}; {name} takes: {", ".join(options)}'
+    return None
+
+
 def check_layer_cfgs(cfg):
     """Raise ConfigError at the first mmnorm layer entry under ``cfg.model``
     with a key its layer does not take or a value its layer refuses."""
@@ -92,13 +104,9 @@ def check_layer_cfgs(cfg):
         if not isinstance(name, str) or name not in kinds:
             continue
         cls, kind = kinds[name]
-        options = layer_options(cls, kind)
-        for key in entry:
-            if key not in options:
-                close = difflib.get_close_matches(key, options, n=1)
-                hint = f' (did you mean {close[0]!r}?)' if close else ''
-                raise ConfigError(f'{where}: {name} has no option {key!r}{hint}; '
-                                  f'{name} takes: {", ".join(options)}')
+        message = unknown_option(name, cls, kind, entry)
+        if message is not None:
+            raise ConfigError(f'{where}: {message}')
         try:
             _build_small(cls, kind, entry)
         except (TypeError, ValueError) as error:

@@ -172,6 +172,9 @@ class SmallBatchNorm(_BatchNorm):
                       'inf or NaN; the affected channels kept their previous buffers',
                       RuntimeWarning, stacklevel=3)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(script_refusal(self))
+
     def train(self, mode=True):
         self.report_nonfinite()
         return super().train(mode)
@@ -202,3 +205,12 @@ def note_nonfinite(flags, finite):
     ``step_flags``); returns ``finite``."""
     flags[:1].bitwise_or_(finite.logical_not().any())
     return finite
+
+
+def script_refusal(module):
+    """Why ``torch.jit.script`` cannot compile ``module`` (an mmnorm layer)
+    and what to do instead."""
+    return (f'{type(module).__name__}: torch.jit.script cannot compile mmnorm\'s layers (their '
+            'training steps are autograd Functions and custom operators); fold the model '
+            'first with mmnorm.fuse(model), whose result scripts, or use torch.compile')
+

@@ -39,7 +39,7 @@ import torch
 from mmengine.registry import MODELS
 from torch import nn
 
-from ._state import check_number
+from ._state import check_number, script_refusal
 
 
 class _TransformedWeightConv(nn.Conv2d):
@@ -80,6 +80,9 @@ class _TransformedWeightConv(nn.Conv2d):
             return self._conv_forward(x, self.transformed_weight(), self.bias)
         except RuntimeError as error:
             raise RuntimeError(f'{type(self).__name__}: {error}') from error
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(script_refusal(self))
 
     def train(self, mode: bool = True):
         self._eval_weight_cache = None

@@ -15,16 +15,16 @@ __all__ = ['keep_cbn_convs_eager']
 
 
 def keep_cbn_convs_eager(model):
-    """Run every conv of ``model`` that feeds a CBN (the pairing rule of
-    :func:`mmnorm.surgery.fuse.conv_norm_pairs`: the conv registered just
-    before the CBN) outside torch.compile's graphs; call it before
-    ``torch.compile``. Returns the qualified names of those convs. Idempotent;
-    the convs keep their class, parameters and state-dict keys."""
-    names = []
-    for parent_name, parent in model.named_modules():
-        for conv_name, _ in conv_norm_pairs(parent, lambda module: isinstance(module, CBN)):
-            conv = parent._modules[conv_name]
-            if not isinstance(vars(conv).get('forward'), EagerForward):
-                conv.forward = EagerForward(conv)
-            names.append(f'{parent_name}.{conv_name}' if parent_name else conv_name)
-    return names
+    """Run every conv of ``model`` that feeds a CBN (read from the traced
+    forward, :func:`mmnorm.surgery.fuse.conv_norm_pairs`) outside
+    torch.compile's graphs; call it before ``torch.compile``. Returns the
+    qualified names of those convs. Idempotent; the convs keep their class,
+    parameters and state-dict keys. A CBN whose conv cannot be told from the
+    forward raises at its first training step, naming what to do."""
+    pairs, _ = conv_norm_pairs(model, lambda module: isinstance(module, CBN))
+    modules = dict(model.named_modules())
+    for name in pairs.values():
+        conv = modules[name]
+        if not isinstance(vars(conv).get('forward'), EagerForward):
+            conv.forward = EagerForward(conv)
+    return sorted(set(pairs.values()))

@@ -1,10 +1,20 @@
 """Convert any PyTorch model to small-batch norm layers, keeping its weights.
 
 ``convert(model, norm=dict(type='MABN'), conv=dict(type='CenConv'))`` replaces
-every ``nn.BatchNorm2d`` by the layer that ``norm`` builds and, when ``conv`` is
-given, every ``nn.Conv2d`` that feeds one of those BatchNorms (the pairing rule
-of :func:`mmnorm.surgery.fuse.conv_norm_pairs`) by the conv that ``conv`` builds, as
-``nn.SyncBatchNorm.convert_sync_batchnorm`` does for SyncBN. What is carried
+every BatchNorm whose forward mmnorm knows (:mod:`mmnorm.surgery.norms`:
+``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, BatchNorm1d/3d where the new layer
+takes their inputs, timm's ``BatchNormAct2d``, whose ``drop`` and ``act`` are
+kept after the new layer) by the layer that ``norm`` builds and, when ``conv``
+is given, every plain ``nn.Conv2d`` whose output feeds one of them and nothing
+else (read from the traced forward, :func:`mmnorm.surgery.fuse.conv_norm_pairs`)
+by the conv that ``conv`` builds, as ``nn.SyncBatchNorm.convert_sync_batchnorm``
+does for SyncBN. A SyncBatchNorm becomes the same layer as a BatchNorm2d: the
+config's ``sync_stats`` says whether statistics are shared. Everything else
+is left as it is and reported (:mod:`mmnorm.surgery.report`): frozen
+BatchNorms, mmnorm's own layers, ``_BatchNorm`` subclasses with a forward of
+their own, ``track_running_stats=False`` (it normalises with batch statistics
+in eval too, which no small-batch layer does), and norms that no conv feeds
+when ``conv`` is given (after a concatenation, for example). What is carried
 over from each BatchNorm of C channels (mean mu, variance var, both (C,)):
 
 * weight and bias (and their ``requires_grad``, unless ``norm`` states
@@ -29,13 +39,17 @@ WSConv already, DCN, hooked convs) are left as they are. Every new module
 has the training mode of the one it replaces.
 """
 import importlib
+from collections import OrderedDict
 
 import torch
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..layers import CenConv, WSConv
+from ..engine.configcheck import unknown_option
+from ..layers import BRN, CBN, MABN, CenConv, WSConv
 from .fuse import conv_norm_pairs
+from .norms import known_norm
+from .report import SurgeryReport
 
 __all__ = ['bn_to_mabn', 'convert']
 
@@ -115,11 +129,21 @@ def _build_norm(cls, cfg, num_features):
 
 
 def _new_norm(bn, name, norm_class, norm_cfg):
-    """The ``norm_class`` layer built from ``norm_cfg`` for the BatchNorm2d
-    ``bn`` (at ``name``), with what the module docstring lists carried over."""
+    """The ``norm_class`` layer built from ``norm_cfg`` for the BatchNorm
+    ``bn`` (at ``name``), with what the module docstring lists carried over.
+    An option the layer does not take, or a value it refuses, raises with
+    ``name`` in front."""
+    if norm_class in (BRN, CBN, MABN):
+        message = unknown_option(norm_class.__name__, norm_class, 'norm', norm_cfg)
+        if message is not None:
+            raise TypeError(f'{name}: {message}')
     cfg = dict(norm_cfg)
     cfg.setdefault('eps', bn.eps)
-    layer = _build_norm(norm_class, cfg, bn.num_features)
+    try:
+        layer = _build_norm(norm_class, cfg, bn.num_features)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f'{name}: {norm_cfg.get("type")} for {bn.num_features} channels: '
+                          f'{error}') from error
     reference = bn.running_var if bn.running_var is not None else bn.weight
     if reference is not None:
         layer.to(device=reference.device, dtype=reference.dtype)
@@ -173,32 +197,85 @@ def _new_conv(old, conv_class, conv_cfg):
     return layer
 
 
-def _is_batch_norm_2d(module):
-    return isinstance(module, nn.BatchNorm2d)
+# Layers that take the (N, C) and (N, C, D, H, W) inputs of BatchNorm1d and 3d.
+_ANY_RANK = (MABN, BRN, nn.GroupNorm)
 
 
-def _replacements(module, norm_class, norm_cfg, conv_class, conv_cfg):
+def _refusal(module, info, norm_class):
+    """(action, reason, refused) when the BatchNorm-family ``module`` is not
+    replaced, else None."""
+    if info.kind == 'mmnorm':
+        return 'kept', 'already an mmnorm layer', False
+    if info.kind == 'frozen':
+        return 'kept', 'frozen (it trains nothing); unfreeze it first to train it', False
+    if info.kind == 'unknown':
+        return 'kept', info.reason, True
+    if module.running_var is None:
+        return ('skipped', 'track_running_stats=False: it normalises with the batch statistics '
+                'in eval too, which the converted layer would not', True)
+    if (isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d))
+            and not issubclass(norm_class, _ANY_RANK)):
+        return ('skipped', f'{norm_class.__name__} takes the 4-D output of a 2-D conv, not '
+                f'the inputs of {type(module).__name__}', True)
+    return None
+
+
+def _replacement(module, path, info, norm_class, norm_cfg):
+    """(new module, report detail) for the BatchNorm-family ``module``."""
+    layer = _new_norm(module, path, norm_class, norm_cfg)
+    detail = f'by {type(layer).__name__}'
+    if isinstance(module, nn.SyncBatchNorm) and getattr(layer, 'sync_stats', None) is False:
+        detail += (' (was SyncBatchNorm: statistics are per process; set sync_stats=True '
+                   'in norm to share them)')
+    if not info.after:
+        return layer, detail
+    parts = OrderedDict([('norm', layer)] + [(name, getattr(module, name)) for name in info.after])
+    return nn.Sequential(parts), f'{detail}, followed by its own {" and ".join(info.after)}'
+
+
+def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
     """id(old) -> (old, new) for every module of ``module`` to replace, all
-    built before anything is changed (so a failing build changes nothing)."""
+    built before anything is changed (so a failing build changes nothing);
+    fills ``report``."""
     plan = {}
-    for name, child in module.named_modules():
-        if _is_batch_norm_2d(child):
-            plan[id(child)] = (child, _new_norm(child, name or '<root>', norm_class, norm_cfg))
-        elif conv_cfg is not None:
-            for conv_name, _ in conv_norm_pairs(child, _is_batch_norm_2d):
-                conv = child._modules[conv_name]
-                if not isinstance(conv, (CenConv, WSConv)) and id(conv) not in plan:
-                    plan[id(conv)] = (conv, _new_conv(conv, conv_class, conv_cfg))
+    replaced = []  # (path, BatchNorm) replaced
+    for path, child in module.named_modules():
+        info = known_norm(child)
+        if info is None or id(child) in plan:
+            continue
+        refusal = _refusal(child, info, norm_class)
+        if refusal is not None:
+            report.add(path, child, refusal[0], refusal[1], refused=refusal[2])
+            continue
+        new, detail = _replacement(child, path or '<root>', info, norm_class, norm_cfg)
+        plan[id(child)] = (child, new)
+        replaced.append(path)
+        report.add(path, child, 'replaced', detail)
+    if conv_cfg is None:
+        return plan
+    pairs, why = conv_norm_pairs(module, lambda m: id(m) in plan)
+    modules = dict(module.named_modules())
+    for path in replaced:
+        conv_path = pairs.get(path)
+        if conv_path is None:
+            report.add(path, modules[path], 'skipped', f'no {conv_class.__name__} in front of it: '
+                       f'{why.get(path, "no conv feeds it")}', refused=True)
+            continue
+        conv = modules[conv_path]
+        if isinstance(conv, (CenConv, WSConv)) or id(conv) in plan:
+            continue
+        plan[id(conv)] = (conv, _new_conv(conv, conv_class, conv_cfg))
+        report.add(conv_path, conv, 'replaced', f'by {conv_class.__name__} (it feeds {path})')
     return plan
 
 
-def convert(module, norm=_MABN_RECIPE_NORM, conv=_MABN_RECIPE_CONV):
-    """Replace every ``nn.BatchNorm2d`` of ``module`` by the layer built from
-    ``norm`` and, unless ``conv`` is None, every ``nn.Conv2d`` feeding one by
-    the conv built from ``conv``, keeping weights (module docstring).
+def convert(module, norm=_MABN_RECIPE_NORM, conv=_MABN_RECIPE_CONV, strict=False, report=None):
+    """Replace every BatchNorm of ``module`` that mmnorm knows by the layer
+    built from ``norm`` and, unless ``conv`` is None, every plain conv feeding
+    one by the conv built from ``conv``, keeping weights (module docstring).
 
     Args:
-        module (nn.Module): any model (or a single BatchNorm2d).
+        module (nn.Module): any model (or a single BatchNorm).
         norm (dict): a norm config as in MMDetection's ``norm_cfg``, built
             as MMCV's ``build_norm_layer`` does: ``dict(type='MABN')``,
             ``dict(type='BRN', warmup_iters=500)``, ``dict(type='CBN',
@@ -207,16 +284,22 @@ def convert(module, norm=_MABN_RECIPE_NORM, conv=_MABN_RECIPE_CONV):
         conv (dict or None): a conv config as ``conv_cfg``, e.g.
             ``dict(type='CenConv')`` (MABN's recipe) or ``dict(type='WSConv')``;
             None keeps the convs.
+        strict (bool): raise :class:`mmnorm.surgery.report.SurgeryError`,
+            before anything is changed, if a BatchNorm could not be replaced
+            or (with ``conv``) given its new conv.
+        report (SurgeryReport, optional): gets one entry per norm seen and
+            per conv replaced (:mod:`mmnorm.surgery.report`).
 
     Returns:
         nn.Module: ``module`` converted in place, or the new layer when
-        ``module`` itself is a BatchNorm2d.
+        ``module`` itself is a BatchNorm.
 
     Raises:
         TypeError, KeyError, ValueError: a bad ``norm`` or ``conv`` (the
         message names the argument), or a layer that cannot be built for one
-        of the BatchNorms (the message names it). Every new layer is built
-        before the model is touched, so after an error it is unchanged.
+        of the BatchNorms (the message names its module path and the
+        option). Every new layer is built before the model is touched, so
+        after an error it is unchanged.
     """
     norm_class = _layer_class('norm', norm)
     conv_class = None
@@ -225,7 +308,9 @@ def convert(module, norm=_MABN_RECIPE_NORM, conv=_MABN_RECIPE_CONV):
         if not issubclass(conv_class, nn.Conv2d):
             raise TypeError(f'convert: conv type {conv["type"]!r} must be an nn.Conv2d '
                             'subclass (it is built with nn.Conv2d\'s arguments)')
-    plan = _replacements(module, norm_class, norm, conv_class, conv)
+    report = SurgeryReport() if report is None else report
+    plan = _plan(module, norm_class, norm, conv_class, conv, report)
+    report.refuse_if(strict, 'convert')
     if id(module) in plan:
         return plan[id(module)][1]
     for parent in list(module.modules()):

@@ -21,25 +21,26 @@ computed in float64 and stored in the conv's dtype. ``CenConv`` and ``WSConv``
 first become ``nn.Conv2d`` with their transformed weight (W_hat, see
 ``mmnorm/layers/conv.py``), which is then folded the same way.
 
-Which conv feeds which norm is decided from the module tree alone, by
-:func:`conv_norm_pairs` (also used by :func:`mmnorm.surgery.convert.convert`): the
-rule MMCV's ``fuse_conv_bn`` applies, with the checks that make it safe on
-MMDetection models.
+Which conv feeds which norm is read from what the model runs, by
+:func:`conv_norm_pairs` (also used by :func:`mmnorm.surgery.convert.convert`):
+the model's forward traced with ``torch.fx`` (:mod:`mmnorm.surgery.dataflow`),
+not the order in which modules were registered. Which norms are folded at all
+is decided by what their forward computes (:mod:`mmnorm.surgery.norms`); every
+norm gets a line in the report (:mod:`mmnorm.surgery.report`).
 """
 import os.path as osp
-import sys
-from collections import Counter
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from ..compat import torch_version
 from ..layers import CenConv, WSConv
 from ..layers._ops import EagerForward
-from ..layers._state import SmallBatchNorm
+from .dataflow import feeding_convs
+from .norms import known_norm
+from .report import SurgeryReport
 
 __all__ = ['conv_norm_pairs', 'deploy_checkpoint', 'format_report', 'fuse', 'load_deployed',
            'mmnorm_modules', 'save_deployed', 'use_deployed_model']
@@ -47,29 +48,13 @@ __all__ = ['conv_norm_pairs', 'deploy_checkpoint', 'format_report', 'fuse', 'loa
 #: The key of the module in a file written by :func:`save_deployed`.
 DEPLOYED_KEY = 'deployed_model'
 
-# (module, class name) of frozen BatchNorm variants in the installed packages
-# that are not ``_BatchNorm`` subclasses. They hold weight, bias, running_mean
-# and running_var as buffers and compute BatchNorm's inference.
-_FROZEN_BN_CLASSES = (('mmdet.models.layers.brick_wrappers', 'FrozenBatchNorm2d'),)
-
-
-def _frozen_bn_types():
-    """The frozen-BN classes whose modules are imported: an instance can only
-    exist if its class's module was imported, so nothing is imported here."""
-    found = []
-    for module_name, class_name in _FROZEN_BN_CLASSES:
-        module = sys.modules.get(module_name)
-        if module is not None and hasattr(module, class_name):
-            found.append(getattr(module, class_name))
-    return tuple(found)
-
-
 def is_foldable_norm(module):
     """True if ``module`` in eval mode is a per-channel affine map given by
-    running statistics (see the module docstring)."""
-    if isinstance(module, _BatchNorm):
-        return module.running_var is not None
-    return isinstance(module, _frozen_bn_types())
+    running statistics (see the module docstring) and mmnorm knows its
+    whole forward (:func:`mmnorm.surgery.norms.known_norm`)."""
+    info = known_norm(module)
+    return (info is not None and info.kind != 'unknown'
+            and getattr(module, 'running_var', None) is not None)
 
 
 _plain_conv_forwards = None
@@ -111,36 +96,29 @@ def _is_plain_conv(module):
             and not parametrize.is_parametrized(module))
 
 
-def conv_norm_pairs(parent, is_norm):
-    """The (conv name, norm name) pairs among the direct children of
-    ``parent`` in which the conv's output is the norm's input.
+def _feeds(conv, norm):
+    """Whether ``conv`` counts as the conv of the ``norm`` it feeds."""
+    return _is_plain_conv(conv) and conv.out_channels == getattr(norm, 'num_features', None)
 
-    The rule (registration order, as MMCV's ``fuse_conv_bn``; a module
-    registered under two names counts at both places): a child for
-    which ``is_norm(child)`` is true is paired with the child registered just
-    before it if that one is a plain 2-D conv (see :func:`_is_plain_conv`:
-    ``nn.Conv2d``, MMCV's ``Conv2d`` wrapper, CenConv, WSConv; not DCN, not a
-    spectral-normed conv) whose ``out_channels`` equals the norm's
-    ``num_features``. MMDetection and MMCV register a conv before the norm it
-    feeds (ResNet's ``conv1``, ``bn1``, ...; ``downsample = Sequential(conv,
-    norm)``; ``ConvModule``'s ``conv`` then its norm), as torchvision's ResNet
-    does. A parent with an ``order`` attribute naming 'conv' and 'norm' (MMCV's
-    ``ConvModule``) pairs nothing unless 'norm' comes right after 'conv' in
-    it: with ('norm', 'conv', 'act') the norm is applied to the conv's input,
-    with ('conv', 'act', 'norm') to the activation's output.
+
+def conv_norm_pairs(model, is_norm):
+    """Which plain 2-D conv (:func:`_is_plain_conv`, as many output channels
+    as the norm has) feeds each norm of ``model`` for which ``is_norm`` holds,
+    read from its forward in training mode (the mode is restored; in eval mode
+    MMCV's ``ConvModule`` may call its conv and norm as one function).
+
+    Returns:
+        (pairs, why): {norm name: conv name} and, for every other such norm,
+        {norm name: why no conv is paired} (see
+        :func:`mmnorm.surgery.dataflow.feeding_convs`).
     """
-    order = getattr(parent, 'order', None)
-    if (isinstance(order, tuple) and 'conv' in order and 'norm' in order
-            and order.index('norm') != order.index('conv') + 1):
-        return []
-    pairs = []
-    previous_name, previous = None, None
-    for name, child in parent._modules.items():
-        if (previous is not None and is_norm(child) and _is_plain_conv(previous)
-                and previous.out_channels == getattr(child, 'num_features', None)):
-            pairs.append((previous_name, name))
-        previous_name, previous = name, child
-    return pairs
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        return feeding_convs(model, is_norm, _feeds)
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def mmnorm_modules(model):
@@ -220,43 +198,57 @@ def _as_batch_norm(norm):
     return bn
 
 
-def _replacement(module, report):
-    """The torch module replacing an mmnorm layer left after folding, or None
-    for any other module."""
-    if isinstance(module, (CenConv, WSConv)):
-        report['replaced', f'{type(module).__name__} -> Conv2d'] += 1
-        return _plain_conv(module)
-    if isinstance(module, SmallBatchNorm):
-        report['replaced', f'{type(module).__name__} -> BatchNorm2d'] += 1
-        return _as_batch_norm(module)
-    return None
+_OTHER_NORMS = (_InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-_KEPT_NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+def _not_folded(module, info, why):
+    """(action, reason, refused) for a norm of the BatchNorm family that no
+    conv is folded with."""
+    if info.kind == 'unknown':
+        return 'kept', info.reason, True
+    if getattr(module, 'running_var', None) is None:
+        return ('kept', 'track_running_stats=False: it normalises with the batch statistics in '
+                'eval too, which is no fixed affine map', True)
+    reason = why or 'no conv feeds it'
+    if info.kind == 'mmnorm':
+        return 'replaced', f'by an eval-mode BatchNorm2d with its inference (not folded: {reason})', False
+    return 'kept', f'not folded: {reason}', True
 
 
-def fuse(model, report=None):
+def _folded_norm(norm, info):
+    """What takes a folded norm's place: nn.Identity(), or its own modules
+    applied after the normalisation (timm's drop and act)."""
+    if not info.after:
+        return nn.Identity()
+    return nn.Sequential(*(getattr(norm, name) for name in info.after))
+
+
+def fuse(model, report=None, strict=False):
     """Fold ``model`` for inference; returns it.
 
     Puts ``model`` in eval mode and changes it in place; only when ``model``
-    itself is an mmnorm layer is a new module returned (as
+    itself is replaced is a new module returned (as
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` does), so always use the
     return value. Afterwards:
 
-    * every norm for which :func:`is_foldable_norm` holds (MABN, BRN, CBN,
-      BatchNorm, SyncBN, FrozenBN) that :func:`conv_norm_pairs` pairs with the
-      conv before it is folded into that conv (module docstring), which gets a
-      bias if it had none, and becomes ``nn.Identity()`` under the same name,
-      so modules that look their norm up by name (ResNet's ``norm1_name``,
-      ConvModule's ``norm_name``) still work. A ConvModule's
-      ``efficient_conv_bn_eval`` path is turned off where its norm was folded.
-      A conv or norm used at two places in the model is not folded;
+    * every norm whose forward mmnorm knows (:mod:`mmnorm.surgery.norms`:
+      MABN, BRN, CBN, BatchNorm1d/2d/3d, SyncBN, FrozenBN, timm's
+      BatchNormAct2d) that the output of a plain 2-D conv feeds, and nothing
+      else reads (:func:`conv_norm_pairs`), is folded into that conv (module
+      docstring), which gets a bias if it had none. The norm becomes
+      ``nn.Identity()`` under the same name (modules that look their norm up
+      by name, ResNet's ``norm1_name``, still work), or, for timm's
+      BatchNormAct2d, an ``nn.Sequential`` of its own ``drop`` and ``act``. A
+      ConvModule's ``efficient_conv_bn_eval`` path is turned off where its
+      norm was folded. A conv or norm registered at two places is not folded;
     * every CenConv and WSConv left becomes an ``nn.Conv2d`` with its
       transformed weight;
-    * every MABN, BRN or CBN left (not after a conv) becomes an eval-mode
-      ``nn.BatchNorm2d`` with the same inference function;
-    * anything else stays: GroupNorm (it uses the input's statistics),
-      BatchNorm and FrozenBN not after a conv, other layers.
+    * every MABN, BRN or CBN left becomes an eval-mode ``nn.BatchNorm2d`` with
+      the same inference function;
+    * anything else stays, and the report says why: GroupNorm and the like
+      (they use the input's statistics), BatchNorms that no conv feeds,
+      ``track_running_stats=False``, and ``_BatchNorm`` subclasses with a
+      forward of their own.
 
     The model then computes what it computed in eval mode before (to rounding)
     and, unless the model's own class is from mmnorm (see
@@ -265,57 +257,67 @@ def fuse(model, report=None):
 
     Args:
         model (nn.Module): the model, in any mode.
-        report (collections.Counter, optional): if given, counts are added to
-            it: ``('folded', 'MABN')``, ``('replaced', 'CenConv -> Conv2d')``,
-            ``('replaced', 'MABN -> BatchNorm2d')``, ``('kept', 'GroupNorm')``
-            (norm layers left in the result), ``('kept', '<class> (mmnorm)')``.
+        report (SurgeryReport, optional): gets one entry per norm, conv and
+            mmnorm module handled (:mod:`mmnorm.surgery.report`).
+        strict (bool): raise :class:`mmnorm.surgery.report.SurgeryError`,
+            before anything is changed, if a norm of the BatchNorm family
+            would stay unfolded (other than MABN, BRN and CBN, which are then
+            replaced).
     """
-    if report is None:
-        report = Counter()
+    report = SurgeryReport() if report is None else report
+    pairs, why = conv_norm_pairs(model, is_foldable_norm)
+    uses = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    modules = dict(model.named_modules())
+    swap = {}  # id(old) -> new
+    for norm_path, conv_path in pairs.items():
+        norm, conv = modules[norm_path], modules[conv_path]
+        if uses[id(conv)] > 1 or uses[id(norm)] > 1:
+            why[norm_path] = f'it or {conv_path} is registered at two places in the model'
+            continue
+        info = known_norm(norm)
+        if isinstance(conv, (CenConv, WSConv)):
+            report.add(conv_path, conv, 'replaced', 'by Conv2d with its transformed weight')
+        swap[id(conv)] = _fold(conv, norm)
+        swap[id(norm)] = _folded_norm(norm, info)
+        after = f' ({" and ".join(info.after)} kept after the conv)' if info.after else ''
+        report.add(norm_path, norm, 'folded', f'into {conv_path}{after}', refused=False)
+    for path, module in modules.items():
+        if id(module) in swap:
+            continue
+        if isinstance(module, (CenConv, WSConv)):
+            swap[id(module)] = _plain_conv(module)
+            report.add(path, module, 'replaced', 'by Conv2d with its transformed weight')
+            continue
+        info = known_norm(module)
+        if info is None:
+            if isinstance(module, _OTHER_NORMS):
+                report.add(path, module, 'kept', 'it normalises with statistics of its input')
+            continue
+        action, reason, refused = _not_folded(module, info, why.get(path))
+        if action == 'replaced':
+            swap[id(module)] = _as_batch_norm(module)
+        report.add(path, module, action, reason, refused=refused)
+    report.refuse_if(strict, 'fuse')
     model.eval()
-    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    for parent in list(model.modules()):
-        for conv_name, norm_name in conv_norm_pairs(parent, is_foldable_norm):
-            conv, norm = parent._modules[conv_name], parent._modules[norm_name]
-            if uses[id(conv)] > 1 or uses[id(norm)] > 1:
-                continue
-            if isinstance(conv, (CenConv, WSConv)):
-                report['replaced', f'{type(conv).__name__} -> Conv2d'] += 1
-            report['folded', type(norm).__name__] += 1
-            parent._modules[conv_name] = _fold(conv, norm)
-            parent._modules[norm_name] = nn.Identity()
-            if getattr(parent, 'efficient_conv_bn_eval_forward', None) is not None:
-                parent.efficient_conv_bn_eval_forward = None
-    new_root = _replacement(model, report)
-    if new_root is not None:
-        return new_root
-    replaced = {}  # id(old) -> (old, new): a module used twice stays one module
+    for module in modules.values():
+        if getattr(module, 'efficient_conv_bn_eval_forward', None) is not None and any(
+                id(child) in swap and isinstance(swap[id(child)], nn.Identity)
+                for child in module.children()):
+            module.efficient_conv_bn_eval_forward = None
+    if id(model) in swap:
+        return swap[id(model)]
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
-            if id(child) not in replaced:
-                replaced[id(child)] = (child, _replacement(child, report))
-            new = replaced[id(child)][1]
-            if new is not None:
-                parent._modules[name] = new
-    kept_types = _KEPT_NORM_TYPES + _frozen_bn_types()
-    for module in model.modules():
-        if isinstance(module, kept_types):
-            report['kept', type(module).__name__] += 1
-    for _, class_name in mmnorm_modules(model):
-        report['kept', f'{class_name} (mmnorm)'] += 1
+            if child is not None and id(child) in swap:
+                parent._modules[name] = swap[id(child)]  # a module used twice stays one
     return model
 
 
 def format_report(report):
-    """The lines of a :func:`fuse` report: folded, replaced, kept."""
-    titles = (('folded', 'folded into the conv before them'), ('replaced', 'replaced'),
-              ('kept', 'kept as they are'))
-    lines = []
-    for action, title in titles:
-        items = sorted((what, n) for (kind, what), n in report.items() if kind == action)
-        text = ', '.join(f'{what}: {n}' for what, n in items) if items else 'none'
-        lines.append(f'{title}: {text}')
-    return lines
+    """The summary lines of a :func:`fuse` or ``convert`` report."""
+    return report.summary()
 
 
 # ----------------------------------------------------------- deployed files
@@ -361,7 +363,7 @@ def deploy_checkpoint(config, checkpoint, out, cfg_options=None):
     """Build the model of ``config`` (with ``cfg_options`` merged), load
     ``checkpoint`` (refused first if truncated or corrupt) with strict key
     checking, fuse it and save it to ``out`` (:func:`save_deployed`). Returns
-    the :func:`fuse` report (a Counter).
+    the :func:`fuse` report (a :class:`~mmnorm.surgery.report.SurgeryReport`).
     Raises a RuntimeError if an mmnorm module would be left in the file."""
     from mmengine.registry import MODELS, DefaultScope
     from mmengine.runner import load_checkpoint
@@ -373,14 +375,14 @@ def deploy_checkpoint(config, checkpoint, out, cfg_options=None):
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
         model = MODELS.build(cfg.model)
     load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='current')
-    report = Counter()
+    report = SurgeryReport()
     model = fuse(model, report)
     left = mmnorm_modules(model)
     if left:
         raise RuntimeError(f'deploy: these modules of {config} are mmnorm classes that fuse '
                            f'cannot replace, so {out} would need mmnorm to load: {left}')
     meta = dict(config=str(config), checkpoint=str(checkpoint),
-                report={f'{action} {what}': n for (action, what), n in report.items()},
+                report={f'{action} {what}': n for (action, what), n in report.counts().items()},
                 torch_version=torch.__version__)
     save_deployed(model, out, meta)
     return report

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import mmnorm
 from mmnorm.surgery.fuse import (conv_norm_pairs, format_report, fuse, is_foldable_norm,
                                  load_deployed, mmnorm_modules)
+from mmnorm.surgery.report import SurgeryReport
 
 F64 = torch.float64
 C_IN, C_OUT = 4, 6
@@ -80,7 +81,7 @@ def test_fold_after_conv_gives_the_same_eval_output(norm_type, conv_type, conv_a
     model = randomize_statistics(nn.Sequential(conv, NORMS[norm_type](C_OUT))).to(F64)
     x = torch.randn(2, C_IN, 9, 9, dtype=F64)
     expected = eval_output(model, x)
-    report = Counter()
+    report = SurgeryReport()
     fused = fuse(model, report)
     assert fused is model
     assert type(fused[0]) is nn.Conv2d and isinstance(fused[1], nn.Identity)
@@ -90,8 +91,9 @@ def test_fold_after_conv_gives_the_same_eval_output(norm_type, conv_type, conv_a
     torch.testing.assert_close(eval_output(fused, x), expected, rtol=1e-12, atol=1e-12)
     norm_name = 'BatchNorm2d' if norm_type.startswith('BatchNorm2d') else norm_type
     norm_name = 'FrozenBatchNorm2d' if norm_type == 'FrozenBN' else norm_name
-    assert report['folded', norm_name] == 1
-    assert report['replaced', f'{conv_type} -> Conv2d'] == (conv_type != 'Conv2d')
+    assert report.counts()['folded', norm_name] == 1
+    assert report.counts()['replaced', conv_type] == (conv_type != 'Conv2d')
+    assert report[-1] == ('1', norm_name, 'folded', 'into 0', False)
     assert not mmnorm_modules(fused)
 
 
@@ -104,15 +106,18 @@ def test_norm_not_after_a_conv_becomes_batch_norm_with_the_same_output(norm_type
         NORMS[norm_type](C_IN), nn.GroupNorm(2, C_IN))).to(F64)
     x = torch.randn(2, C_IN, 7, 7, dtype=F64)
     expected = eval_output(model, x)
-    report = Counter()
+    report = SurgeryReport()
     fused = fuse(model, report)
     assert [type(m) for m in fused] == [nn.ReLU, nn.BatchNorm2d, nn.Conv2d, nn.ReLU,
                                         nn.BatchNorm2d, nn.GroupNorm]
     assert not fused[1].training and not fused[4].training
     torch.testing.assert_close(eval_output(fused, x), expected, rtol=1e-12, atol=1e-12)
-    assert report['replaced', f'{norm_type} -> BatchNorm2d'] == 2
-    assert report['kept', 'GroupNorm'] == 1 and report['kept', 'BatchNorm2d'] == 2
-    assert not any(kind == 'folded' for kind, _ in report)
+    assert report.counts() == Counter({('replaced', norm_type): 2, ('kept', 'GroupNorm'): 1})
+    assert [e.detail for e in report if e.what == norm_type] == [
+        'by an eval-mode BatchNorm2d with its inference (not folded: its input comes from '
+        '0 (ReLU))',
+        'by an eval-mode BatchNorm2d with its inference (not folded: its input comes from '
+        '3 (ReLU))']
 
 
 def test_root_layer_is_replaced_and_returned():
@@ -138,7 +143,8 @@ def test_conv_module_whose_norm_is_not_right_after_its_conv_is_not_folded(order)
     torch.manual_seed(0)
     model = randomize_statistics(conv_module(order, norm_cfg=dict(type='MABN'),
                                              conv_cfg=dict(type='CenConv'))).to(F64)
-    assert conv_norm_pairs(model, is_foldable_norm) == []
+    pairs, why = conv_norm_pairs(model, is_foldable_norm)
+    assert pairs == {} and why['bn'].startswith('its input comes from ')
     x = torch.randn(2, C_IN, 6, 6, dtype=F64)
     expected = eval_output(model, x)
     fused = fuse(model)
@@ -151,7 +157,7 @@ def test_conv_module_folds_also_with_efficient_conv_bn_eval(efficient):
     torch.manual_seed(0)
     model = randomize_statistics(conv_module(('conv', 'norm', 'act'), norm_cfg=dict(type='BN'),
                                              efficient_conv_bn_eval=efficient)).to(F64)
-    assert conv_norm_pairs(model, is_foldable_norm) == [('conv', 'bn')]
+    assert conv_norm_pairs(model, is_foldable_norm) == ({'bn': 'conv'}, {})
     x = torch.randn(2, C_IN, 6, 6, dtype=F64)
     expected = eval_output(model, x)
     fused = fuse(model)
@@ -176,16 +182,19 @@ def test_shared_conv_is_not_folded_and_stays_shared():
 
 def test_pairing_rule_on_mmdet_resnet_and_heads():
     """Every norm of MMDetection's ResNet, FPN and 4-conv heads is paired with
-    the conv that feeds it (names as ResNet/ConvModule register them)."""
+    the conv that feeds it, read from the traced forwards (the detector itself
+    does not trace; its backbone, neck and heads do)."""
     model = build_mask_rcnn('MABN', 'CenConv')
-    pairs = {(name, conv, norm) for name, parent in model.named_modules()
-             for conv, norm in conv_norm_pairs(parent, is_foldable_norm)}
+    pairs, why = conv_norm_pairs(model, is_foldable_norm)
     norms = {name for name, m in model.named_modules() if isinstance(m, mmnorm.MABN)}
-    assert {f'{p}.{n}' for p, _, n in pairs} == norms
-    assert {('backbone', 'conv1', 'bn1'), ('backbone.layer2.0.downsample', '0', '1'),
-            ('backbone.layer4.1', 'conv2', 'bn2'), ('neck.lateral_convs.0', 'conv', 'bn'),
-            ('roi_head.bbox_head.shared_convs.3', 'conv', 'bn'),
-            ('roi_head.mask_head.convs.3', 'conv', 'bn')} <= pairs
+    assert set(pairs) == norms and not why
+    assert {('backbone.bn1', 'backbone.conv1'),
+            ('backbone.layer2.0.downsample.1', 'backbone.layer2.0.downsample.0'),
+            ('backbone.layer4.1.bn2', 'backbone.layer4.1.conv2'),
+            ('neck.lateral_convs.0.bn', 'neck.lateral_convs.0.conv'),
+            ('roi_head.bbox_head.shared_convs.3.bn', 'roi_head.bbox_head.shared_convs.3.conv'),
+            ('roi_head.mask_head.convs.3.bn', 'roi_head.mask_head.convs.3.conv')
+            } <= set(pairs.items())
 
 
 # ----------------------------------------------------------- Mask R-CNN
@@ -308,15 +317,14 @@ def test_mask_rcnn_predicts_the_same_after_fuse(norm_type, conv_type, one_thread
                for m in norms)
     model.eval()
     before, soft_before = predict(model, demo_batch(1))
-    report = Counter()
-    fused = fuse(model, report)
+    report = SurgeryReport()
+    fused = fuse(model, report, strict=True)
     assert not mmnorm_modules(fused)
     if norm_type == 'MABN':
         # backbone 20, FPN 8, box head 4, mask head 4: all folded.
-        assert report == Counter({('folded', 'MABN'): 36, ('replaced', 'CenConv -> Conv2d'): 36})
+        assert report.counts() == Counter({('folded', 'MABN'): 36, ('replaced', 'CenConv'): 36})
     else:
-        assert report == Counter({('kept', 'GroupNorm'): 36,
-                                  ('replaced', 'WSConv -> Conv2d'): 36})
+        assert report.counts() == Counter({('kept', 'GroupNorm'): 36, ('replaced', 'WSConv'): 36})
     assert not any(isinstance(m, mmnorm.MABN) for m in fused.modules())
     after, soft_after = predict(fused, demo_batch(1))
     for b, a, probabilities in zip(before, after, zip(soft_before, soft_after)):
@@ -362,10 +370,12 @@ def test_fused_backbone_exports_with_torch_export():
 
 
 def test_format_report_lists_each_action():
-    report = Counter({('folded', 'MABN'): 3, ('replaced', 'CenConv -> Conv2d'): 3})
-    assert format_report(report) == ['folded into the conv before them: MABN: 3',
-                                     'replaced: CenConv -> Conv2d: 3',
-                                     'kept as they are: none']
+    report = SurgeryReport()
+    for i in range(3):
+        report.add(f'{i}.conv', mmnorm.CenConv(1, 1, 1), 'replaced', 'by Conv2d')
+        report.add(f'{i}.bn', mmnorm.MABN(1), 'folded', f'into {i}.conv')
+    assert format_report(report) == ['replaced: CenConv: 3', 'folded: MABN: 3', 'kept: none',
+                                     'skipped: none']
 
 
 # --------------------------------------------------------- the tools, end to end
