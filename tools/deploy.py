@@ -3,10 +3,11 @@
     python tools/deploy.py CONFIG CHECKPOINT OUT [--cfg-options k=v ...]
     python tools/test.py CONFIG OUT          # evaluates the folded model
 
-Every norm after a conv (MABN, BRN, CBN, BN, FrozenBN) is folded into that
-conv, CenConv and WSConv become plain convs, and the few mmnorm norms not after
-a conv become BatchNorm2d (mmnorm.surgery.fuse.fuse). OUT holds the pickled module,
-which loads without mmnorm; it is trusted code, as any checkpoint.
+Every norm that a conv feeds (MABN, BRN, CBN, BN, FrozenBN) is folded into that
+conv, CenConv and WSConv become plain convs, and the few mmnorm norms no conv
+feeds become BatchNorm2d (mmnorm.surgery.fuse.fuse); the log counts what was
+folded, replaced, kept and skipped. OUT holds the pickled module, which loads
+without mmnorm; it is trusted code, as any checkpoint.
 """
 import argparse
 

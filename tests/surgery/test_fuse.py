@@ -409,9 +409,9 @@ def deployed(tiny_coco_session, tmp_path_factory):
 def test_deploy_tool_reports_and_saves(deployed):
     log = deployed['deploy_log']
     # ResNet-18: 20 MABN + 20 CenConv; FPN 8 + 4-conv box head 4 + 2-conv mask head 2 BRN.
-    assert '[mmnorm deploy] folded into the conv before them: BRN: 14, MABN: 20' in log
-    assert '[mmnorm deploy] replaced: CenConv -> Conv2d: 20' in log
-    assert '[mmnorm deploy] kept as they are: none' in log
+    assert '[mmnorm deploy] folded: BRN: 14, MABN: 20' in log
+    assert '[mmnorm deploy] replaced: CenConv: 20' in log
+    assert '[mmnorm deploy] kept: none' in log and '[mmnorm deploy] skipped: none' in log
     content = load_deployed(str(deployed['out']))
     assert content is not None and not mmnorm_modules(content['deployed_model'])
     assert content['meta']['checkpoint'] == str(deployed['checkpoint'])
