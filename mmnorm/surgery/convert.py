@@ -39,6 +39,7 @@ WSConv already, DCN, hooked convs) are left as they are. Every new module
 has the training mode of the one it replaces.
 """
 import importlib
+import inspect
 from collections import OrderedDict
 
 import torch
@@ -233,32 +234,50 @@ def _replacement(module, path, info, norm_class, norm_cfg):
     return nn.Sequential(parts), f'{detail}, followed by its own {" and ".join(info.after)}'
 
 
+def _needs_its_conv(norm_class, norm_cfg):
+    """True for a CBN that compensates with the weight of the conv feeding it
+    (rho != 0): a BatchNorm that no conv feeds cannot become one."""
+    if not issubclass(norm_class, CBN):
+        return False
+    return norm_cfg.get('rho', inspect.signature(norm_class).parameters['rho'].default) != 0
+
+
 def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
     """id(old) -> (old, new) for every module of ``module`` to replace, all
     built before anything is changed (so a failing build changes nothing);
     fills ``report``."""
-    plan = {}
-    replaced = []  # (path, BatchNorm) replaced
+    candidates = []  # (path, BatchNorm, its Norm) to replace
     for path, child in module.named_modules():
         info = known_norm(child)
-        if info is None or id(child) in plan:
+        if info is None or any(child is c for _, c, _ in candidates):
             continue
         refusal = _refusal(child, info, norm_class)
         if refusal is not None:
             report.add(path, child, refusal[0], refusal[1], refused=refusal[2])
+        else:
+            candidates.append((path, child, info))
+    needs_conv = _needs_its_conv(norm_class, norm_cfg)
+    pairs, why = {}, {}
+    if conv_cfg is not None or needs_conv:
+        ids = {id(child) for _, child, _ in candidates}
+        pairs, why = conv_norm_pairs(module, lambda m: id(m) in ids)
+    modules = dict(module.named_modules())
+    plan = {}
+    for path, child, info in candidates:
+        conv_path = pairs.get(path)
+        if needs_conv and conv_path is None:
+            reason = why.get(path, 'no conv feeds it')
+            report.add(path, child, 'skipped', f'{norm_class.__name__} compensates its statistics '
+                       f'with the weight of the conv that feeds it, and {reason}; rho=0 in norm '
+                       'gives the uncompensated average', refused=True)
             continue
         new, detail = _replacement(child, path or '<root>', info, norm_class, norm_cfg)
         plan[id(child)] = (child, new)
-        replaced.append(path)
         report.add(path, child, 'replaced', detail)
-    if conv_cfg is None:
-        return plan
-    pairs, why = conv_norm_pairs(module, lambda m: id(m) in plan)
-    modules = dict(module.named_modules())
-    for path in replaced:
-        conv_path = pairs.get(path)
+        if conv_cfg is None:
+            continue
         if conv_path is None:
-            report.add(path, modules[path], 'skipped', f'no {conv_class.__name__} in front of it: '
+            report.add(path, child, 'skipped', f'no {conv_class.__name__} in front of it: '
                        f'{why.get(path, "no conv feeds it")}', refused=True)
             continue
         conv = modules[conv_path]

@@ -39,7 +39,7 @@ from ..compat import torch_version
 from ..layers import CenConv, WSConv
 from ..layers._ops import EagerForward
 from .dataflow import feeding_convs
-from .norms import known_norm
+from .norms import channels, known_norm
 from .report import SurgeryReport
 
 __all__ = ['conv_norm_pairs', 'deploy_checkpoint', 'format_report', 'fuse', 'load_deployed',
@@ -98,7 +98,7 @@ def _is_plain_conv(module):
 
 def _feeds(conv, norm):
     """Whether ``conv`` counts as the conv of the ``norm`` it feeds."""
-    return _is_plain_conv(conv) and conv.out_channels == getattr(norm, 'num_features', None)
+    return _is_plain_conv(conv) and conv.out_channels == channels(norm)
 
 
 def conv_norm_pairs(model, is_norm):
@@ -211,7 +211,8 @@ def _not_folded(module, info, why):
                 'eval too, which is no fixed affine map', True)
     reason = why or 'no conv feeds it'
     if info.kind == 'mmnorm':
-        return 'replaced', f'by an eval-mode BatchNorm2d with its inference (not folded: {reason})', False
+        return ('replaced', f'by an eval-mode BatchNorm2d with its inference (not folded: '
+                f'{reason})', False)
     return 'kept', f'not folded: {reason}', True
 
 

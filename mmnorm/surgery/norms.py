@@ -9,7 +9,8 @@ forward; :func:`known_norm` says what a module is:
   ``SyncBatchNormAct``, BatchNorm followed by the module's own ``drop`` and
   ``act`` children, which a replacement keeps;
 * ``'frozen'``: BatchNorm's inference with fixed buffers (torchvision's and
-  MMDetection's ``FrozenBatchNorm2d``);
+  MMDetection's ``FrozenBatchNorm2d``; timm's ``FrozenBatchNormAct2d``, then
+  its ``drop`` and ``act``);
 * ``'mmnorm'``: MABN, BRN, CBN;
 * ``'unknown'``: any other ``_BatchNorm`` subclass (its forward is its own), left
   alone and reported with that reason.
@@ -19,6 +20,7 @@ Other modules (convs, GroupNorm, activations) are not norms of this family: None
 import sys
 from typing import NamedTuple
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -32,6 +34,7 @@ _NORM_ACT_CLASSES = (('timm.layers.norm_act', 'BatchNormAct2d'),
 # running_mean, running_var buffers and BatchNorm's inference.
 _FROZEN_CLASSES = (('mmdet.models.layers.brick_wrappers', 'FrozenBatchNorm2d'),
                    ('torchvision.ops.misc', 'FrozenBatchNorm2d'))
+_FROZEN_ACT_CLASSES = (('timm.layers.norm_act', 'FrozenBatchNormAct2d'),)
 _BATCH_NORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
@@ -55,13 +58,24 @@ def _loaded(classes):
 
 def frozen_types():
     """The frozen BatchNorm classes among the imported modules."""
-    return _loaded(_FROZEN_CLASSES)
+    return _loaded(_FROZEN_CLASSES + _FROZEN_ACT_CLASSES)
+
+
+def channels(norm):
+    """The number of channels of a BatchNorm-family module (torchvision's
+    FrozenBatchNorm2d has no ``num_features``)."""
+    count = getattr(norm, 'num_features', None)
+    if count is None and isinstance(getattr(norm, 'running_var', None), torch.Tensor):
+        count = norm.running_var.numel()
+    return count
 
 
 def known_norm(module):
     """A :class:`Norm` for a BatchNorm-family ``module``, None for anything else."""
     if isinstance(module, SmallBatchNorm):
         return Norm('mmnorm')
+    if isinstance(module, _loaded(_FROZEN_ACT_CLASSES)):
+        return Norm('frozen', after=('drop', 'act'))
     if isinstance(module, frozen_types()):
         return Norm('frozen')
     if not isinstance(module, _BatchNorm):

@@ -221,3 +221,17 @@ def test_torch_convert_sync_batchnorm_after_convert_keeps_the_layers_and_warns()
         warnings.simplefilter('error')  # nothing to say for a model without mmnorm layers
         assert type(nn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(C))) is \
             nn.SyncBatchNorm
+
+
+def test_cbn_needs_the_conv_that_feeds_it():
+    # CBN (rho = 1) compensates with the weight of the conv feeding it: behind a
+    # concatenation it could not train, so convert leaves that BatchNorm and says so.
+    model = randomized(Concatenated())
+    report = SurgeryReport()
+    convert(model, norm=dict(type='CBN'), conv=None, report=report)
+    action, detail, refused = entries(report)['bn']
+    assert (action, refused) == ('skipped', True) and type(model.bn) is nn.BatchNorm2d
+    assert 'its input comes from torch.cat (a concatenation); rho=0 in norm' in detail
+    convert(model, norm=dict(type='CBN', rho=0.0), conv=None)  # the naive average needs no conv
+    assert isinstance(model.bn, mmnorm.CBN)
+    model.train()(torch.randn(2, C, 5, 5, dtype=F64)).sum().backward()
