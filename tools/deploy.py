@@ -1,31 +1,60 @@
-"""Fold a trained detector for inference and save it for tools/test.py.
+"""Deploy a trained detector for inference, in one of two forms.
 
-    python tools/deploy.py CONFIG CHECKPOINT OUT [--cfg-options k=v ...]
-    python tools/test.py CONFIG OUT          # evaluates the folded model
+    python tools/deploy.py CONFIG CHECKPOINT OUT --to mmdet [--cfg-options k=v ...]
+    python tools/deploy.py CONFIG CHECKPOINT OUT [--to module] [--cfg-options k=v ...]
 
-Every norm that a conv feeds (MABN, BRN, CBN, BN, FrozenBN) is folded into that
-conv, CenConv and WSConv become plain convs, and the few mmnorm norms no conv
-feeds become BatchNorm2d (mmnorm.surgery.fuse.fuse); the log counts what was
-folded, replaced, kept and skipped. OUT holds the pickled module, which loads
-without mmnorm; it is trusted code, as any checkpoint.
+``--to mmdet``: OUT is a new folder with ``config.py`` and ``model.pth``, a
+plain MMDetection config and a weights-only checkpoint that need no mmnorm:
+MABN, BRN and CBN become BN, CenConv and WSConv plain convs with their
+transformed weights (mmnorm.surgery.plain_mmdet). Use it with MMDetection's
+``init_detector(OUT/config.py, OUT/model.pth)``, its tools/test.py, MMDeploy.
+
+``--to module`` (the default): every norm that a conv feeds (MABN, BRN, CBN,
+BN, FrozenBN) is folded into that conv, CenConv and WSConv become plain convs,
+and the few mmnorm norms no conv feeds become BatchNorm2d
+(mmnorm.surgery.fuse.fuse); the log counts what was folded, replaced, kept and
+skipped. OUT is a file holding the pickled module, which loads without mmnorm;
+it is trusted code, as any checkpoint. Evaluate it with
+``python tools/test.py CONFIG OUT``.
 """
 import argparse
 
 from mmengine.config import DictAction
 
 from mmnorm.engine import runtime
-from mmnorm.surgery.fuse import deploy_checkpoint, format_report
+
+TARGETS = ('module', 'mmdet')
 
 
 def main():
-    p = argparse.ArgumentParser(description='Fold a detector for inference (mmnorm)')
+    p = argparse.ArgumentParser(description='Deploy a detector for inference (mmnorm)')
     p.add_argument('config', help='the config the checkpoint was trained with')
-    p.add_argument('checkpoint', help='the checkpoint to fold')
-    p.add_argument('out', help='the file to write (evaluate it with tools/test.py CONFIG OUT)')
+    p.add_argument('checkpoint', help='the checkpoint to deploy')
+    p.add_argument('out', help='--to module: the file to write (evaluate it with tools/test.py '
+                   'CONFIG OUT); --to mmdet: the folder to create')
+    p.add_argument('--to', default='module', metavar='{module,mmdet}',
+                   help='module (default): the pickled folded module; mmdet: a plain '
+                   'MMDetection config and weights-only checkpoint, OUT/config.py and '
+                   'OUT/model.pth')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config settings, key=value pairs')
     runtime.add_debug_arg(p)
     args = p.parse_args()
+    if args.to not in TARGETS:
+        raise runtime.UsageError(f"--to must be 'module' (the pickled folded module, the "
+                                 f"default) or 'mmdet' (a plain MMDetection config and "
+                                 f"checkpoint), got {args.to!r}")
+    if args.to == 'mmdet':
+        from mmnorm.surgery.plain_mmdet import CONFIG_NAME, WEIGHTS_NAME, write_plain_mmdet
+        result = write_plain_mmdet(args.config, args.checkpoint, args.out, args.cfg_options)
+        replaced = ', '.join(f'{what}: {n}' for what, n in sorted(result['replaced'].items()))
+        print(f'[mmnorm deploy] replaced: {replaced or "none"}')
+        for change in result['changes']:
+            print(f'[mmnorm deploy] config: {change}')
+        print(f'[mmnorm deploy] wrote {args.out}/{CONFIG_NAME} and {args.out}/{WEIGHTS_NAME} '
+              f'(plain MMDetection, no mmnorm needed)')
+        return
+    from mmnorm.surgery.fuse import deploy_checkpoint, format_report
     report = deploy_checkpoint(args.config, args.checkpoint, args.out, args.cfg_options)
     for line in format_report(report):
         print(f'[mmnorm deploy] {line}')

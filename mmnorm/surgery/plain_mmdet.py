@@ -167,7 +167,8 @@ def plain_config(cfg):
     from mmengine.config import Config
     from mmengine.hooks import Hook
     registered = _mmnorm_registered()
-    hooks = {name for name, cls in registered.items() if issubclass(cls, Hook)}
+    hooks = {name for name, cls in registered.items()
+             if isinstance(cls, type) and issubclass(cls, Hook)}
     changes = []
     data = _rewrite(copy.deepcopy(cfg.to_dict()), '', changes)
 
@@ -312,7 +313,7 @@ def _plain(value):
     return None if value is None else str(value)
 
 
-def _load_trained(cfg, checkpoint):
+def _load_trained(cfg, checkpoint, config):
     """The model of ``cfg`` with ``checkpoint``'s weights (strict), and the
     checkpoint's own ``meta``. A checkpoint that does not fit raises
     :class:`DeployError` saying which keys differ."""
@@ -333,14 +334,15 @@ def _load_trained(cfg, checkpoint):
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes that differ
         sizes = [line.strip() for line in str(error).splitlines() if 'size mismatch' in line]
-        raise DeployError(f'checkpoint {checkpoint} does not match the model of the config: '
-                          f'{len(sizes)} tensors of another shape (first: {sizes[0][:200] if sizes else error})'
-                          ) from None
+        what = (f'{len(sizes)} tensor(s) of another shape, first: {sizes[0]}' if sizes
+                else ' '.join(str(error).split()))
+        raise DeployError(f'checkpoint {checkpoint} does not match the model of {config}: '
+                          f'{what}') from None
     missing, unexpected = result.missing_keys, result.unexpected_keys
     if missing or unexpected:
         def first(keys):
             return f'{len(keys)} ({", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""})'
-        raise DeployError(f'checkpoint {checkpoint} does not match the model of the config: '
+        raise DeployError(f'checkpoint {checkpoint} does not match the model of {config}: '
                           f'missing keys {first(missing)}, unexpected keys {first(unexpected)}')
     meta = content.get('meta') if isinstance(content, dict) else None
     return model.eval(), meta if isinstance(meta, dict) else {}
@@ -372,13 +374,13 @@ def write_plain_mmdet(config, checkpoint, out, cfg_options=None):
     from ..engine.checkpoint_check import verify_checkpoint
     from ..engine.runtime import load_config
 
-    out = str(out)
+    config, checkpoint, out = str(config), str(checkpoint), str(out)
     if osp.lexists(out):
         raise DeployError(f'{out} exists: name a folder that does not exist yet (nothing was '
                           f'written)')
     cfg = load_config(config, cfg_options)  # the trusted-checkpoint and config checks
     verify_checkpoint(checkpoint)
-    source, source_meta = _load_trained(cfg, checkpoint)
+    source, source_meta = _load_trained(cfg, checkpoint, config)
 
     merged = Config.fromfile(config)  # without the keys load_config adds (launcher, work_dir)
     if cfg_options:
