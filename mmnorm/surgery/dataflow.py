@@ -9,6 +9,7 @@ forward does not trace (Python branches on tensor values, dict inputs: an
 MMDetection detector) is traced child by child; a norm whose direct parent
 does not trace gets no pair, and the reason says which module and why.
 """
+import contextlib
 import inspect
 from collections import defaultdict
 
@@ -132,5 +133,26 @@ def feeding_convs(model, is_norm, is_conv):
 
     if leaf(model):
         return pairs, why
-    _trace(model, '', is_norm, is_conv, leaf, pairs, why)
+    with _state_kept(model):
+        _trace(model, '', is_norm, is_conv, leaf, pairs, why)
     return pairs, why
+
+
+@contextlib.contextmanager
+def _state_kept(model):
+    """Tracing runs the forwards' Python code, and some cache what they compute
+    on the module (torchvision's MultiScaleRoIAlign sets its scales at its
+    first call): every module's attributes, parameters, buffers and children
+    are put back as they were afterwards, so no traced value stays behind."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+             for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, parameters, buffers, children in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for table, content in ((module._parameters, parameters),
+                                   (module._buffers, buffers), (module._modules, children)):
+                table.clear()
+                table.update(content)

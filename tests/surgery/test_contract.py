@@ -235,3 +235,28 @@ def test_cbn_needs_the_conv_that_feeds_it():
     convert(model, norm=dict(type='CBN', rho=0.0), conv=None)  # the naive average needs no conv
     assert isinstance(model.bn, mmnorm.CBN)
     model.train()(torch.randn(2, C, 5, 5, dtype=F64)).sum().backward()
+
+
+class CachesInForward(nn.Module):
+    """Caches a value computed from its input at the first call (as
+    torchvision's MultiScaleRoIAlign caches its scales)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.scale = None
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = x.shape[-1]
+        return self.bn(self.conv(x)) * self.scale
+
+
+def test_tracing_leaves_no_traced_value_behind():
+    model = randomized(CachesInForward())
+    x = torch.randn(2, C, 6, 6, dtype=F64)
+    convert(model, norm=dict(type='BRN'), conv=None)
+    assert model.scale is None  # the trace's Proxy did not stay
+    fused = fuse(model)
+    assert fused.scale is None and isinstance(fused.bn, nn.Identity)
+    assert fused(x).shape == x.shape and fused.scale == 6
