@@ -136,7 +136,8 @@ def _train_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 def _train_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     inv_std: torch.Tensor, r: torch.Tensor, buffer_gz: torch.Tensor,
                     row: torch.Tensor, early: torch.Tensor, bias_dtype: torch.dtype,
-                    flags: torch.Tensor, sync: bool, need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    flags: torch.Tensor, sync: bool,
+                    need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) of :func:`_train_output`, writing psi_t into
     ``buffer_gz[row]`` (see :data:`train_step`); dx is empty unless ``need_dx``."""
     cdtype = inv_std.dtype
