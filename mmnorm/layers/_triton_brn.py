@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from ._kernels import launch
-from ._triton_shared import advance_counter, channel_view, isfinite, note_nonfinite, tile
+from ._triton_shared import (advance_counter, channel_view, isfinite, note_nonfinite, tile,
+                             tile_at)
 
 
 @triton.jit
@@ -29,10 +30,8 @@ def brn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     squares = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
     for n in range(0, N):
         for start in range(0, L, BLOCK_L):
-            pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
-            mask = cmask[:, None] & (pos < L)[None, :]
-            value = tl.load(x_ptr + tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l,
-                            mask=mask, other=0.0).to(ACC)
+            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+            value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
             value = tl.where(mask, value - shift_point[:, None], 0.0)
             sums += value
             squares += value * value
@@ -72,9 +71,7 @@ def brn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     scale = scale[:, None]
     for n in range(0, N):
         for start in range(0, L, BLOCK_L):
-            pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
-            mask = cmask[:, None] & (pos < L)[None, :]
-            offsets = tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l
+            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
             value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
             tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
                      mask=mask)
@@ -99,12 +96,10 @@ def brn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, dweight_pt
     products = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
     for n in range(0, N):
         for start in range(0, L, BLOCK_L):
-            pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
-            mask = cmask[:, None] & (pos < L)[None, :]
-            x = tl.load(x_ptr + tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l,
-                        mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_ptr + tl.cast(n, tl.int64) * dy_stride_n + dy_channel
-                         + pos[None, :] * dy_stride_l, mask=mask, other=0.0).to(ACC)
+            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+            dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
             grads += dy
             products += tl.where(mask, dy * (x - mean), 0.0)
     dy_sum = tl.sum(grads, 1)
@@ -120,12 +115,10 @@ def brn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, dweight_pt
         inv_std = inv_std[:, None]
         for n in range(0, N):
             for start in range(0, L, BLOCK_L):
-                pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
-                mask = cmask[:, None] & (pos < L)[None, :]
-                offsets = tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l
+                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+                dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
                 x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-                dy = tl.load(dy_ptr + tl.cast(n, tl.int64) * dy_stride_n + dy_channel
-                             + pos[None, :] * dy_stride_l, mask=mask, other=0.0).to(ACC)
+                dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
                 xhat = (x - mean) * inv_std
                 tl.store(dx_ptr + offsets, (gain * (dy - mean_dy - xhat * xhat_coef)).to(
                     dx_ptr.dtype.element_ty), mask=mask)

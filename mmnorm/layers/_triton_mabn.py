@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ._dist import union_mean
 from ._kernels import launch
-from ._triton_shared import advance_counter, channel_view, isfinite, note_nonfinite, tile
+from ._triton_shared import (advance_counter, channel_view, isfinite, note_nonfinite, tile,
+                             tile_at)
 
 # MODE values (constexpr, so that the kernels can read them)
 FULL, SUMS_ONLY, FROM_UNION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -53,9 +54,7 @@ def mabn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_var_ptr, buf
         squares = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
         for n in range(0, N):
             for start in range(0, L, BLOCK_L):
-                pos = start + tl.arange(0, BLOCK_L)
-                mask = cmask[:, None] & (pos < L)[None, :]
-                offsets = tl.cast(n, tl.int64) * stride_n + channel + pos.to(tl.int64)[None, :] * stride_l
+                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
                 value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
                 squares += value * value
         square_sum = tl.sum(squares, 1)
@@ -98,9 +97,7 @@ def mabn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_var_ptr, buf
         shift = bias[:, None]
         for n in range(0, N):
             for start in range(0, L, BLOCK_L):
-                pos = start + tl.arange(0, BLOCK_L)
-                mask = cmask[:, None] & (pos < L)[None, :]
-                offsets = tl.cast(n, tl.int64) * stride_n + channel + pos.to(tl.int64)[None, :] * stride_l
+                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
                 value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
                 tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
                          mask=mask)
@@ -124,12 +121,10 @@ def mabn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, buffer_pt
         grads = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
         for n in range(0, N):
             for start in range(0, L, BLOCK_L):
-                pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
-                mask = cmask[:, None] & (pos < L)[None, :]
-                x = tl.load(x_ptr + tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l,
-                            mask=mask, other=0.0).to(ACC)
-                dy = tl.load(dy_ptr + tl.cast(n, tl.int64) * dy_stride_n + dy_channel
-                             + pos[None, :] * dy_stride_l, mask=mask, other=0.0).to(ACC)
+                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+                dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+                dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
                 products += dy * x
                 grads += dy
         dot = tl.sum(products, 1)
@@ -166,12 +161,10 @@ def mabn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, buffer_pt
             dy_coef = coef[:, None]
             for n in range(0, N):
                 for start in range(0, L, BLOCK_L):
-                    pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
-                    mask = cmask[:, None] & (pos < L)[None, :]
-                    offsets = tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l
+                    offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+                    dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
                     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-                    dy = tl.load(dy_ptr + tl.cast(n, tl.int64) * dy_stride_n + dy_channel
-                                 + pos[None, :] * dy_stride_l, mask=mask, other=0.0).to(ACC)
+                    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
                     tl.store(dx_ptr + offsets, (dy * dy_coef - x * x_coef).to(
                         dx_ptr.dtype.element_ty), mask=mask)
 

@@ -41,6 +41,16 @@ def tile(channels, length, strides):
 
 
 @triton.jit
+def tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L: tl.constexpr):
+    """(offsets, mask) of the tile of sample ``n`` at positions ``start`` ..
+    ``start + BLOCK_L`` for the program's channels (``channel``: their
+    offsets, [BLOCK_C, 1]; ``cmask``: which exist), in int64."""
+    pos = start + tl.arange(0, BLOCK_L).to(tl.int64)
+    mask = cmask[:, None] & (pos < L)[None, :]
+    return tl.cast(n, tl.int64) * stride_n + channel + pos[None, :] * stride_l, mask
+
+
+@triton.jit
 def isfinite(value):
     """True where ``value`` is neither inf nor NaN (inf - inf and NaN are NaN)."""
     return (value - value) == 0
