@@ -18,6 +18,7 @@ import mmnorm
 from mmnorm.surgery.fuse import (conv_norm_pairs, format_report, fuse, is_foldable_norm,
                                  load_deployed, mmnorm_modules)
 from mmnorm.surgery.report import SurgeryReport
+from test_plain_mmdet import binary_and_soft
 
 F64 = torch.float64
 C_IN, C_OUT = 4, 6
@@ -282,17 +283,7 @@ def assert_same_instances(before, after, score_tol=1e-4, box_tol=1e-3, probabili
 def predict(model, batch):
     """``model.test_step(batch)`` with binary masks, and the mask
     probabilities of the same predictions (``mask_thr_binary=-1``)."""
-    test_cfg = model.roi_head.test_cfg
-    threshold = test_cfg.mask_thr_binary
-    with torch.no_grad():
-        binary = model.test_step(batch)
-        test_cfg.mask_thr_binary = -1
-        try:
-            soft = model.test_step(batch)
-        finally:
-            test_cfg.mask_thr_binary = threshold
-    for b, s in zip(binary, soft):
-        assert torch.equal(b.pred_instances.bboxes, s.pred_instances.bboxes)
+    binary, soft = binary_and_soft(model, batch)
     return binary, [s.pred_instances.masks for s in soft]
 
 

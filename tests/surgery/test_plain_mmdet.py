@@ -291,6 +291,24 @@ def test_plain_backbone_and_neck_run_in_onnxruntime(tmp_path, one_thread):
 
 
 # --------------------------------------------------- shared with the no-mmnorm side
+def binary_and_soft(model, batch):
+    """``model.test_step(batch)`` twice, without gradients: as configured
+    (binary masks), and with ``mask_thr_binary=-1`` (the mask probabilities,
+    uint8 floor(255 p)); the same instances both times (checked)."""
+    test_cfg = model.roi_head.test_cfg
+    threshold = test_cfg.mask_thr_binary
+    with torch.no_grad():
+        binary = model.test_step(batch)
+        test_cfg.mask_thr_binary = -1
+        try:
+            soft = model.test_step(batch)
+        finally:
+            test_cfg.mask_thr_binary = threshold
+    for b, s in zip(binary, soft):
+        assert torch.equal(b.pred_instances.bboxes, s.pred_instances.bboxes)
+    return binary, soft
+
+
 def predict_images(model, cfg, images):
     """``model.test_step`` on ``images`` through the test pipeline of ``cfg``
     (without LoadAnnotations): per image, the boxes, scores, labels, binary
@@ -305,20 +323,11 @@ def predict_images(model, cfg, images):
         pipeline = Compose(steps)
         batch = pseudo_collate([pipeline(dict(img_path=str(path), img_id=i))
                                 for i, path in enumerate(images)])
-        test_cfg = model.roi_head.test_cfg
-        threshold = test_cfg.mask_thr_binary
         model.eval()
-        with torch.no_grad():
-            binary = model.test_step(batch)
-            test_cfg.mask_thr_binary = -1
-            try:
-                soft = model.test_step(batch)
-            finally:
-                test_cfg.mask_thr_binary = threshold
+        binary, soft = binary_and_soft(model, batch)
     results = []
     for b, s in zip(binary, soft):
         b, s = b.pred_instances, s.pred_instances
-        assert torch.equal(b.bboxes, s.bboxes)
         results.append(dict(bboxes=b.bboxes, scores=b.scores, labels=b.labels, masks=b.masks,
                             soft=s.masks))
     return results
