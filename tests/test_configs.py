@@ -163,7 +163,7 @@ def test_config_without_coco_stops_with_a_message(tmp_path):
 def test_the_hint_moves_every_data_path_of_the_config(config, tmp_path):
     """With the hint's options, every file the train and test phases read is
     looked for under the new root, nothing under the old one."""
-    from mmnorm.engine.datacheck import DataNotFoundError, check_data_present, moving_options
+    from mmnorm.engine.data_check import DataNotFoundError, check_data_present, moving_options
     cfg = Config.fromfile(REPO / 'configs' / config)
     new_root = f'{tmp_path}/moved/'
     options = moving_options(cfg, new_root)

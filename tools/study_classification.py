@@ -1,5 +1,9 @@
-"""Issue 6, part 1: the MABN paper's normalization-batch table, on
-Fashion-MNIST classification at a scale two CPU cores can run.
+"""The MABN paper's normalization-batch table, on Fashion-MNIST
+classification at a scale two CPU cores can run.
+
+The paper: Yan et al., "Towards Stabilizing Batch Statistics in Backward
+Propagation of Batch Normalization", ICLR 2020; the results here:
+docs/classification_study.md.
 
     python tools/study_classification.py        # 7 rows x 3 seeds
 

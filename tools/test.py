@@ -17,7 +17,7 @@ from mmengine.runner import Runner
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
 from mmnorm.surgery import fuse as deploy
 from mmnorm.engine import runtime
-from mmnorm.engine.datacheck import check_data_present
+from mmnorm.engine.data_check import check_data_present
 from mmnorm.engine.precise_bn import PreciseBNHook
 
 

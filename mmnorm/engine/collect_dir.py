@@ -1,4 +1,4 @@
-"""Multi-process evaluations collect their results in the work dir (issue 16).
+"""Multi-process evaluations collect their results in the work dir.
 
 Why: with ``collect_device='cpu'`` (the default), a metric gathers the
 processes' results through files (mmengine's ``collect_results_cpu``); when

@@ -26,10 +26,8 @@ With torch.distributed initialised, the sums are added over all processes, so
 every process gets the same statistics. :class:`PreciseBNHook` runs it in a
 Runner.
 """
-import random
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from mmengine.dist import get_dist_info
@@ -43,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from ..layers import MABN
 from ..layers._dist import sync_world
+from .random_state import capture_random_state, restore_random_state
 
 __all__ = ['PreciseBNHook', 'precise_statistics', 'trained_norms']
 
@@ -53,21 +52,6 @@ def trained_norms(model):
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_var is not None
             and m.training]
-
-
-def _random_states():
-    states = [torch.get_rng_state(), np.random.get_state(), random.getstate()]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states.append(torch.cuda.get_rng_state_all())
-    return states
-
-
-def _set_random_states(states):
-    torch.set_rng_state(states[0])
-    np.random.set_state(states[1])
-    random.setstate(states[2])
-    if len(states) > 3:
-        torch.cuda.set_rng_state_all(states[3])
 
 
 class _Sums:
@@ -118,7 +102,7 @@ def precise_statistics(model, batches, num_iters, forward=None):
     saved = {name: dict(m._buffers) for name, m in norms}  # the tensors themselves ...
     values = {name: {k: b.clone() for k, b in m._buffers.items() if b is not None}
               for name, m in norms}  # ... and their values, both restored afterwards
-    states = _random_states()
+    states = capture_random_state()
     sums = {name: _Sums() for name, _ in norms}
     handles = [m.register_forward_pre_hook(sums[name]) for name, m in norms]
     iters = 0
@@ -135,7 +119,7 @@ def precise_statistics(model, batches, num_iters, forward=None):
             m._buffers.update(saved[name])
             for key, value in values[name].items():
                 m._buffers[key].copy_(value)
-        _set_random_states(states)
+        restore_random_state(states)
         model.train(was_training)
     report = dict(layers={}, skipped=[], iters=iters)
     for name, m in norms:

@@ -2,35 +2,15 @@
 checkpoint and come back on resume (:class:`ResumeRandomStateHook`, which
 ``mmnorm.engine.runtime.build_runner`` registers for training)."""
 import logging
-import random
 
-import numpy as np
-import torch
 from mmengine.dist import get_rank, get_world_size
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
+from .random_state import capture_random_state, restore_random_state
+
 __all__ = ['ResumeRandomStateHook']
-
-
-def _capture_random_state() -> dict:
-    """The global random states of this process: Python's ``random``, NumPy's
-    legacy global generator, torch's CPU generator and, if CUDA is in use,
-    every CUDA device's generator."""
-    state = dict(python=random.getstate(), numpy=np.random.get_state(),
-                 torch=torch.get_rng_state())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_random_state(state: dict) -> None:
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'].cpu())  # the checkpoint may be mapped to a GPU
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 
 class _RestoreBeforeBatch:
@@ -46,7 +26,7 @@ class _RestoreBeforeBatch:
 
     def __next__(self):
         if self.state is not None and self.skip == 0:
-            _restore_random_state(self.state)
+            restore_random_state(self.state)
             self.state = None
         self.skip -= 1
         return next(self.batches)
@@ -106,7 +86,7 @@ class ResumeRandomStateHook(Hook):
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint[self.CHECKPOINT_KEY] = (self._train_state if self._train_state is not None
-                                           else _capture_random_state())
+                                           else capture_random_state())
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._loaded = True
@@ -133,14 +113,14 @@ class ResumeRandomStateHook(Hook):
                                                            state)
             when = f'after the replay of {runner.iter} batches'
         else:
-            _restore_random_state(state)
+            restore_random_state(state)
             when = 'now'
         print_log(f'mmnorm: random state of the checkpoint restored {when}', logger='current')
 
     def before_val(self, runner) -> None:
-        self._train_state = _capture_random_state()
+        self._train_state = capture_random_state()
 
     def after_val(self, runner) -> None:
         if self._train_state is not None:
-            _restore_random_state(self._train_state)
+            restore_random_state(self._train_state)
             self._train_state = None

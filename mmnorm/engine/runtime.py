@@ -46,7 +46,7 @@ from .amp import use_cpu_amp
 from .collect_dir import CollectInWorkDirHook
 from .configcheck import ConfigError, check_config_path, check_layer_cfgs
 from ..compat import TorchTooOldError
-from .datacheck import DataNotFoundError, check_data_present
+from .data_check import DataNotFoundError, check_data_present
 from .resume import ResumeRandomStateHook
 from .workers import end_workers_with_runner
 

@@ -1,4 +1,4 @@
-"""DataLoader workers that end with the process that started them (issue 16).
+"""DataLoader workers that end with the process that started them.
 
 Why: after a SIGKILL of a tool its DataLoader workers stayed alive, orphans
 holding their memory, until killed by hand. PyTorch's watchdog in each worker

@@ -1,4 +1,4 @@
-"""Mixed precision (issue 8): ``tools/train.py --amp`` on the CPU.
+"""Mixed precision: ``tools/train.py --amp`` on the CPU.
 
 Without an accelerator, mmnorm.engine.amp runs ``--amp`` as bfloat16 autocast
 with ``torch.amp.GradScaler('cpu')`` (CPUAmpOptimWrapper) and runs mmcv's

@@ -1,7 +1,7 @@
 """Mistakes in the tools' input end in one line, ``error: ...``, with exit
-status 1 and no traceback unless asked for (issue 16, items 1 and 2): the
-config checks of mmnorm.engine.configcheck, and the checkpoint check of every
-tool that reads a checkpoint."""
+status 1 and no traceback unless asked for: the config checks of
+mmnorm.engine.configcheck, and the checkpoint check of every tool that reads a
+checkpoint."""
 import glob
 import sys
 

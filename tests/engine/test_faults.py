@@ -1,4 +1,4 @@
-"""Faults (issue 8): a SIGKILLed run resumes exactly; damaged checkpoints are
+"""Faults: a SIGKILLed run resumes exactly; damaged checkpoints are
 refused with a clear message; checkpoints are written atomically.
 
 The end-to-end tests run tools/train.py and tools/test.py in subprocesses on

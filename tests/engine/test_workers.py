@@ -1,4 +1,4 @@
-"""Issue 16: the DataLoader workers of a killed tool end with it
+"""The DataLoader workers of a killed tool end with it
 (mmnorm.engine.workers), and the workers are seeded as before.
 
 End to end, tools/train.py and tools/test.py run the tiny Mask R-CNN
