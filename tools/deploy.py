@@ -13,9 +13,9 @@ transformed weights (mmnorm.surgery.plain_mmdet). Use it with MMDetection's
 BN, FrozenBN) is folded into that conv, CenConv and WSConv become plain convs,
 and the few mmnorm norms no conv feeds become BatchNorm2d
 (mmnorm.surgery.fuse.fuse); the log counts what was folded, replaced, kept and
-skipped. OUT is a file holding the pickled module, which loads without mmnorm;
-it is trusted code, as any checkpoint. Evaluate it with
-``python tools/test.py CONFIG OUT``.
+skipped. OUT is a file holding the pickled module (mmnorm.surgery.deployed),
+which loads without mmnorm; it is trusted code, as any checkpoint. Evaluate
+it with ``python tools/test.py CONFIG OUT``.
 """
 import argparse
 
@@ -54,7 +54,8 @@ def main():
         print(f'[mmnorm deploy] wrote {args.out}/{CONFIG_NAME} and {args.out}/{WEIGHTS_NAME} '
               f'(plain MMDetection, no mmnorm needed)')
         return
-    from mmnorm.surgery.fuse import deploy_checkpoint, format_report
+    from mmnorm.surgery.deployed import deploy_checkpoint
+    from mmnorm.surgery.fuse import format_report
     report = deploy_checkpoint(args.config, args.checkpoint, args.out, args.cfg_options)
     for line in format_report(report):
         print(f'[mmnorm deploy] {line}')

@@ -15,10 +15,10 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.runner import Runner
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
-from mmnorm.surgery import fuse as deploy
 from mmnorm.engine import runtime
 from mmnorm.engine.data_check import check_data_present
 from mmnorm.engine.precise_bn import PreciseBNHook
+from mmnorm.surgery.deployed import load_deployed, use_deployed_model
 
 
 def parse_args():
@@ -46,7 +46,7 @@ def main():
     args = parse_args()
     setup_cache_size_limit_of_dynamo()
     cfg = runtime.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
-    deployed = deploy.load_deployed(args.checkpoint)
+    deployed = load_deployed(args.checkpoint)
     cfg.load_from = None if deployed is not None else args.checkpoint
     if args.precise_bn is not None:
         if deployed is not None:
@@ -63,7 +63,7 @@ def main():
 
     runner = runtime.build_runner(cfg, 'test')
     if deployed is not None:
-        deploy.use_deployed_model(runner, deployed)
+        use_deployed_model(runner, deployed)
     if args.precise_bn is not None:
         runner.load_or_resume()  # the checkpoint's weights first; runner.test() keeps them
         PreciseBNHook(args.precise_bn).recompute(

@@ -1,2 +1,4 @@
 """Whole-model operations: convert (BatchNorm -> these layers), fuse (fold for
-inference) and checkpoint conversion with its report."""
+inference), the files tools/deploy.py writes (deployed: the folded module;
+plain_mmdet: a plain MMDetection pair) and checkpoint conversion with its
+report."""

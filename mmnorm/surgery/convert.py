@@ -21,7 +21,7 @@ over from each BatchNorm of C channels (mean mu, variance var, both (C,)):
   ``requires_grad``); eps, unless ``norm`` states it;
 * running_mean and running_var, when the new layer has both (BRN, CBN, BN);
 * when the new layer has a running_var but no running_mean, it normalises the
-  uncentred second moment (MABN, spec section 1: y = weight * x /
+  uncentred second moment (MABN, Yan et al., ICLR 2020: y = weight * x /
   sqrt(running_var + eps) + bias at inference). It gets the second moment
   that the BatchNorm's statistics describe, E[x^2] = var + mu^2, and weight
   and bias rescaled by :func:`bn_to_mabn` so that its inference computes
@@ -33,8 +33,9 @@ over from each BatchNorm of C channels (mean mu, variance var, both (C,)):
   runs in full. Statistics a layer does not have (GroupNorm) are dropped.
 
 Each new conv has the old conv's hyper-parameters, device, dtype, weight and
-bias (the raw weight of CenConv/WSConv is the old weight, so the converted
-conv computes with its transformed version). Convs of other kinds (CenConv or
+bias (:func:`mmnorm.surgery.fuse.rebuild_conv`; the raw weight of
+CenConv/WSConv is the old weight, so the converted conv computes with its
+transformed version). Convs of other kinds (CenConv or
 WSConv already, DCN, hooked convs) are left as they are. Every new module
 has the training mode of the one it replaces.
 """
@@ -48,7 +49,7 @@ from torch import nn
 
 from ..engine.configcheck import unknown_option
 from ..layers import BRN, CBN, MABN, CenConv, WSConv
-from .fuse import conv_norm_pairs
+from .fuse import conv_norm_pairs, rebuild_conv
 from .norms import known_norm
 from .report import SurgeryReport
 
@@ -180,24 +181,6 @@ def _new_norm(bn, name, norm_class, norm_cfg):
     return layer
 
 
-def _new_conv(old, conv_class, conv_cfg):
-    """The ``conv_class`` conv built from the other keys of ``conv_cfg`` with
-    ``old``'s hyper-parameters, weight, bias, device, dtype and mode."""
-    kwargs = {key: value for key, value in conv_cfg.items() if key != 'type'}
-    layer = conv_class(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
-                       padding=old.padding, dilation=old.dilation, groups=old.groups,
-                       bias=old.bias is not None, padding_mode=old.padding_mode, **kwargs)
-    layer.to(device=old.weight.device, dtype=old.weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(old.weight)
-        layer.weight.requires_grad_(old.weight.requires_grad)
-        if old.bias is not None:
-            layer.bias.copy_(old.bias)
-            layer.bias.requires_grad_(old.bias.requires_grad)
-    layer.train(old.training)
-    return layer
-
-
 # Layers that take the (N, C) and (N, C, D, H, W) inputs of BatchNorm1d and 3d.
 _ANY_RANK = (MABN, BRN, nn.GroupNorm)
 
@@ -262,6 +245,7 @@ def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
         ids = {id(child) for _, child, _ in candidates}
         pairs, why = conv_norm_pairs(module, lambda m: id(m) in ids)
     modules = dict(module.named_modules())
+    conv_options = {key: value for key, value in (conv_cfg or {}).items() if key != 'type'}
     plan = {}
     for path, child, info in candidates:
         conv_path = pairs.get(path)
@@ -283,7 +267,7 @@ def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
         conv = modules[conv_path]
         if isinstance(conv, (CenConv, WSConv)) or id(conv) in plan:
             continue
-        plan[id(conv)] = (conv, _new_conv(conv, conv_class, conv_cfg))
+        plan[id(conv)] = (conv, rebuild_conv(conv, conv_class, conv.weight, conv_options))
         report.add(conv_path, conv, 'replaced', f'by {conv_class.__name__} (it feeds {path})')
     return plan
 

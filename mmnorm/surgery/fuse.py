@@ -1,6 +1,6 @@
 """Folding for inference: a model without mmnorm's layers and without the norm
-layers that follow a conv (``fuse``), and the deployed files that
-``tools/deploy.py`` writes and ``tools/test.py`` evaluates.
+layers that follow a conv (``fuse``). Writing the folded model to a file and
+loading it back are :mod:`mmnorm.surgery.deployed`'s.
 
 In eval mode every norm this module folds is a per-channel affine map of its
 input u of shape (N, C, H, W)::
@@ -10,9 +10,10 @@ input u of shape (N, C, H, W)::
 
 BatchNorm (any ``_BatchNorm`` with running statistics, SyncBN included), BRN
 and CBN use their running mean and variance (their inference is BatchNorm's);
-MABN has no mean (running_mean is taken as 0: y = weight * u / sqrt(running_var
-+ eps) + bias, spec section 1); MMDetection's ``FrozenBN`` keeps the same four
-tensors as buffers. When u is the output of a conv with weight W of shape
+MABN has no mean (its running_var is the running second moment, Yan et al.,
+ICLR 2020, so running_mean is taken as 0: y = weight * u / sqrt(running_var +
+eps) + bias); MMDetection's ``FrozenBN`` keeps the same four tensors as
+buffers. When u is the output of a conv with weight W of shape
 (C, C_in / groups, kh, kw) and bias b (0 if none), the pair is one conv::
 
     W'[o] = scale[o] * W[o],   b'[o] = scale[o] * b[o] + shift[o]
@@ -28,25 +29,19 @@ not the order in which modules were registered. Which norms are folded at all
 is decided by what their forward computes (:mod:`mmnorm.surgery.norms`); every
 norm gets a line in the report (:mod:`mmnorm.surgery.report`).
 """
-import os.path as osp
-
 import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
-from ..compat import torch_version
 from ..layers import CenConv, WSConv
 from ..layers._ops import EagerForward
 from .dataflow import feeding_convs
 from .norms import channels, known_norm
 from .report import SurgeryReport
 
-__all__ = ['conv_norm_pairs', 'deploy_checkpoint', 'format_report', 'fuse', 'load_deployed',
-           'mmnorm_modules', 'save_deployed', 'use_deployed_model']
+__all__ = ['conv_norm_pairs', 'format_report', 'fuse', 'mmnorm_modules', 'rebuild_conv']
 
-#: The key of the module in a file written by :func:`save_deployed`.
-DEPLOYED_KEY = 'deployed_model'
 
 def is_foldable_norm(module):
     """True if ``module`` in eval mode is a per-channel affine map given by
@@ -85,6 +80,35 @@ def conv_weight(conv):
         transformed = getattr(conv, 'transformed_weight', None)
         weight = transformed() if callable(transformed) else conv.weight
     return weight.detach()
+
+
+def rebuild_conv(conv, conv_class, weight, options=None):
+    """A new ``conv_class`` conv to take the place of the 2-D conv ``conv``.
+
+    It is built with ``conv``'s hyper-parameters (channels, kernel, stride,
+    padding, dilation, groups, bias or none, padding mode) and the keys of
+    the dict ``options`` (e.g. WSConv's ``eps``), then moved to ``conv``'s
+    device and dtype and set to its training mode. It holds ``weight``, a
+    tensor of ``conv.weight``'s shape (C_out, C_in / groups, kh, kw), and
+    ``conv``'s bias, each with the ``requires_grad`` of ``conv``'s.
+
+    :func:`fuse` passes ``nn.Conv2d`` and the transformed weight W_hat of a
+    CenConv or WSConv (:func:`conv_weight`); ``mmnorm.convert`` passes the
+    class it converts to and the raw weight of a plain conv.
+    """
+    layer = conv_class(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                       padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                       bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                       **(options or {}))
+    layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.weight.requires_grad_(conv.weight.requires_grad)
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias)
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+    layer.train(conv.training)
+    return layer
 
 
 def _is_plain_conv(module):
@@ -148,18 +172,7 @@ def _plain_conv(conv):
     same hyper-parameters whose weight is the transformed weight W_hat."""
     if not isinstance(conv, (CenConv, WSConv)):
         return conv
-    weight = conv.weight
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
-                      padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        plain.weight.copy_(conv_weight(conv))
-        plain.weight.requires_grad_(weight.requires_grad)
-        if conv.bias is not None:
-            plain.bias.copy_(conv.bias)
-            plain.bias.requires_grad_(conv.bias.requires_grad)
-    plain.train(conv.training)
-    return plain
+    return rebuild_conv(conv, nn.Conv2d, conv_weight(conv))
 
 
 def _fold(conv, norm):
@@ -319,71 +332,3 @@ def fuse(model, report=None, strict=False):
 def format_report(report):
     """The summary lines of a :func:`fuse` or ``convert`` report."""
     return report.summary()
-
-
-# ----------------------------------------------------------- deployed files
-def save_deployed(model, path, meta):
-    """Write ``dict(deployed_model=model, meta=meta)`` with ``torch.save``
-    (the whole module pickled: its architecture differs from the config's)."""
-    torch.save({DEPLOYED_KEY: model, 'meta': meta}, path)
-
-
-def load_deployed(path):
-    """The dict written by :func:`save_deployed` if ``path`` is such a file,
-    else None (another checkpoint, a URL, a missing file: left to the usual
-    checkpoint loading).
-
-    The file is unpickled with ``weights_only=False``: only pass files you
-    trust. Tensors are memory-mapped while checking (torch >= 2.1; torch 2.0
-    reads the file into memory), so an ordinary checkpoint is not read here."""
-    if not osp.isfile(path):
-        return None
-    mapped = dict(mmap=True) if torch_version() >= (2, 1) else {}
-    try:
-        content = torch.load(path, map_location='cpu', weights_only=False, **mapped)
-    except RuntimeError:  # e.g. the legacy (non-zip) format, which cannot be mapped
-        return None
-    if isinstance(content, dict) and isinstance(content.get(DEPLOYED_KEY), nn.Module):
-        return content
-    return None
-
-
-def use_deployed_model(runner, deployed):
-    """Make ``runner`` (an mmengine Runner built for testing, without
-    ``load_from``) evaluate the module of ``deployed`` (from
-    :func:`load_deployed`): it is moved and wrapped as the Runner does with
-    the model it builds, and replaces ``runner.model``."""
-    model = deployed[DEPLOYED_KEY]
-    model.eval()  # (some modules' train() returns None: not chained)
-    runner.model = runner.wrap_model(runner.cfg.get('model_wrapper_cfg'), model)
-    runner.logger.info('mmnorm: evaluating the deployed (folded) model; made from '
-                       f'{deployed["meta"].get("checkpoint")}')
-
-
-def deploy_checkpoint(config, checkpoint, out, cfg_options=None):
-    """Build the model of ``config`` (with ``cfg_options`` merged), load
-    ``checkpoint`` (refused first if truncated or corrupt) with strict key
-    checking, fuse it and save it to ``out`` (:func:`save_deployed`). Returns
-    the :func:`fuse` report (a :class:`~mmnorm.surgery.report.SurgeryReport`).
-    Raises a RuntimeError if an mmnorm module would be left in the file."""
-    from mmengine.registry import MODELS, DefaultScope
-    from mmengine.runner import load_checkpoint
-
-    from ..engine.checkpoint_check import verify_checkpoint
-    from ..engine.runtime import load_config
-    cfg = load_config(config, cfg_options)
-    verify_checkpoint(checkpoint)
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
-        model = MODELS.build(cfg.model)
-    load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='current')
-    report = SurgeryReport()
-    model = fuse(model, report)
-    left = mmnorm_modules(model)
-    if left:
-        raise RuntimeError(f'deploy: these modules of {config} are mmnorm classes that fuse '
-                           f'cannot replace, so {out} would need mmnorm to load: {left}')
-    meta = dict(config=str(config), checkpoint=str(checkpoint),
-                report={f'{action} {what}': n for (action, what), n in report.counts().items()},
-                torch_version=torch.__version__)
-    save_deployed(model, out, meta)
-    return report

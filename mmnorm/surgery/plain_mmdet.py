@@ -62,7 +62,8 @@ from torch import nn
 
 from ..engine.runtime import UsageError
 from ..layers import BRN, CBN, MABN, CenConv, WSConv
-from .fuse import DEPLOYED_KEY, conv_weight, mmnorm_modules
+from .deployed import DEPLOYED_KEY
+from .fuse import conv_weight, mmnorm_modules
 
 __all__ = ['DeployError', 'plain_config', 'plain_conv_cfg', 'plain_norm_cfg', 'plain_state_dict',
            'check_plain_model', 'write_plain_mmdet', 'CONFIG_NAME', 'WEIGHTS_NAME']

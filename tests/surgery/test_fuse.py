@@ -1,4 +1,5 @@
-"""mmnorm.fuse and tools/deploy.py (issue 7, "Folding for inference").
+"""mmnorm.fuse and tools/deploy.py --to module (README, "Deployment and
+conversion"; the deployed file is mmnorm.surgery.deployed's).
 
 Every fold is checked by output equality: the model's eval output before
 ``fuse`` (computed by the layers themselves) against the folded model's.
@@ -15,8 +16,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmnorm
+from mmnorm.surgery.deployed import load_deployed
 from mmnorm.surgery.fuse import (conv_norm_pairs, format_report, fuse, is_foldable_norm,
-                                 load_deployed, mmnorm_modules)
+                                 mmnorm_modules)
 from mmnorm.surgery.report import SurgeryReport
 from test_plain_mmdet import binary_and_soft
 
@@ -351,10 +353,11 @@ print('exported')
 
 
 def test_fused_backbone_exports_with_torch_export():
-    """onnx is not installed here, so the export route is torch.export (issue 7
-    names both). In a fresh process that trains a CBN first: CBN used to
-    install a process-wide forward hook, which torch 2.1's strict export traced
-    and refused (``id()`` of a tensor); it has none now."""
+    """onnx is not installed here, so the export route is torch.export (README,
+    "Deployment and conversion", names both). In a fresh process that trains a
+    CBN first: CBN used to install a process-wide forward hook, which torch
+    2.1's strict export traced and refused (``id()`` of a tensor); it has none
+    now."""
     out = run([sys.executable, '-c', EXPORT_FUSED_BACKBONE], cwd=REPO / 'tests' / 'surgery',
               env=tool_env(PYTHONPATH=str(REPO / 'tests'))).stdout
     assert out.strip().splitlines()[-1] == 'exported', out[-3000:]
