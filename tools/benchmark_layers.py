@@ -6,14 +6,15 @@
         --memory-format contiguous channels_last [--compile]
     python tools/benchmark_layers.py --plot-from docs/layer_benchmark.md
 
-What is measured, at which shapes and how: mmnorm/benchmark/layers.py.
+What is measured, at which shapes and how: docs/benchmarks.md (code: mmnorm/benchmark/layers.py).
 """
 import argparse
 import sys
 
 import torch
 
-from mmnorm.benchmark import HelpFormatter, layers
+from mmnorm.benchmark import layers
+from mmnorm.benchmark.common import MAX_ROUNDS, HelpFormatter
 
 
 def parse_args(argv):
@@ -27,7 +28,7 @@ def parse_args(argv):
                    help='at least this many timed samples per module and mode (median)')
     p.add_argument('--min-time', type=float,
                    help='and keep sampling until this many seconds per module and mode '
-                   f'(at most {layers.MAX_ROUNDS} samples): cheap layers get many samples '
+                   f'(at most {MAX_ROUNDS} samples): cheap layers get many samples '
                    f'(default: {layers.MIN_TIME["cpu"]} on the CPU, {layers.MIN_TIME["cuda"]} '
                    'on CUDA)')
     p.add_argument('--warmup', type=int, default=2, help='untimed calls per module first')

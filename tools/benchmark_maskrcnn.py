@@ -5,14 +5,15 @@
     python tools/benchmark_maskrcnn.py --smoke    # tiny, on the CPU too
 
 Needs torch, torchvision and mmengine (no mmcv, no mmdet). What is measured
-and how: mmnorm/benchmark/maskrcnn.py.
+and how: docs/benchmarks.md (code: mmnorm/benchmark/maskrcnn.py).
 """
 import argparse
 import sys
 
 import torch
 
-from mmnorm.benchmark import HelpFormatter, maskrcnn
+from mmnorm.benchmark import maskrcnn
+from mmnorm.benchmark.common import HelpFormatter
 
 
 def method_names(p, option, names):

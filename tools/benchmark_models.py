@@ -4,12 +4,14 @@
         [--methods frozenbn mabn ...] [--skip-memory] [--profile] [--out docs/model_benchmark.md]
     python tools/benchmark_models.py --plot-from docs/model_benchmark.md
 
-The models, inputs, timing, memory measurement and profile: mmnorm/benchmark/models.py.
+The models, inputs, timing, memory measurement and profile: docs/benchmarks.md (code:
+mmnorm/benchmark/models.py).
 """
 import argparse
 import sys
 
-from mmnorm.benchmark import HelpFormatter, models
+from mmnorm.benchmark import models
+from mmnorm.benchmark.common import HelpFormatter
 
 
 def parse_args(argv):
@@ -27,8 +29,8 @@ def parse_args(argv):
                    'default: all)')
     p.add_argument('--skip-memory', action='store_true', help='leave the memory columns out')
     p.add_argument('--profile', action='store_true',
-                   help='profile a training iteration of FrozenBN, BN and MABN even when the '
-                   'MABN aim is met')
+                   help='also profile a training iteration of FrozenBN, BN and MABN (where '
+                   'the time goes, by model component and module class)')
     p.add_argument('--out', help='also write the markdown here, and the plot as .png next to it')
     p.add_argument('--plot-from', metavar='MD', help='only draw the plot (MD with .png) from '
                    'the table in MD, written by an earlier run')

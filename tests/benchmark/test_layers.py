@@ -1,8 +1,8 @@
 """tools/benchmark_layers.py runs on a tiny setting and prints the table it
-promises: the expected rows and columns, positive numbers, the aims summary;
-its parts (mmnorm.benchmark.layers) do what the table says; bfloat16
-autocast, channels_last and --compile (aot_eager on the CPU) add their rows
-and columns.
+promises: the expected rows and columns, positive numbers, measured ratios and
+no aims (docs/gpu_check.md has those); its parts (mmnorm.benchmark.layers) do
+what the table says; bfloat16 autocast, channels_last and --compile
+(aot_eager on the CPU) add their rows and columns.
 No timing assertions: the numbers of a tiny run are noise."""
 import re
 import time
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from conftest import REPO, load_tool, write_exe
 
-from mmnorm.benchmark import layers
+from mmnorm.benchmark import common, layers
 
 SHAPES = ('res2 stage', 'FPN P3', 'box head', 'mask head')
 PAIRED_COLUMNS = ('fwd ms (layer / base)', 'fwd+bwd ms (layer / base)', 'eval ms (layer / base)',
@@ -22,7 +22,6 @@ RATIO_COLUMNS = ('fwd x', 'fwd+bwd x', 'eval x', 'memory x')
 HISTORY = 'CBN history MB (layer / base)'
 COMPILED = 'compiled fwd+bwd ms (layer / base)'
 COMPILED_RATIOS = ('layer compiled / eager x', 'compiled fwd+bwd x')
-AIMS_HEADER = ['layer', 'dtype', 'memory format', 'aim', 'ratio per shape', 'worst', 'verdict']
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 TINY = ['--scale', '0.05', '--repeats', '1', '--min-time', '0', '--warmup', '1', '--threads', '1']
 
@@ -30,22 +29,6 @@ TINY = ['--scale', '0.05', '--repeats', '1', '--min-time', '0', '--warmup', '1',
 @pytest.fixture(scope='module')
 def tool():
     return load_tool('benchmark_layers')
-
-
-def parse_tables(markdown):
-    """Every markdown table in ``markdown`` as a list of dicts (header -> cell)."""
-    tables, rows = [], None
-    for line in markdown.splitlines():
-        if not line.startswith('|'):
-            rows = None
-            continue
-        cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
-        if rows is None:
-            rows = {'header': cells, 'rows': []}
-            tables.append(rows)
-        elif not set(''.join(cells)) <= set('-'):
-            rows['rows'].append(dict(zip(rows['header'], cells)))
-    return tables
 
 
 def numbers(cell):
@@ -62,14 +45,15 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
     assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
     assert '--layers MABN wsconv' in markdown and 'torch ' in markdown
 
-    table, aims = parse_tables(markdown)
-    for column in ('layer', 'baseline', 'shape', 'dtype', 'memory format', 'aim',
+    table, = common.markdown_tables(markdown)  # measured ratios only: no aims table
+    for column in ('layer', 'baseline', 'shape', 'dtype', 'memory format',
                    'buffers MB (layer / base)', HISTORY, *PAIRED_COLUMNS, *RATIO_COLUMNS):
-        assert column in table['header']
-    assert COMPILED not in table['header']  # only with --compile
-    assert [(r['layer'], r['baseline']) for r in table['rows']] == (
+        assert column in table[0]
+    assert COMPILED not in table[0]  # only with --compile
+    assert 'aim' not in table[0] and not re.search(r'\b(aim|met|MISSED)\b', markdown)
+    assert [(r['layer'], r['baseline']) for r in table] == (
         [('MABN', 'BN')] * 4 + [('WSConv', 'Conv')] * 4)
-    for row, shape in zip(table['rows'], SHAPES * 2, strict=True):
+    for row, shape in zip(table, SHAPES * 2, strict=True):
         assert row['shape'].startswith(shape)
         assert (row['dtype'], row['memory format']) == ('float32', 'contiguous')
         for column in PAIRED_COLUMNS:
@@ -77,29 +61,18 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
             assert layer > 0 and base > 0, (row, column)
         for column in RATIO_COLUMNS:  # a ratio of noise may round to 0.00x: format only
             assert re.fullmatch(r'\d+\.\d\dx', row[column]), (row, column)
-        assert re.search(r'(met|MISSED)', row['aim'])
         assert row[HISTORY] == '-'  # no CBN in these rows
         layer_ops, base_ops = (side.split('+') for side in row[layers.OPS_COLUMN].split(' / '))
         assert all(int(n) > 0 for n in layer_ops + base_ops), row
 
-    assert aims['header'] == AIMS_HEADER
-    assert [(r['layer'], r['aim']) for r in aims['rows']] == [
-        ('MABN', 'fwd+bwd <= 1.5x'), ('MABN', 'eval (unfolded) <= 1.05x'),
-        ('WSConv', 'fwd+bwd <= 1.1x'), ('WSConv', 'eval = 1.0x (<= 1.05x, noise)')]
-    assert all(r['verdict'] in ('met', 'MISSED') for r in aims['rows'])
-
     # --plot-from reads the ratios back from the written table and redraws the plot.
     points = layers.points_from_markdown(markdown)
-    assert [(label, shape) for label, _, shape, _ in points] == (
+    assert [(label, shape) for label, shape, _ in points] == (
         [('MABN\nvs BN\nfloat32\ncontiguous', s) for s in SHAPES]
         + [('WSConv\nvs Conv\nfloat32\ncontiguous', s) for s in SHAPES])
-    assert [aim.limit for aim in points[0][1]] == [1.5, 1.05]  # the CPU's aims
-    for (_, _, _, ratios), row in zip(points, table['rows']):
+    for (_, _, ratios), row in zip(points, table, strict=True):
         assert ratios == {'fwd+bwd': float(row['fwd+bwd x'].rstrip('x')),
                           'eval': float(row['eval x'].rstrip('x'))}
-    # a table measured on CUDA is drawn with the H100 aims
-    cuda_points = layers.points_from_markdown(markdown.replace('device cpu', 'device cuda'))
-    assert [aim.limit for aim in cuda_points[0][1]] == [1.3, 1.05]
     out.with_suffix('.png').unlink()
     assert tool.main(['--plot-from', str(out)]) is None
     assert out.with_suffix('.png').read_bytes().startswith(PNG_SIGNATURE)
@@ -134,31 +107,25 @@ def test_ops_per_step_counts_each_dispatched_operation():
 def test_tiny_run_bfloat16_channels_last_compiled(tool, tmp_path, keep_threads):
     """--dtype float32 bfloat16 --memory-format channels_last --compile
     (backend aot_eager: no C++ compiler needed): a set of rows per dtype, the
-    compiled columns with positive numbers, the aims per dtype, the plot."""
+    compiled columns with positive numbers, the plot."""
     out = tmp_path / 'bench.md'
     markdown = tool.main(TINY + ['--layers', 'MABN', 'WSConv', '--dtype', 'float32', 'bfloat16',
                                  '--memory-format', 'channels_last', '--compile',
                                  '--compile-backend', 'aot_eager', '--out', str(out)])
     assert "torch.autocast('cpu', dtype=torch.bfloat16)" in markdown
     assert "backend='aot_eager'" in markdown
-    table, aims = parse_tables(markdown)
-    assert [(r['layer'], r['dtype'], r['memory format']) for r in table['rows']] == [
+    table, = common.markdown_tables(markdown)
+    assert [(r['layer'], r['dtype'], r['memory format']) for r in table] == [
         (layer, dtype, 'channels_last') for dtype in ('float32', 'bfloat16')
         for layer in ('MABN', 'WSConv') for _ in SHAPES]
-    for row in table['rows']:
+    for row in table:
         for column in PAIRED_COLUMNS + (COMPILED,):
             layer, base = numbers(row[column])
             assert layer > 0 and base > 0, (row, column)
         for column in RATIO_COLUMNS + COMPILED_RATIOS:
             assert re.fullmatch(r'\d+\.\d\dx', row[column]), (row, column)
 
-    assert aims['header'] == AIMS_HEADER
-    assert [(r['layer'], r['dtype'], r['aim']) for r in aims['rows']] == [
-        (layer, dtype, aim) for dtype in ('float32', 'bfloat16')
-        for layer, aim in (('MABN', 'fwd+bwd <= 1.5x'), ('MABN', 'eval (unfolded) <= 1.05x'),
-                           ('WSConv', 'fwd+bwd <= 1.1x'),
-                           ('WSConv', 'eval = 1.0x (<= 1.05x, noise)'))]
-    labels = [label for label, _, _, _ in layers.points_from_markdown(markdown)]
+    labels = [label for label, _, _ in layers.points_from_markdown(markdown)]
     assert list(dict.fromkeys(labels)) == [
         f'{layer}\nvs {base}\n{dtype}\nchannels_last' for dtype in ('float32', 'bfloat16')
         for layer, base in (('MABN', 'BN'), ('WSConv', 'Conv'))]
@@ -200,9 +167,9 @@ def test_compile_failure_is_a_cell(tool, keep_threads):
     the compiled cell; its eager numbers are still there."""
     markdown = tool.main(TINY + ['--layers', 'BRN', '--compile',
                                  '--compile-backend', 'no_such_backend'])
-    table, _ = parse_tables(markdown)
-    assert len(table['rows']) == 4
-    for row in table['rows']:
+    table, = common.markdown_tables(markdown)
+    assert len(table) == 4
+    for row in table:
         assert row[COMPILED].startswith('compile failed: layer: InvalidBackend'), row
         assert [row[column] for column in COMPILED_RATIOS] == ['', '']
         assert min(numbers(row['fwd+bwd ms (layer / base)'])) > 0
@@ -255,22 +222,14 @@ def test_help_shows_defaults(tool, capsys, monkeypatch):
     assert tool.parse_args(['--device', 'cuda']).min_time == 0.05
 
 
-def test_cuda_aims_and_header(tmp_path, monkeypatch):
-    """On CUDA the issue's H100 aims hold (labelled so), the CPU keeps its own;
-    the CUDA header names GPU, driver, CUDA, cuDNN and the date."""
-    rows = {row.key: row for row in layers.ROWS}
-    cuda = {key: [(aim.metric, aim.limit) for aim in row.aims_on('cuda')]
-            for key, row in rows.items() if row.aims_on('cuda')}
-    assert cuda == {'MABN': [('fwd+bwd', 1.3), ('eval', 1.05)], 'BRN': [('fwd+bwd', 1.3)],
-                    'Conv+CBN': [('fwd+bwd', 1.5)], 'WSConv': [('fwd+bwd', 1.05), ('eval', 1.05)]}
-    assert all('H100 aim' in aim.label for row in layers.ROWS for aim in row.aims_on('cuda'))
-    assert all(row.aims_on('cpu') == row.aims for row in layers.ROWS)
-
+def test_cuda_header(tmp_path, monkeypatch):
+    """The CUDA header names GPU, driver, CUDA, cuDNN and the date; the CPU
+    header the thread count."""
     write_exe(tmp_path / 'nvidia-smi', '#!/bin/sh\necho 580.159.04\n')
     monkeypatch.setenv('PATH', str(tmp_path))
-    assert layers.driver_version() == '580.159.04'
+    assert common.driver_version() == '580.159.04'
     monkeypatch.setenv('PATH', str(tmp_path / 'nothing'))
-    assert layers.driver_version() == 'unknown'
+    assert common.driver_version() == 'unknown'
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'NVIDIA H100 80GB HBM3')
     text = layers.device_text(torch.device('cuda'))
     for part in ('device cuda (NVIDIA H100 80GB HBM3, driver unknown', f'CUDA {torch.version.cuda}',
@@ -281,33 +240,31 @@ def test_cuda_aims_and_header(tmp_path, monkeypatch):
 
 
 def test_plot_from_the_committed_table():
-    """docs/layer_benchmark.md gives its points (float32, contiguous, the CPU aims)."""
+    """docs/layer_benchmark.md gives its points (float32, contiguous, every shape)."""
     points = layers.points_from_markdown((REPO / 'docs' / 'layer_benchmark.md').read_text())
-    assert points and all(label.endswith('\nfloat32\ncontiguous') for label, _, _, _ in points)
-    assert any(aims and aims[0].limit == 1.5 for _, aims, _, _ in points)
+    assert points and all(label.endswith('\nfloat32\ncontiguous') for label, _, _ in points)
+    assert {shape for _, shape, _ in points} == set(SHAPES)
+    assert all(ratio > 0 for _, _, ratios in points for ratio in ratios.values())
 
 
 def test_cbn_rows(tool, keep_threads):
-    """Conv+CBN against conv+BN (with the aim) and against the two-autograd.grad
-    reference, with the history each side holds."""
+    """Conv+CBN against conv+BN and against the two-autograd.grad reference,
+    with the history each side holds."""
     markdown = tool.main(TINY + ['--layers', 'Conv+CBN', 'conv+cbn-vs-grad'])
-    table, aims = parse_tables(markdown)
-    assert [(r['layer'], r['baseline']) for r in table['rows']] == (
+    table, = common.markdown_tables(markdown)
+    assert [(r['layer'], r['baseline']) for r in table] == (
         [('Conv+CBN', 'Conv+BN')] * 4 + [('Conv+CBN', 'Conv+CBN(autograd.grad)')] * 4)
-    for row in table['rows']:
+    for row in table:
         assert 'not measured' not in row['fwd ms (layer / base)'], row
         for column in PAIRED_COLUMNS:
             assert min(numbers(row[column])) > 0, (row, column)
         for column in RATIO_COLUMNS:
             assert re.fullmatch(r'\d+\.\d\dx', row[column]), (row, column)
-    for row in table['rows'][:4]:
+    for row in table[:4]:
         assert re.fullmatch(r'\d+\.\d+ / -', row[HISTORY]) and numbers(row[HISTORY])[0] > 0
-        assert re.search(r'(met|MISSED)', row['aim'])
-    for row in table['rows'][4:]:
+    for row in table[4:]:
         cbn, reference = numbers(row[HISTORY])
         assert 0 < cbn < reference, row  # the reference keeps dmu weight-sized
-        assert row['aim'] == '-'
-    assert [(r['layer'], r['aim']) for r in aims['rows']] == [('Conv+CBN', 'fwd+bwd <= 1.6x')]
 
 
 def test_reference_matches_cbn():
@@ -347,7 +304,7 @@ def test_reference_matches_cbn():
                 layer_conv.weight.add_(delta)
     torch.testing.assert_close(cbn[1].running_mean, reference.running_mean)
     torch.testing.assert_close(cbn[1].running_var, reference.running_var)
-    layers.check_history_full(reference)
+    common.check_history_full(reference)
     k, c, weight = 3, 5, conv.weight.numel()
     # float64 mu, nu (C each), dmu (in x kh x kw), dnu and theta (weight-sized),
     # and the int64 per-channel valid flags, per stored step
@@ -368,18 +325,16 @@ def test_failing_layer_becomes_a_row(tool, monkeypatch):
     def broken(shape):
         raise ImportError('cannot import name CBN')
 
-    row = layers.Row('Conv+CBN', 'Conv+BN', broken, layers.bn,
-                     aims=(layers.Aim('fwd+bwd', 1.6, 'fwd+bwd <= 1.6x'),))
+    row = layers.Row('Conv+CBN', 'Conv+BN', broken, layers.bn)
     monkeypatch.setattr(layers, 'ROWS', [row] + [r for r in layers.ROWS if r.name == 'BRN'])
     markdown = tool.main(['--scale', '0.05', '--repeats', '1', '--min-time', '0', '--warmup', '0'])
-    table, aims = parse_tables(markdown)
-    assert [r['layer'] for r in table['rows']] == ['Conv+CBN'] * 4 + ['BRN'] * 4
+    table, = common.markdown_tables(markdown)
+    assert [r['layer'] for r in table] == ['Conv+CBN'] * 4 + ['BRN'] * 4
     assert all('not measured: ImportError: cannot import name CBN' in r['fwd ms (layer / base)']
-               for r in table['rows'][:4])
-    assert all(min(numbers(r['fwd+bwd ms (layer / base)'])) > 0 for r in table['rows'][4:])
-    assert aims['rows'][0]['verdict'] == 'not measured'
+               for r in table[:4])
+    assert all(min(numbers(r['fwd+bwd ms (layer / base)'])) > 0 for r in table[4:])
     # the plot leaves the rows that were not measured out
-    assert [label.split('\n')[0] for label, _, _, _ in layers.points_from_markdown(markdown)] == (
+    assert [label.split('\n')[0] for label, _, _ in layers.points_from_markdown(markdown)] == (
         ['BRN'] * 4)
 
 

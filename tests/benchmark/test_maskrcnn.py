@@ -21,7 +21,7 @@ from conftest import load_tool
 from torch import nn
 
 from mmnorm.benchmark import maskrcnn
-from mmnorm.benchmark.layers import markdown_tables
+from mmnorm.benchmark.common import markdown_tables
 
 
 def _torchvision_refusal():
