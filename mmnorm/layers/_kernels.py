@@ -28,10 +28,11 @@ import importlib.metadata
 import logging
 import os
 import re
+from typing import Tuple
 
 import torch
 
-from ._ops import CUSTOM_OPS
+from ._ops import CUSTOM_OPS, fused_operator
 
 KERNELS_ENV = 'MMNORM_KERNELS'
 MODES = ('auto', 'aten', 'triton')
@@ -145,11 +146,11 @@ def kernel_module(name):
     return importlib.import_module(f'{__package__}._triton_{name}')
 
 
-FUSED_LAYERS = ('mabn', 'brn')
+KERNEL_MODULES = ('shared', 'mabn', 'brn', 'cbn')
 
 
 def compile_ahead_of_time(archs):
-    """Compile every kernel variant of the fused layers for the NVIDIA compute
+    """Compile every kernel variant of the fused kernels for the NVIDIA compute
     capabilities ``archs`` (e.g. (80, 90)) without a GPU, as Triton would on
     one; raises at the first one that does not compile. Returns one (kernel
     name, arch, cubin bytes) per variant and arch."""
@@ -160,13 +161,49 @@ def compile_ahead_of_time(archs):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     compiled = []
-    for name in FUSED_LAYERS:
+    for name in KERNEL_MODULES:
         for kernel, types, constants in kernel_module(name).variants():
             for arch in archs:
                 source = ASTSource(fn=kernel, signature=types, constexprs=constants)
                 binary = triton.compile(source, target=GPUTarget('cuda', arch, 32))
                 compiled.append((kernel.__name__, arch, len(binary.asm['cubin'])))
     return compiled
+
+
+# ------------------------------------------------- the shared backward
+def _normalized_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         saved: torch.Tensor, bias_dtype: torch.dtype, need_dx: bool,
+                         pooled: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) in one Triton kernel (BRN's and CBN's backward)."""
+    return kernel_module('shared').normalized_backward(dy, x, weight, saved, bias_dtype, need_dx,
+                                                       pooled)
+
+
+def _normalized_backward_fake(dy, x, weight, saved, bias_dtype, need_dx, pooled):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight),
+            torch.empty_like(weight, dtype=bias_dtype))
+
+
+_NORMALIZED_BACKWARD = fused_operator('normalized_backward', _normalized_backward,
+                                      _normalized_backward_fake, ())
+
+
+def keep_for_normalized_backward(ctx, inputs, saved, pooled):
+    """What :func:`normalized_gradients` needs of a fused forward whose
+    inputs start with x, weight, bias and whose ``saved`` is [mean, inv_std,
+    r, d] (+ [share] when ``pooled``), see
+    :func:`mmnorm.layers._triton_shared.normalized_backward_kernel`."""
+    ctx.save_for_backward(inputs[0], inputs[1], saved)
+    ctx.bias_dtype, ctx.pooled = inputs[2].dtype, pooled
+
+
+def normalized_gradients(ctx, dy):
+    """The gradients of every input of the fused forward (None but for x,
+    weight and bias), one ``mmnorm::normalized_backward`` operator."""
+    x, weight, saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _NORMALIZED_BACKWARD(dy, x, weight, saved, ctx.bias_dtype, need[0], ctx.pooled)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * (len(need) - 3)
 
 
 select()

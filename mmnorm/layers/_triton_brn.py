@@ -78,56 +78,11 @@ def brn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     advance_counter(t_ptr, flags_ptr, t)
 
 
-@triton.jit
-def brn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, dweight_ptr, dbias_ptr,
-                        N, C, L, stride_n, stride_c, stride_l, dy_stride_n, dy_stride_c,
-                        dy_stride_l, inv_count, NEED_DX: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_L: tl.constexpr):
-    ACC: tl.constexpr = saved_ptr.dtype.element_ty
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    channel = c.to(tl.int64)[:, None] * stride_c
-    dy_channel = c.to(tl.int64)[:, None] * dy_stride_c
-    mean = tl.load(saved_ptr + c, mask=cmask, other=0.0)[:, None]
-    inv_std = tl.load(saved_ptr + C + c, mask=cmask, other=0.0)
-    r = tl.load(saved_ptr + 2 * C + c, mask=cmask, other=0.0)
-    d = tl.load(saved_ptr + 3 * C + c, mask=cmask, other=0.0)
-    grads = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
-    products = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
-    for n in range(0, N):
-        for start in range(0, L, BLOCK_L):
-            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-            dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
-            grads += dy
-            products += tl.where(mask, dy * (x - mean), 0.0)
-    dy_sum = tl.sum(grads, 1)
-    dy_xhat = tl.sum(products, 1) * inv_std
-    tl.store(dweight_ptr + c, (r * dy_xhat + d * dy_sum).to(dweight_ptr.dtype.element_ty),
-             mask=cmask)
-    tl.store(dbias_ptr + c, dy_sum.to(dbias_ptr.dtype.element_ty), mask=cmask)
-    if NEED_DX:
-        weight = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC)
-        gain = (weight * r * inv_std)[:, None]
-        mean_dy = (dy_sum * inv_count)[:, None]
-        xhat_coef = (dy_xhat * inv_count)[:, None]
-        inv_std = inv_std[:, None]
-        for n in range(0, N):
-            for start in range(0, L, BLOCK_L):
-                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-                dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-                dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
-                xhat = (x - mean) * inv_std
-                tl.store(dx_ptr + offsets, (gain * (dy - mean_dy - xhat * xhat_coef)).to(
-                    dx_ptr.dtype.element_ty), mask=mask)
-
-
 def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, momentum, rmax,
             dmax, warmup_iters, rmax_iters, dmax_iters, cdtype):
     """(y, saved) for x (N, C, *): y of x's dtype laid out like x, ``saved`` =
-    [mu_B, 1 / sigma_B, r, d] (4C, ``cdtype``) for :func:`backward`. Updates
+    [mu_B, 1 / sigma_B, r, d] (4C, ``cdtype``) for
+    :func:`mmnorm.layers._triton_shared.normalized_backward`. Updates
     the running statistics, ``counter`` and ``flags`` in place; one launch."""
     x, (n, c, length), strides = channel_view(x)
     y = torch.empty_like(x)
@@ -140,21 +95,6 @@ def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, mom
     return y, saved
 
 
-def backward(dy, x, weight, saved, bias_dtype, need_dx):
-    """(dx, dweight, dbias) of :func:`forward`; dx laid out like x, empty
-    unless ``need_dx``. One launch."""
-    x, (n, c, length), strides = channel_view(x)
-    dy, _, dy_strides = channel_view(dy)
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    dweight = torch.empty_like(weight)
-    dbias = torch.empty_like(weight, dtype=bias_dtype)
-    block_c, block_l = tile(c, length, strides)
-    launch(brn_backward_kernel, (triton.cdiv(c, block_c),), dy, x, dx, weight, saved, dweight,
-           dbias, n, c, length, *strides, *dy_strides, 1.0 / (n * length), NEED_DX=need_dx,
-           BLOCK_C=block_c, BLOCK_L=block_l)
-    return dx, dweight, dbias
-
-
 def variants():
     """(kernel, argument types, constants) of every kernel variant the layer
     launches (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
@@ -165,7 +105,3 @@ def variants():
                         running_var_ptr=buffer, t_ptr='i64', flags_ptr='i32', saved_ptr=stats)
         constants = dict(BLOCK_C=block_c, BLOCK_L=block_l)
         yield brn_forward_kernel, signature(brn_forward_kernel, pointers, constants), constants
-        for need_dx in (True, False):
-            backward = dict(constants, NEED_DX=need_dx)
-            yield (brn_backward_kernel, signature(brn_backward_kernel, pointers, backward),
-                   backward)

@@ -9,8 +9,11 @@ and the non-finite flag.
 """
 import math
 
+import torch
 import triton
 import triton.language as tl
+
+from ._kernels import launch
 
 MAX_TILE = 1024  # elements a program loads per loop step
 MAX_CHANNELS_CONTIGUOUS = 32  # channel block when channels are the contiguous dim
@@ -64,15 +67,97 @@ def note_nonfinite(flags_ptr, finite, channel_mask):
 
 
 @triton.jit
+def last_to_arrive(flags_ptr):
+    """True in the last program to call this: each program arrives at
+    ``flags[1]`` (after everything it read before), the last one resets the
+    arrivals to 0. What every program reads can be overwritten by the last."""
+    arrived = tl.atomic_add(flags_ptr + 1, 1)
+    last = arrived == tl.num_programs(0) - 1
+    tl.store(flags_ptr + 1, 0, mask=last)
+    return last
+
+
+@triton.jit
 def advance_counter(t_ptr, flags_ptr, t):
     """Store the step counter ``t`` (read by every program before) once all
-    programs have read it: each program arrives at ``flags[1]``, the last one
-    writes ``t`` and resets the arrivals to 0."""
-    programs = tl.num_programs(0)
-    arrived = tl.atomic_add(flags_ptr + 1, 1)
-    last = arrived == programs - 1
-    tl.store(t_ptr, t, mask=last)
-    tl.store(flags_ptr + 1, 0, mask=last)
+    programs have read it."""
+    tl.store(t_ptr, t, mask=last_to_arrive(flags_ptr))
+
+
+@triton.jit
+def normalized_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, dweight_ptr,
+                               dbias_ptr, N, C, L, stride_n, stride_c, stride_l, dy_stride_n,
+                               dy_stride_c, dy_stride_l, inv_count, POOLED: tl.constexpr,
+                               NEED_DX: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_L: tl.constexpr):
+    """The backward of y = weight * (r * x_hat + d) + bias, x_hat = (x - mean) *
+    inv_std, with ``saved`` = [mean, inv_std, r, d] (+ [share] when POOLED),
+    each (C,): dweight = r * sum(dy x_hat) + d * sum(dy), dbias = sum(dy) and
+
+        dx = weight r inv_std (dy - share (mean(dy) + x_hat mean(dy x_hat))),
+
+    where share (1 unless POOLED) is the batch's part in the statistics (1 /
+    CBN's count of pooled steps). One reduction and one elementwise pass."""
+    ACC: tl.constexpr = saved_ptr.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    channel = c.to(tl.int64)[:, None] * stride_c
+    dy_channel = c.to(tl.int64)[:, None] * dy_stride_c
+    mean = tl.load(saved_ptr + c, mask=cmask, other=0.0)[:, None]
+    inv_std = tl.load(saved_ptr + C + c, mask=cmask, other=0.0)
+    r = tl.load(saved_ptr + 2 * C + c, mask=cmask, other=0.0)
+    d = tl.load(saved_ptr + 3 * C + c, mask=cmask, other=0.0)
+    grads = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    products = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    for n in range(0, N):
+        for start in range(0, L, BLOCK_L):
+            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+            dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l,
+                                    BLOCK_L)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
+            grads += dy
+            products += tl.where(mask, dy * (x - mean), 0.0)
+    dy_sum = tl.sum(grads, 1)
+    dy_xhat = tl.sum(products, 1) * inv_std
+    tl.store(dweight_ptr + c, (r * dy_xhat + d * dy_sum).to(dweight_ptr.dtype.element_ty),
+             mask=cmask)
+    tl.store(dbias_ptr + c, dy_sum.to(dbias_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DX:
+        if POOLED:
+            share = tl.load(saved_ptr + 4 * C + c, mask=cmask, other=0.0)
+            dy_sum *= share
+            dy_xhat *= share
+        weight = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC)
+        gain = (weight * r * inv_std)[:, None]
+        mean_dy = (dy_sum * inv_count)[:, None]
+        xhat_coef = (dy_xhat * inv_count)[:, None]
+        inv_std = inv_std[:, None]
+        for n in range(0, N):
+            for start in range(0, L, BLOCK_L):
+                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+                dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l,
+                                        BLOCK_L)
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+                dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
+                xhat = (x - mean) * inv_std
+                tl.store(dx_ptr + offsets, (gain * (dy - mean_dy - xhat * xhat_coef)).to(
+                    dx_ptr.dtype.element_ty), mask=mask)
+
+
+def normalized_backward(dy, x, weight, saved, bias_dtype, need_dx, pooled):
+    """(dx, dweight, dbias) of :func:`normalized_backward_kernel`; dx laid out
+    like x, empty unless ``need_dx``. One launch."""
+    x, (n, c, length), strides = channel_view(x)
+    dy, _, dy_strides = channel_view(dy)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(weight, dtype=bias_dtype)
+    block_c, block_l = tile(c, length, strides)
+    launch(normalized_backward_kernel, (triton.cdiv(c, block_c),), dy, x, dx, weight, saved,
+           dweight, dbias, n, c, length, *strides, *dy_strides, 1.0 / max(n * length, 1),
+           POOLED=pooled, NEED_DX=need_dx, BLOCK_C=block_c, BLOCK_L=block_l)
+    return dx, dweight, dbias
 
 
 # -------------------------------------------------- ahead-of-time compiling
@@ -105,3 +190,17 @@ def signature(kernel, pointers, constants):
         else:
             types[name] = 'fp32' if name in FLOAT_ARGUMENTS else 'i32'
     return types
+
+
+def variants():
+    """(kernel, argument types, constants) of every variant of the shared
+    backward kernel (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
+    for (x, param, _, stats), (block_c, block_l) in dtypes_and_tiles():
+        pointers = dict(dy_ptr=x, x_ptr=x, dx_ptr=x, weight_ptr=param, dweight_ptr=param,
+                        dbias_ptr=param, saved_ptr=stats)
+        for pooled in (False, True):
+            for need_dx in (True, False):
+                constants = dict(POOLED=pooled, NEED_DX=need_dx, BLOCK_C=block_c,
+                                 BLOCK_L=block_l)
+                yield (normalized_backward_kernel,
+                       signature(normalized_backward_kernel, pointers, constants), constants)

@@ -36,13 +36,15 @@ sigma_B are those of the union of all processes' inputs, SyncBatchNorm-style
 per process in the forward, one all-reduce of 2C in the backward), so every
 process holds the same buffers; see :class:`BRN`.
 """
+import functools
 from typing import Tuple
 
 import torch
 from mmengine.registry import MODELS
 
 from ._dist import union_moments
-from ._kernels import fused, kernel_module
+from ._kernels import (fused, keep_for_normalized_backward, kernel_module,
+                       normalized_gradients)
 from ._ops import Operator, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, check_number
 
@@ -119,38 +121,13 @@ def _fused_forward_fake(x, weight, bias, running_mean, running_var, counter, fla
     return torch.empty_like(x), x.new_empty(4 * x.size(1), dtype=SmallBatchNorm.stats_dtype(x))
 
 
-def _fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
-                    bias_dtype: torch.dtype,
-                    need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias) in one Triton kernel."""
-    return kernel_module('brn').backward(dy, x, weight, saved, bias_dtype, need_dx)
-
-
-def _fused_backward_fake(dy, x, weight, saved, bias_dtype, need_dx):
-    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight),
-            torch.empty_like(weight, dtype=bias_dtype))
-
-
-def _keep_for_fused_backward(ctx, inputs, saved):
-    ctx.save_for_backward(inputs[0], inputs[1], saved)
-    ctx.bias_dtype = inputs[2].dtype
-
-
-def _fused_gradients(ctx, dy):
-    x, weight, saved = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grads = _FUSED_BACKWARD(dy, x, weight, saved, ctx.bias_dtype, need[0])
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * (len(need) - 3)
-
-
-_FUSED_BACKWARD = fused_operator('brn_fused_backward', _fused_backward, _fused_backward_fake, ())
 fused_train_step = fused_step(
     fused_operator('brn_fused_forward', _fused_forward, _fused_forward_fake,
                    ('running_mean', 'running_var', 'counter', 'flags')),
-    _keep_for_fused_backward, _fused_gradients)
+    functools.partial(keep_for_normalized_backward, pooled=False), normalized_gradients)
 fused_train_step.__doc__ = """BRN's training step on the fused kernels: the output y of x
 (N, C, *), one ``mmnorm::brn_fused_forward`` operator (one Triton launch), and
-its backward, one ``mmnorm::brn_fused_backward``. Arguments: x, weight, bias,
+its backward, one ``mmnorm::normalized_backward``. Arguments: x, weight, bias,
 running_mean, running_var, the step counter, step_flags, eps, momentum, rmax,
 dmax, warmup_iters, rmax_iters, dmax_iters."""
 

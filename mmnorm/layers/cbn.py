@@ -39,65 +39,25 @@ found and its limits, the state and its host mirrors, burn-in windows,
 loading a BatchNorm state dict, "DDP" (``sync_stats``), "Averaging buffers"
 (SyncBuffersHook, EMAHook) and the measured cost.
 """
+import functools
 import math
 import sys
 import weakref
-from typing import NamedTuple
+from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import nn
 
 from ._dist import all_reduce_sum, union_moments
-from ._ops import Eager
+from ._kernels import fused, keep_for_normalized_backward, kernel_module, normalized_gradients
+from ._ops import Eager, fused_operator, fused_step
 from ._state import SmallBatchNorm, check_number
+from .conv_statistics import (ConvCall, conv_statistic_derivative_sums,
+                              conv_statistic_derivatives, feeding_convolution,
+                              square_derivative_sum)
 
-__all__ = ['CBN', 'conv_statistic_derivative_sums', 'conv_statistic_derivatives',
-           'expand_mean_derivative']
-
-# ------------------------------------------------------------ the conv
-class ConvCall(NamedTuple):
-    """How a convolution was called, read from its autograd node: what
-    :func:`conv_statistic_derivative_sums` needs of a conv (an ``nn.Conv2d``
-    has the same attributes). ``padding`` is numeric and zero: padding modes
-    and string padding were applied to the saved input before the call."""
-    stride: tuple
-    padding: tuple
-    dilation: tuple
-    groups: int
-    kernel_size: tuple
-    padding_mode: str = 'zeros'
-
-
-def feeding_convolution(x):
-    """(ConvCall, conv input, theta) of the 2-D convolution whose output is
-    ``x``, read from ``x.grad_fn`` (theta: the weight it convolved with, so a
-    CenConv's or WSConv's transformed weight), or a str saying why there is
-    none. Nothing is hooked: only tensors that autograd records carry this."""
-    node = x.grad_fn
-    if node is None:
-        return 'its input is a leaf tensor, not the output of a convolution'
-    name = type(node).__name__
-    if name.startswith('CompiledFunction'):
-        return ('the convolution that feeds it ran inside a torch.compile graph, where CBN cannot '
-                'see it; call mmnorm.surgery.compile.keep_cbn_convs_eager(model) before '
-                'torch.compile')
-    if not name.startswith('ConvolutionBackward'):
-        return (f'its input comes from {name}, not from a convolution (or was changed in place '
-                'after the convolution)')
-    if x.dim() != 4 or node._saved_transposed:
-        return 'its input comes from a convolution that is not a plain 2-D one'
-    try:
-        conv_input, weight = node._saved_input, node._saved_weight
-    except RuntimeError:
-        return 'the input of the convolution that feeds it was changed in place after the conv ran'
-    if conv_input is None or weight is None:
-        return 'the convolution that feeds it kept no input for autograd'
-    call = ConvCall(tuple(node._saved_stride), tuple(node._saved_padding),
-                    tuple(node._saved_dilation), node._saved_groups, tuple(weight.shape[2:]))
-    return call, conv_input.detach(), weight
-
+__all__ = ['CBN']
 
 # ------------------------------------------------------------- naming
 def _calling_root(layer, frame):
@@ -125,95 +85,6 @@ def _describe(layer):
         return f'{type(layer).__name__}({layer.num_features}) (not found in a calling module)'
     name = next(name for name, module in root.named_modules() if module is layer)
     return f"{type(layer).__name__} '{name or '<root>'}'"
-
-
-# --------------------------------------------------------------- derivatives
-def _explicit_padding(conv):
-    """(pad for F.pad, mode) when the conv pads by itself or uses a string
-    padding; None when its ``padding`` tuple is plain zero padding."""
-    if isinstance(conv.padding, str) or conv.padding_mode != 'zeros':
-        mode = 'constant' if conv.padding_mode == 'zeros' else conv.padding_mode
-        return conv._reversed_padding_repeated_twice, mode
-    return None
-
-
-def conv_statistic_derivatives(conv, conv_input, conv_output, dtype=None, weight=None):
-    """d mean(y_c) / d theta and d mean(y_c^2) / d theta for y = conv(x).
-
-    They are ``(S_mu / M, S_nu * 2 / M)`` for the sums of
-    :func:`conv_statistic_derivative_sums` and M = N * H_out * W_out.
-
-    Args:
-        conv (nn.Conv2d | ConvCall): stride, padding, padding_mode, dilation, groups.
-        conv_input (Tensor): x, (N, C_in, H, W).
-        conv_output (Tensor): y, (N, C_out, H_out, W_out) - bias included.
-        dtype: the computation dtype (default: at least float32).
-        weight (Tensor): theta, only its shape and dtype matter (default conv's).
-
-    Returns:
-        dmu (C_in, kh, kw): for output channel o of group g, dmu/dtheta[o] is
-        ``dmu[g * C_in/groups:(g + 1) * C_in/groups]`` (see
-        :func:`expand_mean_derivative`). Computed without a convolution.
-        dnu (C_out, C_in/groups, kh, kw): one weight-gradient convolution.
-    """
-    n, _, h_out, w_out = conv_output.shape
-    count = n * h_out * w_out
-    patch_sum, weight_grad = conv_statistic_derivative_sums(conv, conv_input, conv_output, dtype,
-                                                            weight)
-    return patch_sum / count, weight_grad.mul_(2.0 / count)
-
-
-def conv_statistic_derivative_sums(conv, conv_input, conv_output, dtype=None, weight=None):
-    """The sums behind :func:`conv_statistic_derivatives`, for the same
-    arguments: S_mu (C_in, kh, kw), the batch-summed (padded) input read at
-    every kernel offset and summed over output positions, and S_nu (C_out,
-    C_in/groups, kh, kw), the conv's weight gradient for grad_output = y.
-    Sums over several inputs (processes) divided by their total M give the
-    derivatives of the union."""
-    if dtype is None:
-        dtype = torch.promote_types(conv_output.dtype, torch.float32)
-    if weight is None:
-        weight = conv.weight
-    _, _, h_out, w_out = conv_output.shape
-    kh, kw = conv.kernel_size
-    sh, sw = conv.stride
-    dh, dw = conv.dilation
-    explicit = _explicit_padding(conv)
-
-    # S_mu: the batch-summed input, padded, read at every kernel offset.
-    summed = (conv_input.sum(0) if conv_input.dtype == dtype
-              else conv_input.sum(0, dtype=dtype))
-    if explicit is None:
-        ph, pw = conv.padding
-        if ph or pw:
-            summed = F.pad(summed, (pw, pw, ph, ph))
-    else:
-        summed = F.pad(summed[None], explicit[0], mode=explicit[1])[0]
-    summed = summed.contiguous()
-    c_in, hp, wp = summed.shape
-    patches = summed.as_strided((c_in, kh, kw, h_out, w_out),
-                                (hp * wp, dh * wp, dw, sh * wp, sw))
-    patch_sum = patches.sum((3, 4))
-
-    # S_nu: the weight gradient for grad_output = y.
-    x = conv_input.to(dtype)
-    padding = conv.padding
-    if explicit is not None:
-        x = F.pad(x, explicit[0], mode=explicit[1])
-        padding = (0, 0)
-    weight_grad = torch.ops.aten.convolution_backward(
-        conv_output.to(dtype), x, weight.detach().to(dtype), None, conv.stride, padding,
-        conv.dilation, False, [0, 0], conv.groups, (False, True, False))[1]
-    return patch_sum, weight_grad
-
-
-def expand_mean_derivative(dmu, weight_shape, groups):
-    """The weight-shaped dmu/dtheta (C_out, C_in/groups, kh, kw) from the
-    compact (C_in, kh, kw) one: every output channel of group g gets the rows of
-    group g."""
-    c_out = weight_shape[0]
-    per_group = dmu.view(groups, 1, dmu.shape[0] // groups, *dmu.shape[1:])
-    return per_group.expand(groups, c_out // groups, *per_group.shape[2:]).reshape(weight_shape)
 
 
 # -------------------------------------------------------------- normalizing
@@ -430,10 +301,15 @@ class CBN(SmallBatchNorm):
 
     def _increment(self, name):
         value = self._host_count(name) + 1
-        buffer = getattr(self, name)
-        buffer.add_(1)
-        self._host[name] = (weakref.ref(buffer), buffer._version, value)
+        getattr(self, name).add_(1)
+        self._host_knows(name, value)
         return value
+
+    def _host_knows(self, name, value):
+        """Record that the counter ``name`` now holds ``value`` (written on the
+        device by this layer)."""
+        buffer = getattr(self, name)
+        self._host[name] = (weakref.ref(buffer), buffer._version, value)
 
     # ------------------------------------------------------------ binding
     def _feeding_conv(self, x):
@@ -448,7 +324,7 @@ class CBN(SmallBatchNorm):
                 'cross-iteration average.')
         call, conv_input, weight = found
         self._last_conv_weight = weakref.ref(weight)
-        return call, conv_input, weight.detach()
+        return call, conv_input, weight
 
     # ------------------------------------------------------------ history
     def _history_dtype(self):
@@ -550,9 +426,12 @@ class CBN(SmallBatchNorm):
         conv = conv_input = theta = None
         if with_grad and self.rho != 0:
             conv, conv_input, theta = self._feeding_conv(x)
-        t = self._increment('num_batches_tracked')
+        t = self._host_count('num_batches_tracked') + 1
         window = self.window_size(t, burnin) if with_grad else 0
         dtype = self.stats_dtype(x)
+        if not sync and fused(x):
+            return self._fused_step(x, t, window, conv, conv_input, theta, dtype)
+        self._increment('num_batches_tracked')
 
         pooled = (None, None, None)  # the past means and variances to pool, and keep
         if window > 0:
@@ -576,6 +455,44 @@ class CBN(SmallBatchNorm):
                 self._push(x, mu_t, var_t, finite, conv, conv_input, theta, dtype, union_count)
             self._update_running(x, mu_t, var_t, finite, union_count)
         return y
+
+    def _fused_step(self, x, t, window, conv, conv_input, theta, dtype):
+        """The training step on the fused kernels (see :func:`fused_train_step`):
+        the same numbers as the ATen path, both counters written on the device."""
+        push = window > 0
+        compensate = push and self.rho != 0
+        if push:
+            self._ensure_history(self._history_shapes(conv, conv_input, theta))
+        pushes = self._host_count('history_pushes')
+        pool = push and pushes > 0
+        square_sum = call = None
+        if not compensate:
+            theta = conv_input = None
+        else:
+            with torch.no_grad():
+                square_sum = square_derivative_sum(conv, conv_input, x, dtype, theta)
+            # Rows of F = C_in / groups * kh * kw numbers per output channel.
+            theta, square_sum = theta.contiguous(), square_sum.contiguous()
+            call = [*conv.stride, *conv.padding, *conv.dilation, *conv.kernel_size]
+        y = fused_train_step(x, self.weight, self.bias, self.running_mean, self.running_var,
+                             self.num_batches_tracked, self.history_pushes, self.step_flags,
+                             *(getattr(self, key) for key in _HISTORY), theta, conv_input,
+                             square_sum, call, conv.groups if compensate else 1,
+                             min(window, pushes, self.buffer_num), self.eps, self.momentum,
+                             self.rho, pool, push)
+        self._host_knows('num_batches_tracked', t)
+        if push:
+            self._host_knows('history_pushes', pushes + 1)
+        return y
+
+    def _history_shapes(self, conv, conv_input, theta):
+        """The ring's shapes (name -> shape without k) for a push."""
+        shapes = {'history_mean': (self.num_features,), 'history_sqmean': (self.num_features,),
+                  'history_valid': (self.num_features,)}
+        if self.rho != 0:
+            shapes.update(history_dmean=(conv_input.size(1), *conv.kernel_size),
+                          history_dsqmean=theta.shape, history_weight=theta.shape)
+        return shapes
 
     def _union_normalize(self, x, dtype, past_mu, past_var, keep):
         """The output for ``sync_stats``: mu_t and var_t are the union's
@@ -606,17 +523,13 @@ class CBN(SmallBatchNorm):
                 sums[split:].view_as(weight_grad) * (2 / scale))
 
     def _push(self, x, mu_t, var_t, finite, conv, conv_input, theta, dtype, union_count=None):
-        shapes = {'history_mean': (self.num_features,), 'history_sqmean': (self.num_features,),
-                  'history_valid': (self.num_features,)}
         if self.rho != 0:
             if union_count is None:
                 dmu, dnu = conv_statistic_derivatives(conv, conv_input, x, dtype, theta)
             else:
                 dmu, dnu = self._union_derivatives(conv, conv_input, x, dtype, theta,
                                                    union_count)
-            shapes.update(history_dmean=dmu.shape, history_dsqmean=dnu.shape,
-                          history_weight=theta.shape)
-        self._ensure_history(shapes)
+        self._ensure_history(self._history_shapes(conv, conv_input, theta))
         slot = self._host_count('history_pushes') % self.buffer_num
         valid = finite
         if self.rho != 0:
@@ -689,6 +602,54 @@ class CBN(SmallBatchNorm):
         return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
                 f'buffer_num={self.buffer_num}, rho={self.rho}, {burnin}, '
                 f'two_stage={self.two_stage}, sync_stats={self.sync_stats}')
+
+
+# ------------------------------------------------------------ fused path
+def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   running_mean: torch.Tensor, running_var: torch.Tensor, counter: torch.Tensor,
+                   pushes: torch.Tensor, flags: torch.Tensor, history_mean: torch.Tensor,
+                   history_sqmean: torch.Tensor, history_valid: torch.Tensor,
+                   history_dmean: torch.Tensor, history_dsqmean: torch.Tensor,
+                   history_weight: torch.Tensor, theta: Optional[torch.Tensor],
+                   conv_input: Optional[torch.Tensor], square_sum: Optional[torch.Tensor],
+                   call: Optional[List[int]], groups: int, used: int, eps: float,
+                   momentum: float, rho: float, pool: bool,
+                   push: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The training step's forward: the patch sums (one launch, when
+    compensating) and one kernel for the rest; (y, what the backward needs)."""
+    triton_cbn = kernel_module('cbn')
+    dtype = SmallBatchNorm.stats_dtype(x)
+    patch = None
+    if theta is not None:
+        conv = ConvCall(tuple(call[0:2]), tuple(call[2:4]), tuple(call[4:6]), groups,
+                        tuple(call[6:8]))
+        patch = triton_cbn.patch_sums(conv, conv_input, dtype)
+        theta, square_sum = theta.view(theta.size(0), -1), square_sum.view(theta.size(0), -1)
+    ring = (history_mean, history_sqmean, history_valid, history_dmean, history_dsqmean,
+            history_weight)
+    return triton_cbn.forward(x, weight, bias, running_mean, running_var, counter, pushes, flags,
+                              ring, theta, patch, square_sum, groups, used, eps, momentum, rho,
+                              pool, push, dtype)
+
+
+def _fused_forward_fake(x, weight, bias, *rest):
+    return torch.empty_like(x), x.new_empty(5 * x.size(1), dtype=SmallBatchNorm.stats_dtype(x))
+
+
+fused_train_step = fused_step(
+    fused_operator('cbn_fused_forward', _fused_forward, _fused_forward_fake,
+                   ('running_mean', 'running_var', 'counter', 'pushes', 'flags') + _HISTORY),
+    functools.partial(keep_for_normalized_backward, pooled=True), normalized_gradients)
+fused_train_step.__doc__ = """CBN's training step on the fused kernels: the output y of x
+(N, C, H, W), one ``mmnorm::cbn_fused_forward`` operator (two Triton launches
+when it compensates, else one), and its backward, one
+``mmnorm::normalized_backward``. The conv's weight gradient for grad_output = x
+(``square_sum``) comes in from one ATen ``convolution_backward``. Arguments:
+x, weight, bias, the running statistics, the step and push counters,
+step_flags, the six ring buffers, theta (C, C_in/groups, kh, kw, contiguous),
+the conv's input and square_sum (or None without compensation), the conv's
+stride, padding, dilation and kernel size (8 ints), groups, how many newest
+slots are in the window, eps, momentum, rho, pool, push."""
 
 
 def _train_step(layer, x, sync):

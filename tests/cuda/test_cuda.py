@@ -566,12 +566,12 @@ def test_compiled_training_matches_eager(kind, device, no_tf32):
 # On CUDA the layers take the fused Triton kernels where Triton can run them
 # (every test above then tests that path); here the fused and the ATen path
 # train twins side by side, and the launches of a step are counted.
-FUSED_STEPS = 24  # crosses MABN's window, warm-up and r; BRN's bounds opening
+FUSED_STEPS = 24  # crosses MABN's window, warm-up and r; BRN's bounds opening; CBN's ring
 
 
 @pytest.mark.parametrize('memory_format', [None, torch.channels_last],
                          ids=['contiguous', 'channels_last'])
-@pytest.mark.parametrize('kind', ['MABN', 'BRN'])
+@pytest.mark.parametrize('kind', NORMS)
 def test_fused_kernels_match_the_aten_path(kind, memory_format, device, no_tf32):
     from mmnorm.layers import _kernels
     if device.type == 'cuda' and _kernels.triton_problem() is None:
@@ -598,8 +598,9 @@ def test_fused_launches_per_step(device):
     x = torch.randn(shape, device=device, requires_grad=True)
     grad_for = incoming_grad(torch.randn(shape, device=device))
     counts = {}
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
     for name, module in (('BatchNorm2d', nn.BatchNorm2d(64)), ('MABN', MABN(64)),
-                         ('BRN', BRN(64))):
+                         ('BRN', BRN(64)), ('conv + CBN', nn.Sequential(conv, CBN(64)))):
         module = module.to(device)
         for _ in range(3):
             module(x).backward(grad_for(x))
@@ -608,4 +609,4 @@ def test_fused_launches_per_step(device):
     assert counts['BatchNorm2d'] == 7, counts
     from mmnorm.layers import _kernels
     if _kernels.fused(x):  # (the ATen path, on the CPU or with an old Triton, takes dozens)
-        assert counts['MABN'] <= 8 and counts['BRN'] <= 8, counts
+        assert counts['MABN'] <= 8 and counts['BRN'] <= 8 and counts['conv + CBN'] <= 16, counts

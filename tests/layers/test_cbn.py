@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from conftest import NO_CPU_FLOAT16_AUTOCAST, exit_without_teardown
 
-from mmnorm.layers.cbn import CBN, conv_statistic_derivatives, expand_mean_derivative
+from mmnorm.layers.cbn import CBN
+from mmnorm.layers.conv_statistics import conv_statistic_derivatives, expand_mean_derivative
 
 DIMS = (0, 2, 3)
 SHAPE = (1, -1, 1, 1)

@@ -1,4 +1,4 @@
-"""The fused Triton path of MABN and BRN against the ATen path, on CPU tensors
+"""The fused Triton path of MABN, BRN and CBN against the ATen path, on CPU tensors
 through Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels
 are defined), so that the path a GPU takes is tested on this machine.
 
@@ -12,6 +12,7 @@ os.environ['TRITON_INTERPRET'] = '1'  # noqa: E402  (read by Triton when a kerne
 
 import contextlib
 import copy
+import functools
 import subprocess
 import sys
 import warnings
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmnorm import BRN, MABN, CenConv
+from mmnorm import BRN, CBN, MABN, CenConv
 from mmnorm.benchmark.layers import forward_context, incoming_grad, ops_per_step
 from mmnorm.engine.precise_bn import precise_statistics
 from mmnorm.layers import _kernels
@@ -40,6 +41,9 @@ HALF = dict(rtol=1e-2, atol=1e-2)
 CONFIGS = dict(MABN=(MABN, dict(buffer_size=2, warmup_iters=3, renorm_start_iter=4)),
                BRN=(BRN, dict(momentum=0.1, warmup_iters=2, rmax_iters=5, dmax_iters=4)))
 STEPS = 9
+# CBN behind a conv (it reads the conv from autograd): k = 3, so 9 steps pool,
+# compensate with moved weights and wrap around the ring; burn-in grows the window.
+CBN_CONFIG = dict(buffer_num=3, burnin=3, two_stage=False)
 
 
 @contextlib.contextmanager
@@ -80,10 +84,16 @@ def state(module):
     return dict(module.named_parameters()) | dict(module.named_buffers())
 
 
-def assert_same_state(fused, aten, tolerance):
+def assert_same_state(fused, aten, tolerance, sums=()):
+    """Every parameter and buffer equal within ``tolerance``; for the buffers
+    named in ``sums`` (sums whose terms cancel) atol is relative to the
+    buffer's largest entry."""
     for (key, a), b in zip(state(fused).items(), state(aten).values(), strict=True):
         if a.is_floating_point():
-            torch.testing.assert_close(a.detach(), b.detach(), msg=key, **tolerance)
+            close = dict(tolerance)
+            if key.endswith(sums) and b.numel():
+                close['atol'] *= max(1.0, float(b.abs().max()))
+            torch.testing.assert_close(a.detach(), b.detach(), msg=key, **close)
         else:
             assert torch.equal(a, b), key
 
@@ -219,6 +229,184 @@ def test_empty_batch_changes_nothing(kind):
         assert torch.equal(value, before[key]), key
 
 
+# ---------------------------------------------------------------- CBN
+def conv_cbn(conv=None, dtype=torch.float32, **cfg):
+    """conv -> CBN with affine parameters away from (1, 0)."""
+    torch.manual_seed(0)
+    conv = conv or nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    model = nn.Sequential(conv, CBN(conv.out_channels, **dict(CBN_CONFIG, **cfg))).to(dtype)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    return model
+
+
+def cbn_batches(model, shape=(2, 4, 7, 6), steps=STEPS, dtype=torch.float32,
+                memory_format=None):
+    """(x, dy) pairs for conv -> CBN, dy shaped like the conv's output."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(steps):
+        x = torch.randn(shape, generator=gen) * (1 + i % 3) + 0.5
+        with torch.no_grad():
+            dy = torch.randn(model[0](x.to(dtype)).shape, generator=gen)
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
+        out.append((x.to(dtype), dy.to(dtype)))
+    return out
+
+
+def cbn_step(module, x, dy, mode, autocast=None):
+    """One training step of conv -> CBN on ``mode``'s path: (y, dx)."""
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    context = (torch.autocast('cpu', dtype=autocast) if autocast is not None
+               else contextlib.nullcontext())
+    with kernels(mode), context:
+        y = module(x)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), x.grad
+
+
+def run_cbn_both(model, data, tolerance, autocast=None, learning_rate=0.2, reference=None):
+    """:func:`run_both` for conv -> CBN (``reference``: the ATen twin, default
+    a copy of ``model``), with an SGD step after each training step (unless
+    ``learning_rate`` is None) so that the conv's weight moves and the
+    compensation is not zero; the twin takes the fused model's new weights.
+    Returns the twin."""
+    reference = copy.deepcopy(model) if reference is None else reference
+    for x, dy in data:
+        got = cbn_step(model, x, dy, 'triton', autocast)
+        want = cbn_step(reference, x, dy, 'aten', autocast)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.stride() == b.stride()
+            torch.testing.assert_close(a, b, equal_nan=True, **tolerance)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            close = dict(tolerance)
+            if name.startswith('0.'):  # the conv's: sums over the batch of dx-sized products
+                close['atol'] *= max(1.0, float(q.grad.abs().max()))
+            torch.testing.assert_close(p.grad, q.grad, msg=name, equal_nan=True, **close)
+        if learning_rate is not None:  # the twin takes the same weights: no drift compounds
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), reference.parameters()):
+                    q.copy_(p.sub_(learning_rate * p.grad))
+        # S_nu is a weight gradient: its small entries are differences of large
+        # products, where the rounding of the twins' weights shows.
+        assert_same_state(model, reference, tolerance, sums=('history_dsqmean',))
+    return reference
+
+
+@pytest.mark.parametrize('conv, cfg, memory_format', [
+    (nn.Conv2d(4, 6, 3, padding=1, bias=False), {}, None),
+    (nn.Conv2d(4, 6, 3, padding=1, bias=False), {}, torch.channels_last),
+    (nn.Conv2d(4, 6, 3, padding=1, groups=2), {}, None),
+    (nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2), {}, None),
+    (nn.Conv2d(4, 70, 1, bias=False), {}, None),  # more channels than a program's block
+    (nn.Conv2d(4, 6, 3, padding=1, padding_mode='reflect'), {}, None),
+    (CenConv(4, 6, 3, padding=1), {}, None),
+    (nn.Conv2d(4, 6, 3, padding=1, bias=False), dict(rho=0.0), None),
+    (nn.Conv2d(4, 6, 3, padding=1, bias=False), dict(burnin=4, two_stage=True), None),
+], ids=['3x3', 'channels_last', 'groups', 'stride_dilation', 'c70_1x1', 'reflect', 'cenconv',
+        'rho0', 'two_stage'])
+def test_cbn_fused_steps_match_aten_over_every_phase(conv, cfg, memory_format):
+    model = conv_cbn(copy.deepcopy(conv), **cfg)
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
+    run_cbn_both(model, cbn_batches(model, memory_format=memory_format), FLOAT32)
+    assert int(model[1].num_batches_tracked) == STEPS
+    assert int(model[1].history_pushes) == STEPS - (0 if cfg.get('two_stage') is None else 4)
+
+
+def test_cbn_fused_steps_match_aten_in_float64():
+    model = conv_cbn(dtype=F64)
+    run_cbn_both(model, cbn_batches(model, dtype=F64), dict(rtol=1e-12, atol=1e-12))
+
+
+# Triton's interpreter rounds float32 to bfloat16 toward zero (a GPU to the
+# nearest): outputs of up to 16 differ by one unit in the last place (2^-7
+# relative), and the conv's input gradient sums such values.
+INTERPRETED_BF16 = dict(rtol=2 ** -6, atol=2 ** -5)
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(torch.bfloat16, INTERPRETED_BF16),
+                                              (torch.float16, HALF)], ids=['bf16', 'fp16'])
+def test_cbn_fused_steps_match_aten_under_autocast(dtype, tolerance):
+    model = conv_cbn()
+    run_cbn_both(model, cbn_batches(model, steps=6), tolerance, autocast=dtype)
+    assert model[1].history_sqmean.dtype == torch.float32
+
+
+@pytest.mark.parametrize('bad', ['input', 'weight'])
+def test_cbn_nonfinite_step_keeps_the_buffers_like_aten(bad):
+    model = conv_cbn(burnin=0)
+    data = cbn_batches(model)
+    reference = run_cbn_both(model, data[:3], FLOAT32)
+    if bad == 'input':
+        x = data[3][0].clone()
+        x[0, 0, 1, 1] = float('nan')
+        data[3] = (x, data[3][1])
+    else:  # an inf in theta: that channel's ring entry is refused
+        for module in (model, reference):
+            with torch.no_grad():
+                module[0].weight[2, 0, 0, 0] = float('inf')
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter('always')
+        run_cbn_both(model, data[3:4], FLOAT32, learning_rate=None, reference=reference)
+        assert not nonfinite_warnings(records)  # nothing read on the host during the steps
+        assert (model[1].history_valid[0] == 0).any()  # this step's slot
+        for module in (model, reference):
+            with torch.no_grad():
+                module[0].weight.nan_to_num_(0.0, 0.0, 0.0)
+        run_cbn_both(model, data[4:], FLOAT32, reference=reference)
+        assert model[1].step_flags[0] == 1 and model[1].step_flags[1] == 0
+        model.train()  # reads the flag
+    assert len(nonfinite_warnings(records)) == 1
+    for key, value in model[1].named_buffers():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+
+
+def test_cbn_fused_step_without_grad_is_plain_bn():
+    model = conv_cbn(burnin=0)
+    data = cbn_batches(model, steps=4)
+    run_cbn_both(model, data[:2], FLOAT32)
+    reference = copy.deepcopy(model)
+    outputs = []
+    for module, mode in ((model, 'triton'), (reference, 'aten')):
+        with torch.no_grad(), kernels(mode):
+            outputs.append(module(data[2][0]))
+    torch.testing.assert_close(*outputs, **FLOAT32)
+    assert_same_state(model, reference, FLOAT32)
+    assert int(model[1].history_pushes) == 2 and int(model[1].num_batches_tracked) == 3
+
+
+def test_cbn_fused_resume_continues_exactly():
+    data = cbn_batches(conv_cbn())
+    whole, first = conv_cbn(), conv_cbn()
+    run = functools.partial(run_cbn_both, tolerance=FLOAT32)
+    run(whole, data)
+    run(first, data[:5])
+    resumed = conv_cbn()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    run(resumed, data[5:])
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_cbn_fused_steps_read_nothing_on_the_host():
+    model = conv_cbn(burnin=0)
+    data = cbn_batches(model)
+    x = data[4][0].clone()
+    x[0, 0, 0, 0] = float('nan')
+    data[4] = (x, data[4][1])
+    with kernels('triton'):
+        model(data[0][0]).sum().backward()  # the host learns the counters once
+        with FailOnHostRead():
+            for x, dy in data[1:]:
+                model(x.requires_grad_()).backward(dy)
+    assert int(model[1].num_batches_tracked) == STEPS and int(model[1].history_pushes) == STEPS
+
+
 # ------------------------------------------------ the hidden-state guarantees
 @pytest.mark.parametrize('kind', CONFIGS)
 def test_fused_resume_continues_exactly(kind):
@@ -239,10 +427,13 @@ def test_fused_resume_continues_exactly(kind):
         assert torch.equal(whole(data[-1][0]), resumed(data[-1][0]))
 
 
-@pytest.mark.parametrize('kind', CONFIGS)
+@pytest.mark.parametrize('kind', [*CONFIGS, 'CBN'])
 def test_precise_bn_on_the_fused_path(kind):
     conv = CenConv if kind == 'MABN' else nn.Conv2d
-    model = nn.Sequential(conv(3, 6, 3, bias=False), layer(kind))
+    if kind == 'CBN':
+        model = conv_cbn(nn.Conv2d(3, 6, 3, bias=False))
+    else:
+        model = nn.Sequential(conv(3, 6, 3, bias=False), layer(kind))
     inputs = [torch.randn(2, 3, 6, 6) for _ in range(4)]
     with kernels('triton'):
         for x in inputs[:3]:
@@ -320,9 +511,10 @@ def test_launches_per_step_meet_the_targets():
     bn = sum(counted(nn.BatchNorm2d(64)))
     conv_bn = sum(counted(nn.Sequential(conv(nn.Conv2d), nn.BatchNorm2d(64))))
     found = {'MABN': sum(counted(MABN(64))), 'BRN': sum(counted(BRN(64))),
-             'CenConv + MABN': sum(counted(nn.Sequential(conv(CenConv), MABN(64))))}
+             'CenConv + MABN': sum(counted(nn.Sequential(conv(CenConv), MABN(64)))),
+             'conv + CBN': sum(counted(nn.Sequential(conv(nn.Conv2d), CBN(64))))}
     assert (bn, conv_bn) == (7, 10)  # PyTorch's own, the yardstick
-    targets = {'MABN': 8, 'BRN': 8, 'CenConv + MABN': 16}
+    targets = {'MABN': 8, 'BRN': 8, 'CenConv + MABN': 16, 'conv + CBN': 16}
     assert all(found[name] <= target for name, target in targets.items()), found
 
 
