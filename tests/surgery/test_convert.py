@@ -1,4 +1,4 @@
-"""mmnorm.convert (issue 7, "Converting models outside MMDetection").
+"""mmnorm.convert (README.md, "Deployment and conversion").
 
 torchvision is not installed here, so :class:`TorchvisionLayoutResNet` is a
 small ResNet with torchvision's module names and registration order (stem

@@ -1,4 +1,5 @@
-"""mmnorm.convert and mmnorm.fuse on real CNNs: the model zoo (issue 7).
+"""mmnorm.convert and mmnorm.fuse on real CNNs: the model zoo (README.md,
+"Deployment and conversion").
 
 torchvision's ResNet-18, MobileNetV3-Small (depthwise convs, Hardswish,
 squeeze-excitation), a small DenseNet (concatenations in front of norms) and
@@ -61,8 +62,8 @@ F64 = torch.float64
 # float64, where the folds and rescalings of up to ~50 layers leave errors of
 # about 1e-15 (measured: at most 1.2e-14); a lost statistic, a lost activation or
 # a conv folded with the wrong norm moves the output by more than 1e-2
-# (test_random_statistics_matter), so 1e-5 (the bound the issue asks for)
-# separates the two by orders of magnitude on either side.
+# (test_random_statistics_matter), so a bound of 1e-5 separates the two by
+# orders of magnitude on either side.
 REL_TOL = 1e-5
 
 def _densenet_concatenated_norms(model):
