@@ -42,9 +42,10 @@ def check_config_path(path):
 
 
 def _layer_kinds():
-    from ..layers import BRN, CBN, MABN, CenConv, WSConv
-    return {cls.__name__: (cls, 'norm') for cls in (BRN, CBN, MABN)} | {
-        cls.__name__: (cls, 'conv') for cls in (CenConv, WSConv)}
+    """name -> (class, 'norm' | 'conv') of every registered mmnorm layer."""
+    from ..layers import conv_types, norm_types
+    return ({name: (cls, 'norm') for name, cls in norm_types().items()}
+            | {name: (cls, 'conv') for name, cls in conv_types().items()})
 
 
 def layer_options(cls, kind):

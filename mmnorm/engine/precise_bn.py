@@ -39,7 +39,6 @@ from mmengine.runner import EpochBasedTrainLoop
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from ..layers import MABN
 from ..layers._dist import sync_world
 from .random_state import capture_random_state, restore_random_state
 
@@ -128,7 +127,7 @@ def precise_statistics(model, batches, num_iters, forward=None):
             report['skipped'].append(name)
             continue
         mean, second = total / count, square / count
-        if isinstance(m, MABN):
+        if not getattr(m, 'SUBTRACTS_MEAN', True):  # MABN: the second moment
             m.running_var.copy_(second.to(m.running_var.dtype))
         else:
             var = (second - mean.square()).clamp_min(0) * (count / max(count - 1, 1))

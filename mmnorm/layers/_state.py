@@ -26,14 +26,27 @@ See docs/layer_state.md for why the base class matters to MMDetection, what
 ``sync_stats`` requires of every process, and what mmengine's SyncBuffersHook
 does to the buffers.
 """
+import inspect
 import warnings
 from numbers import Integral, Real
+from typing import NamedTuple, Tuple
 
 import torch
+from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._dist import sync_world
-from ._kernels import announce
+from ._kernels import announce, fused
+
+
+class StateChange(NamedTuple):
+    """One conversion that ``convert_state`` made to a state dict, with the
+    keys it touched (without the layer's prefix), in the order made."""
+    note: str                                   # the log line
+    renamed: Tuple[Tuple[str, str], ...] = ()   # (old, new): the value moved to a new key
+    changed: Tuple[str, ...] = ()               # key kept, value rewritten
+    added: Tuple[str, ...] = ()                 # key created with no source value
+    dropped: Tuple[str, ...] = ()               # key removed, value unused
 
 
 def check_number(layer, key, value, *, integer=False, minimum=None, exclusive=True):
@@ -55,16 +68,25 @@ class SmallBatchNorm(_BatchNorm):
     """Base class: BatchNorm's parameters, buffers and names, plus the shared
     input, dtype and state handling described in the module docstring.
 
-    Subclasses implement ``_train_forward(x, sync)``, ``sync`` telling whether
-    this step's statistics are those of all processes (``sync_stats`` and a
-    multi-process run); inference and empty input without ``sync`` are
-    handled here. ``num_batches_tracked`` is the layer's step counter t: it is
-    incremented by one before each training forward (the first has t = 1).
+    The contract (docs/architecture.md, "Adding a method"): a subclass is
+    registered in ``MODELS``, takes ``num_features`` and then keyword options
+    (its hyperparameters, :meth:`hyperparameters`), and implements
+    ``_train_forward(x, sync)``, ``sync`` telling whether this step's
+    statistics are those of all processes (``sync_stats`` and a multi-process
+    run). :meth:`forward` handles the input checks, inference, empty input
+    without ``sync`` and the step counter ``num_batches_tracked`` (t): it is
+    incremented by one before each training step (the first has t = 1), so
+    ``_train_forward`` reads the current step's t. What the rest of mmnorm
+    reads of a layer is stated by the class attributes below, not re-detected.
     """
 
     _abbr_ = 'bn'  # mmcv's build_norm_layer names the module 'bn', 'bn1', ... as for BatchNorm
     # The buffers that hold statistics: kept at least float32 by _apply.
     STATISTIC_BUFFERS = ('running_mean', 'running_var')
+    # False for a layer without running_mean, whose inference output is
+    # weight * x / sqrt(running_var + eps) + bias (convert, fuse, PreciseBN
+    # and the plain MMDetection pair read it).
+    SUBTRACTS_MEAN = True
 
     def __init__(self, num_features, eps, momentum, sync_stats=False):
         name = type(self).__name__
@@ -80,7 +102,7 @@ class SmallBatchNorm(_BatchNorm):
                          track_running_stats=True)
         self.sync_stats = sync_stats
         # step_flags[0]: 1 once a statistic was inf/NaN (until reported);
-        # step_flags[1]: scratch of the fused kernels, 0 between calls. A buffer,
+        # step_flags[1]: CBN's fused kernel counts its programs there, 0 between calls. A buffer,
         # so that torch.compile takes it as an input of a shared graph, not as a
         # per-layer constant; not saved with the state dict.
         self.register_buffer('step_flags', torch.zeros(2, dtype=torch.int32), persistent=False)
@@ -128,6 +150,18 @@ class SmallBatchNorm(_BatchNorm):
         """float64 for float64 input, float32 for everything else."""
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
+    @classmethod
+    def hyperparameters(cls):
+        """The layer's options: the keyword arguments of its constructor after
+        ``num_features``, in order (an attribute of the same name holds each)."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[2:]
+        return tuple(p.name for p in params
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+    def extra_repr(self):
+        options = ', '.join(f'{name}={getattr(self, name)!r}' for name in self.hyperparameters())
+        return f'{self.num_features}, {options}'
+
     # --------------------------------------------------------------- forward
     def forward(self, x):
         self._check_input_dim(x)
@@ -137,8 +171,20 @@ class SmallBatchNorm(_BatchNorm):
             shape = self.channel_shape(x)
             return x * self.weight.view(shape) + self.bias.view(shape)
         if self.training:
+            self._check_step(x, sync)
+            self._advance_step()
             return self._train_forward(x, sync)
         return self._eval_forward(x)
+
+    def _check_step(self, x, sync):
+        """Raise, before any state changes, if the training step on ``x``
+        cannot run (here: the fused path was asked for and cannot run)."""
+        if not sync:
+            fused(x)
+
+    def _advance_step(self):
+        """t <- t + 1, on the device."""
+        self.num_batches_tracked.add_(1)
 
     def _eval_forward(self, x):
         return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
@@ -186,18 +232,25 @@ class SmallBatchNorm(_BatchNorm):
     # ------------------------------------------------------ state-dict loads
     def convert_state(self, state_dict, prefix):
         """Rewrite foreign keys of ``state_dict`` (under ``prefix``) into this
-        layer's layout in place; return a list of human-readable notes, one per
-        conversion. The default knows nothing to convert."""
+        layer's layout in place; return one :class:`StateChange` per
+        conversion, in the order made. The default knows nothing to convert."""
         return []
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        for note in self.convert_state(state_dict, prefix):
+        for change in self.convert_state(state_dict, prefix):
             from mmengine.logging import print_log
-            print_log(f'{type(self).__name__} {prefix.rstrip(".") or "<root>"}: {note}',
+            print_log(f'{type(self).__name__} {prefix.rstrip(".") or "<root>"}: {change.note}',
                       logger='current')
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def registered(base):
+    """name -> class of every subclass of ``base`` registered in mmengine's
+    root ``MODELS`` (mmnorm's layers and any a user registers later)."""
+    return {name: cls for name, cls in MODELS.module_dict.items()
+            if isinstance(cls, type) and issubclass(cls, base)}
 
 
 def note_nonfinite(flags, finite):

@@ -12,8 +12,7 @@ import triton
 import triton.language as tl
 
 from ._kernels import launch
-from ._triton_shared import (advance_counter, channel_view, isfinite, note_nonfinite, tile,
-                             tile_at)
+from ._triton_shared import channel_view, isfinite, note_nonfinite, tile, tile_at
 
 
 @triton.jit
@@ -40,7 +39,7 @@ def brn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     mean = shift_point + shifted_mean
     std = tl.sqrt(var + eps)
 
-    t = tl.load(t_ptr) + 1
+    t = tl.load(t_ptr)  # advanced by the layer before the step
     steps = t.to(ACC) - warmup_iters
     r_max = 1.0 + (rmax - 1.0) * tl.minimum(tl.maximum(steps / (rmax_iters - warmup_iters), 0.0),
                                             1.0)
@@ -75,7 +74,6 @@ def brn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
             value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
             tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
                      mask=mask)
-    advance_counter(t_ptr, flags_ptr, t)
 
 
 def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, momentum, rmax,
@@ -83,7 +81,8 @@ def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, mom
     """(y, saved) for x (N, C, *): y of x's dtype laid out like x, ``saved`` =
     [mu_B, 1 / sigma_B, r, d] (4C, ``cdtype``) for
     :func:`mmnorm.layers._triton_shared.normalized_backward`. Updates
-    the running statistics, ``counter`` and ``flags`` in place; one launch."""
+    the running statistics and ``flags`` in place (``counter`` holds this
+    step's t); one launch."""
     x, (n, c, length), strides = channel_view(x)
     y = torch.empty_like(x)
     saved = x.new_empty(4 * c, dtype=cdtype)

@@ -70,7 +70,7 @@ def patch_sum_kernel(x_ptr, out_ptr, N, H, W, stride_n, stride_c, stride_h, stri
 
 @triton.jit
 def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
-                       t_ptr, pushes_ptr, flags_ptr, saved_ptr, mean_ptr, sqmean_ptr, valid_ptr,
+                       pushes_ptr, flags_ptr, saved_ptr, mean_ptr, sqmean_ptr, valid_ptr,
                        dmean_ptr, dsqmean_ptr, theta_ring_ptr, theta_ptr, patch_ptr, dnu_ptr,
                        N, C, L, stride_n, stride_c, stride_l, K, F, group_channels, groups, used,
                        eps, momentum, rho, inv_count, POOL: tl.constexpr,
@@ -194,11 +194,10 @@ def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
             tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
                      mask=mask)
 
-    # The last program, once every program has read the ring: the counters
-    # and the slot's mean derivative (shared by the programs of a group).
-    last = last_to_arrive(flags_ptr)
-    tl.store(t_ptr, tl.load(t_ptr) + 1, mask=last)
+    # The last program, once every program has read the ring: the push
+    # counter and the slot's mean derivative (shared by the programs of a group).
     if PUSH:
+        last = last_to_arrive(flags_ptr)
         tl.store(pushes_ptr, pushes + 1, mask=last)
         if COMPENSATE:
             ring = slot.to(tl.int64) * groups * F
@@ -227,15 +226,15 @@ def patch_sums(conv, conv_input, dtype):
     return out
 
 
-def forward(x, weight, bias, running_mean, running_var, counter, pushes, flags, ring, theta,
+def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, theta,
             patch, dnu, groups, used, eps, momentum, rho, pool, push, cdtype):
     """(y, saved) for x (N, C, *): y of x's dtype laid out like x, ``saved`` =
     [mu, inv_std, 1, 0, 1 / count] (5C, ``cdtype``) for the shared backward.
     ``ring``: the six history buffers (mean, sqmean, valid, dmean, dsqmean,
     weight); theta (C, F) contiguous, patch (groups * F,) and dnu (C, F) the
     derivative sums when the step pushes with compensation (else None).
-    Updates the running statistics, the ring, both counters and ``flags`` in
-    place; one launch."""
+    Updates the running statistics, the ring, the push counter and ``flags``
+    in place; one launch."""
     x, (n, c, length), strides = channel_view(x)
     y = torch.empty_like(x)
     saved = x.new_empty(5 * c, dtype=cdtype)
@@ -248,10 +247,10 @@ def forward(x, weight, bias, running_mean, running_var, counter, pushes, flags, 
         dmean = dsqmean = theta_ring = saved
     if mean.dim() != 2:
         mean = sqmean = saved
-        valid = counter
+        valid = pushes
     block_c, block_l = tile(c, length, strides)
     launch(cbn_forward_kernel, (triton.cdiv(c, block_c),), x, y, weight, bias, running_mean,
-           running_var, counter, pushes, flags, saved, mean, sqmean, valid, dmean, dsqmean,
+           running_var, pushes, flags, saved, mean, sqmean, valid, dmean, dsqmean,
            theta_ring, theta, patch, dnu, n, c, length, *strides, k, features, c // groups,
            groups, used, eps, momentum, rho, 1.0 / max(n * length, 1), POOL=pool, PUSH=push,
            COMPENSATE=compensate, BLOCK_C=block_c, BLOCK_L=block_l,
@@ -265,11 +264,10 @@ def variants():
     from ._triton_shared import dtypes_and_tiles, signature
     for (x, param, buffer, stats), (block_c, block_l) in dtypes_and_tiles():
         pointers = dict(x_ptr=x, y_ptr=x, weight_ptr=param, bias_ptr=param,
-                        running_mean_ptr=buffer, running_var_ptr=buffer, t_ptr='i64',
-                        pushes_ptr='i64', flags_ptr='i32', saved_ptr=stats, mean_ptr=buffer,
-                        sqmean_ptr=buffer, valid_ptr='i64', dmean_ptr=buffer,
-                        dsqmean_ptr=buffer, theta_ring_ptr=buffer, theta_ptr=param,
-                        patch_ptr=stats, dnu_ptr=stats)
+                        running_mean_ptr=buffer, running_var_ptr=buffer, pushes_ptr='i64',
+                        flags_ptr='i32', saved_ptr=stats, mean_ptr=buffer, sqmean_ptr=buffer,
+                        valid_ptr='i64', dmean_ptr=buffer, dsqmean_ptr=buffer,
+                        theta_ring_ptr=buffer, theta_ptr=param, patch_ptr=stats, dnu_ptr=stats)
         for pool, push, compensate in ((False, False, False), (False, True, False),
                                        (True, True, False), (False, True, True),
                                        (True, True, True)):

@@ -18,8 +18,7 @@ import triton.language as tl
 
 from ._dist import union_mean
 from ._kernels import launch
-from ._triton_shared import (advance_counter, channel_view, isfinite, note_nonfinite, tile,
-                             tile_at)
+from ._triton_shared import channel_view, isfinite, note_nonfinite, tile, tile_at
 
 # MODE values (constexpr, so that the kernels can read them)
 FULL, SUMS_ONLY, FROM_UNION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -67,7 +66,7 @@ def mabn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_var_ptr, buf
         else:
             chi2 = tl.load(union_ptr + c, mask=cmask, other=0.0)
             present = tl.load(total_ptr) > 0
-        t = tl.load(t_ptr) + 1
+        t = tl.load(t_ptr)  # advanced by the layer before the step
         row = t % M
         early = (t <= M) | (t < warmup_iters)
         finite = isfinite(chi2)
@@ -101,7 +100,6 @@ def mabn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_var_ptr, buf
                 value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
                 tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
                          mask=mask)
-        advance_counter(t_ptr, flags_ptr, t)
 
 
 @triton.jit
@@ -122,7 +120,8 @@ def mabn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, buffer_pt
         for n in range(0, N):
             for start in range(0, L, BLOCK_L):
                 offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-                dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
+                dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l,
+                                        BLOCK_L)
                 x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
                 dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
                 products += dy * x
@@ -161,8 +160,10 @@ def mabn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, buffer_pt
             dy_coef = coef[:, None]
             for n in range(0, N):
                 for start in range(0, L, BLOCK_L):
-                    offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-                    dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
+                    offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l,
+                                            BLOCK_L)
+                    dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n,
+                                            dy_stride_l, BLOCK_L)
                     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
                     dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
                     tl.store(dx_ptr + offsets, (dy * dy_coef - x * x_coef).to(

@@ -1,11 +1,13 @@
-"""What the fused kernels of MABN and BRN share: the (N, C, L) view of an
-activation, the tile sizes, and three device functions.
+"""What the fused kernels of MABN, BRN and CBN share: the (N, C, L) view of an
+activation, the tile sizes, the device functions and the backward of an
+affine normalization (BRN's and CBN's).
 
 One program handles BLOCK_C channels over the whole batch: it reduces over
 (N, L), does the channels' (C,) bookkeeping in registers, and makes the
-elementwise pass, so a training step is one launch per direction. The only
-state shared between programs is the step counter (:func:`advance_counter`)
-and the non-finite flag.
+elementwise pass, so a training step is one launch per direction. The step
+counter is advanced by the layer before the launch; the only state shared
+between programs is the non-finite flag and, for CBN, what the last program
+to arrive writes (:func:`last_to_arrive`).
 """
 import math
 
@@ -75,13 +77,6 @@ def last_to_arrive(flags_ptr):
     last = arrived == tl.num_programs(0) - 1
     tl.store(flags_ptr + 1, 0, mask=last)
     return last
-
-
-@triton.jit
-def advance_counter(t_ptr, flags_ptr, t):
-    """Store the step counter ``t`` (read by every program before) once all
-    programs have read it."""
-    tl.store(t_ptr, t, mask=last_to_arrive(flags_ptr))
 
 
 @triton.jit

@@ -110,7 +110,7 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    warmup_iters: int, rmax_iters: int,
                    dmax_iters: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The training step's forward in one Triton kernel: (y, [mu_B, 1 /
-    sigma_B, r, d]); the running statistics, counter and flags updated."""
+    sigma_B, r, d]); the running statistics and flags updated."""
     return kernel_module('brn').forward(x, weight, bias, running_mean, running_var, counter,
                                         flags, eps, momentum, rmax, dmax, warmup_iters,
                                         rmax_iters, dmax_iters, SmallBatchNorm.stats_dtype(x))
@@ -123,7 +123,7 @@ def _fused_forward_fake(x, weight, bias, running_mean, running_var, counter, fla
 
 fused_train_step = fused_step(
     fused_operator('brn_fused_forward', _fused_forward, _fused_forward_fake,
-                   ('running_mean', 'running_var', 'counter', 'flags')),
+                   ('running_mean', 'running_var', 'flags')),
     functools.partial(keep_for_normalized_backward, pooled=False), normalized_gradients)
 fused_train_step.__doc__ = """BRN's training step on the fused kernels: the output y of x
 (N, C, *), one ``mmnorm::brn_fused_forward`` operator (one Triton launch), and
@@ -192,7 +192,6 @@ class BRN(SmallBatchNorm):
                                     self.running_var, self.num_batches_tracked, self.step_flags,
                                     self.eps, self.momentum, self.rmax, self.dmax,
                                     self.warmup_iters, self.rmax_iters, self.dmax_iters)
-        self.num_batches_tracked.add_(1)
         dtype = self.stats_dtype(x)
         if sync:
             return self._union_forward(x.to(dtype)).to(x.dtype)
@@ -238,8 +237,3 @@ class BRN(SmallBatchNorm):
         self.update_where_finite(self.running_var, new_std.square() - self.eps, finite)
         return r, d
 
-    def extra_repr(self):
-        return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
-                f'rmax={self.rmax}, dmax={self.dmax}, warmup_iters={self.warmup_iters}, '
-                f'rmax_iters={self.rmax_iters}, dmax_iters={self.dmax_iters}, '
-                f'sync_stats={self.sync_stats}')

@@ -52,7 +52,7 @@ from torch import nn
 from ._dist import all_reduce_sum, union_moments
 from ._kernels import fused, keep_for_normalized_backward, kernel_module, normalized_gradients
 from ._ops import Eager, fused_operator, fused_step
-from ._state import SmallBatchNorm, check_number
+from ._state import SmallBatchNorm, StateChange, check_number
 from .conv_statistics import (ConvCall, conv_statistic_derivative_sums,
                               conv_statistic_derivatives, feeding_convolution,
                               square_derivative_sum)
@@ -299,6 +299,9 @@ class CBN(SmallBatchNorm):
         self._host[name] = (weakref.ref(buffer), buffer._version, value)
         return value
 
+    def _advance_step(self):
+        self._increment('num_batches_tracked')
+
     def _increment(self, name):
         value = self._host_count(name) + 1
         getattr(self, name).add_(1)
@@ -420,18 +423,28 @@ class CBN(SmallBatchNorm):
         # Eager even in a compiled model: the conv is read from x's autograd node.
         return _TRAIN_STEP(self, x, sync)
 
+    def _check_step(self, x, sync):
+        super()._check_step(x, sync)
+        self.burnin_iters()
+        if self._compensates(x):
+            self._feeding_conv(x)
+
+    def _compensates(self, x):
+        """True when the step on ``x`` moves past statistics with the feeding
+        conv's weight (rho != 0 and a gradient is taken)."""
+        return self.rho != 0 and torch.is_grad_enabled() and x.requires_grad
+
     def _train_step(self, x, sync):
         burnin = self.burnin_iters()
         with_grad = torch.is_grad_enabled() and x.requires_grad
         conv = conv_input = theta = None
-        if with_grad and self.rho != 0:
+        if self._compensates(x):
             conv, conv_input, theta = self._feeding_conv(x)
-        t = self._host_count('num_batches_tracked') + 1
+        t = self._host_count('num_batches_tracked')
         window = self.window_size(t, burnin) if with_grad else 0
         dtype = self.stats_dtype(x)
         if not sync and fused(x):
-            return self._fused_step(x, t, window, conv, conv_input, theta, dtype)
-        self._increment('num_batches_tracked')
+            return self._fused_step(x, window, conv, conv_input, theta, dtype)
 
         pooled = (None, None, None)  # the past means and variances to pool, and keep
         if window > 0:
@@ -456,9 +469,9 @@ class CBN(SmallBatchNorm):
             self._update_running(x, mu_t, var_t, finite, union_count)
         return y
 
-    def _fused_step(self, x, t, window, conv, conv_input, theta, dtype):
+    def _fused_step(self, x, window, conv, conv_input, theta, dtype):
         """The training step on the fused kernels (see :func:`fused_train_step`):
-        the same numbers as the ATen path, both counters written on the device."""
+        the same numbers as the ATen path, the push counter written on the device."""
         push = window > 0
         compensate = push and self.rho != 0
         if push:
@@ -475,12 +488,11 @@ class CBN(SmallBatchNorm):
             theta, square_sum = theta.contiguous(), square_sum.contiguous()
             call = [*conv.stride, *conv.padding, *conv.dilation, *conv.kernel_size]
         y = fused_train_step(x, self.weight, self.bias, self.running_mean, self.running_var,
-                             self.num_batches_tracked, self.history_pushes, self.step_flags,
+                             self.history_pushes, self.step_flags,
                              *(getattr(self, key) for key in _HISTORY), theta, conv_input,
                              square_sum, call, conv.groups if compensate else 1,
                              min(window, pushes, self.buffer_num), self.eps, self.momentum,
                              self.rho, pool, push)
-        self._host_knows('num_batches_tracked', t)
         if push:
             self._host_knows('history_pushes', pushes + 1)
         return y
@@ -574,11 +586,13 @@ class CBN(SmallBatchNorm):
     # --------------------------------------------------------- state dict
     def convert_state(self, state_dict, prefix):
         """A BatchNorm layout (no history keys): start with an empty history
-        and restart the step counter, logged. Then shape the ring buffers like
-        the incoming ones, so that a fresh layer can load a trained one."""
-        notes = []
-        keys = [prefix + key for key in _HISTORY + ('history_pushes',)]
-        if not any(key in state_dict for key in keys) and prefix + 'running_mean' in state_dict:
+        and restart the step counter, logged (one :class:`StateChange`). Then
+        shape the ring buffers like the incoming ones, so that a fresh layer
+        can load a trained one."""
+        changes = []
+        history = _HISTORY + ('history_pushes',)
+        if (not any(prefix + key in state_dict for key in history)
+                and prefix + 'running_mean' in state_dict):
             for key in _HISTORY:
                 state_dict[prefix + key] = _history_buffer(key, 0, torch.float32)
             state_dict[prefix + 'history_pushes'] = torch.tensor(0, dtype=torch.long)
@@ -588,32 +602,26 @@ class CBN(SmallBatchNorm):
                 state_dict[prefix + 'num_batches_tracked'] = torch.zeros_like(counter)
                 note += (f'; the step counter num_batches_tracked ({int(counter)} BN steps) '
                          'restarts at 0 so that burn-in runs in full')
-            notes.append(note)
+            changes.append(StateChange(note, added=history, changed=() if counter is None
+                                       else ('num_batches_tracked',)))
         for key in _HISTORY:
             incoming = state_dict.get(prefix + key)
             if isinstance(incoming, torch.Tensor) and incoming.shape != getattr(self, key).shape:
                 setattr(self, key, _history_buffer(key, incoming.shape, self._history_dtype(),
                                                    self.running_mean.device))
-        return notes
+        return changes
 
-    def extra_repr(self):
-        burnin = (f'burnin_epochs={self.burnin_epochs}' if self.burnin_epochs is not None
-                  else f'burnin={self.burnin}')
-        return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
-                f'buffer_num={self.buffer_num}, rho={self.rho}, {burnin}, '
-                f'two_stage={self.two_stage}, sync_stats={self.sync_stats}')
 
 
 # ------------------------------------------------------------ fused path
 def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   running_mean: torch.Tensor, running_var: torch.Tensor, counter: torch.Tensor,
-                   pushes: torch.Tensor, flags: torch.Tensor, history_mean: torch.Tensor,
-                   history_sqmean: torch.Tensor, history_valid: torch.Tensor,
-                   history_dmean: torch.Tensor, history_dsqmean: torch.Tensor,
-                   history_weight: torch.Tensor, theta: Optional[torch.Tensor],
-                   conv_input: Optional[torch.Tensor], square_sum: Optional[torch.Tensor],
-                   call: Optional[List[int]], groups: int, used: int, eps: float,
-                   momentum: float, rho: float, pool: bool,
+                   running_mean: torch.Tensor, running_var: torch.Tensor, pushes: torch.Tensor,
+                   flags: torch.Tensor, history_mean: torch.Tensor, history_sqmean: torch.Tensor,
+                   history_valid: torch.Tensor, history_dmean: torch.Tensor,
+                   history_dsqmean: torch.Tensor, history_weight: torch.Tensor,
+                   theta: Optional[torch.Tensor], conv_input: Optional[torch.Tensor],
+                   square_sum: Optional[torch.Tensor], call: Optional[List[int]], groups: int,
+                   used: int, eps: float, momentum: float, rho: float, pool: bool,
                    push: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The training step's forward: the patch sums (one launch, when
     compensating) and one kernel for the rest; (y, what the backward needs)."""
@@ -627,7 +635,7 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         theta, square_sum = theta.view(theta.size(0), -1), square_sum.view(theta.size(0), -1)
     ring = (history_mean, history_sqmean, history_valid, history_dmean, history_dsqmean,
             history_weight)
-    return triton_cbn.forward(x, weight, bias, running_mean, running_var, counter, pushes, flags,
+    return triton_cbn.forward(x, weight, bias, running_mean, running_var, pushes, flags,
                               ring, theta, patch, square_sum, groups, used, eps, momentum, rho,
                               pool, push, dtype)
 
@@ -638,14 +646,14 @@ def _fused_forward_fake(x, weight, bias, *rest):
 
 fused_train_step = fused_step(
     fused_operator('cbn_fused_forward', _fused_forward, _fused_forward_fake,
-                   ('running_mean', 'running_var', 'counter', 'pushes', 'flags') + _HISTORY),
+                   ('running_mean', 'running_var', 'pushes', 'flags') + _HISTORY),
     functools.partial(keep_for_normalized_backward, pooled=True), normalized_gradients)
 fused_train_step.__doc__ = """CBN's training step on the fused kernels: the output y of x
 (N, C, H, W), one ``mmnorm::cbn_fused_forward`` operator (two Triton launches
 when it compensates, else one), and its backward, one
 ``mmnorm::normalized_backward``. The conv's weight gradient for grad_output = x
 (``square_sum``) comes in from one ATen ``convolution_backward``. Arguments:
-x, weight, bias, the running statistics, the step and push counters,
+x, weight, bias, the running statistics, the push counter,
 step_flags, the six ring buffers, theta (C, C_in/groups, kh, kw, contiguous),
 the conv's input and square_sum (or None without compensation), the conv's
 stride, padding, dilation and kernel size (8 ints), groups, how many newest

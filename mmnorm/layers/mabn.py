@@ -46,7 +46,7 @@ from mmengine.registry import MODELS
 from ._dist import union_mean
 from ._kernels import fused, kernel_module
 from ._ops import Operator, compiling, fused_operator, fused_step, with_backward
-from ._state import SmallBatchNorm, check_number, note_nonfinite
+from ._state import SmallBatchNorm, StateChange, check_number, note_nonfinite
 
 _AUTOCAST_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -287,7 +287,7 @@ _FUSED_BACKWARD = fused_operator('mabn_fused_backward', _fused_backward, _fused_
                                  ('buffer_gz', 'flags'))
 fused_train_step = fused_step(
     fused_operator('mabn_fused_forward', _fused_forward, _fused_forward_fake,
-                   ('running_var', 'buffer_x2', 'counter', 'flags')),
+                   ('running_var', 'buffer_x2', 'flags')),
     _keep_for_fused_backward, _fused_gradients)
 fused_train_step.__doc__ = """MABN's training step on the fused kernels: the output y of
 ``x`` (N, C, *), one ``mmnorm::mabn_fused_forward`` operator (one Triton
@@ -389,6 +389,7 @@ class MABN(SmallBatchNorm):
     """
 
     STATISTIC_BUFFERS = ('running_var', 'buffer_x2', 'buffer_gz')
+    SUBTRACTS_MEAN = False
 
     def __init__(self, num_features, eps=1e-5, momentum=0.98, buffer_size=16, warmup_iters=100,
                  renorm_start_iter=1000, rmax=5.0, sync_stats=False):
@@ -430,7 +431,6 @@ class MABN(SmallBatchNorm):
                                     self.buffer_gz, self.num_batches_tracked, self.step_flags,
                                     self.eps, self.momentum, self.warmup_iters,
                                     self.renorm_after, self.rmax, out_dtype, sync)
-        self.num_batches_tracked.add_(1)
         cdtype = self.stats_dtype(x)
         with _without_autocast(x.device.type):
             with torch.no_grad():
@@ -502,7 +502,8 @@ class MABN(SmallBatchNorm):
     # ------------------------------------------------------ state-dict loads
     def convert_state(self, state_dict, prefix):
         """Bring a BatchNorm or original-MABN state dict into this layout, in
-        place, and return one note per conversion (logged by the base class).
+        place, and return one :class:`StateChange` per conversion (its note is
+        logged by the base class).
 
         * ``running_mean`` (BatchNorm): MABN has no mean; removed and reported
           as unused.
@@ -527,27 +528,30 @@ class MABN(SmallBatchNorm):
                 'buffer_x2', 'buffer_gz')
         if not any(prefix + key in state_dict for key in keys):
             return []
-        notes = []
+        changes = []
         key = prefix + 'running_mean'
         if key in state_dict:
             state_dict.pop(key)
-            notes.append('running_mean is unused (MABN normalises the second moment without '
-                         'centring); dropped')
+            changes.append(StateChange(
+                'running_mean is unused (MABN normalises the second moment without centring); '
+                'dropped', dropped=('running_mean',)))
         key = prefix + 'running_var'
         value = state_dict.get(key)
         if (isinstance(value, torch.Tensor) and value.dim() != 1
                 and value.numel() == self.num_features):
             state_dict[key] = value.reshape(self.num_features)
-            notes.append(f'running_var of shape {tuple(value.shape)} (original MABN code) '
-                         f'reshaped to ({self.num_features},)')
+            changes.append(StateChange(
+                f'running_var of shape {tuple(value.shape)} (original MABN code) reshaped to '
+                f'({self.num_features},)', changed=('running_var',)))
         key = prefix + 'iters'
         if key in state_dict and prefix + 'num_batches_tracked' not in state_dict:
             value = state_dict.pop(key)
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.reshape(())
             state_dict[prefix + 'num_batches_tracked'] = value
-            notes.append(f'step counter iters = {_show(value)} (original MABN code) loaded as '
-                         'num_batches_tracked')
+            changes.append(StateChange(
+                f'step counter iters = {_show(value)} (original MABN code) loaded as '
+                'num_batches_tracked', renamed=(('iters', 'num_batches_tracked'),)))
         absent = [name for name in ('buffer_x2', 'buffer_gz') if prefix + name not in state_dict]
         if absent:
             for name in absent:
@@ -557,18 +561,14 @@ class MABN(SmallBatchNorm):
             state_dict[key] = torch.zeros_like(self.num_batches_tracked)
             counter = ('num_batches_tracked (absent) is set to 0' if old is None else
                        f'num_batches_tracked = {_show(old)} is reset to 0')
-            notes.append(f'{" and ".join(absent)} not in the checkpoint: the moving-average window '
-                         f'starts empty (zeros) and {counter}, so batch statistics are used while '
-                         'the window refills and warm-up and the renormalisation delay start over; '
-                         'the checkpoint\'s running_var is kept as the initial running second '
-                         'moment')
-        return notes
-
-    def extra_repr(self):
-        return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
-                f'buffer_size={self.buffer_size}, warmup_iters={self.warmup_iters}, '
-                f'renorm_start_iter={self.renorm_start_iter}, rmax={self.rmax}, '
-                f'sync_stats={self.sync_stats}')
+            note = (f'{" and ".join(absent)} not in the checkpoint: the moving-average window '
+                    f'starts empty (zeros) and {counter}, so batch statistics are used while the '
+                    'window refills and warm-up and the renormalisation delay start over; the '
+                    'checkpoint\'s running_var is kept as the initial running second moment')
+            reset = ('num_batches_tracked',)
+            changes.append(StateChange(note, added=tuple(absent) + (reset if old is None else ()),
+                                       changed=() if old is None else reset))
+        return changes
 
 
 def _show(value):

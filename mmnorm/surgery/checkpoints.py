@@ -7,8 +7,10 @@ Three source layouts (``LAYOUTS``):
     torchvision's ImageNet ResNet (``torchvision://resnet50``) into a ResNet
     with MABN, BRN or CBN. Names and convs load as they are; BRN and CBN keep
     BatchNorm's buffers (CBN adds an empty history). MABN has no running_mean
-    and its running_var is a second moment (spec section 1); per channel, with
-    BN's weight w, bias b, mean m, variance v, eps 1e-5 and MABN's eps e::
+    and its running_var is a second moment (Yan et al., "Towards Stabilizing
+    Batch Statistics in Backward Propagation of Batch Normalization", ICLR
+    2020; docs/mabn.md); per channel, with BN's weight w, bias b, mean m,
+    variance v, eps 1e-5 and MABN's eps e::
 
         running_var' = v + m^2
         weight'      = w * sqrt(running_var' + e) / sqrt(v + eps)
@@ -477,45 +479,87 @@ def _fold_bn_into_mabn(layer, prefix, state, report, origin):
 
 
 def _layer_keys(state, prefix):
-    return {key: value for key, value in state.items()
+    """The keys of the layer under ``prefix`` (without it) -> their values."""
+    return {key[len(prefix):]: value for key, value in state.items()
             if key.startswith(prefix) and '.' not in key[len(prefix):]}
+
+
+def _stated_keys(changes, before, where):
+    """Replay the records ``changes`` (``StateChange``, in order; each one's
+    renames, changes, additions, drops in that order) on the keys ``before``:
+    (key after -> the key before that its value came from, None where added;
+    the keys a record changed). Raises :class:`ConversionError` for a record
+    that does not fit the keys as they were when it was made."""
+    source, changed = {key: key for key in before}, set()
+
+    def expect(key, present, what):
+        if (key in source) != present:
+            raise ConversionError(f'{where}: a record says it {what}, but {key!r} was '
+                                  f'{"absent" if present else "already there"} then')
+
+    for change in changes:
+        for old, new in change.renamed:
+            expect(old, True, f'renamed {old!r} to {new!r}')
+            expect(new, False, f'renamed {old!r} to {new!r}')
+            source[new] = source.pop(old)
+        for key in change.changed:
+            expect(key, True, f'changed {key!r}')
+            changed.add(key)
+        for key in change.added:
+            expect(key, False, f'added {key!r}')
+            source[key] = None
+        for key in change.dropped:
+            expect(key, True, f'dropped {key!r}')
+            del source[key]
+    return source, changed
 
 
 def _convert_norm(layer, prefix, state, layout, report, origin):
     """Run the layout's preparation and then the layer's own
-    ``convert_state`` on the keys under ``prefix``; report what changed."""
+    ``convert_state`` on the keys under ``prefix``; report what its records
+    say it did, after checking them against the keys before and after."""
     layout.prepare_norm(layer, prefix, state, report, origin)
     before = _layer_keys(state, prefix)
-    notes = layer.convert_state(state, prefix)
+    changes = layer.convert_state(state, prefix)
     after = _layer_keys(state, prefix)
     kind = type(layer).__name__
+    where = f'{kind}.convert_state on {prefix[:-1] or "<root>"!r}'
+    came_from, changed = _stated_keys(changes, before, where)
+    kept = {key for key, old in came_from.items() if old == key and key not in changed}
 
-    def about(key):
-        short = key[len(prefix):]
-        return [n for n in notes if re.search(rf'\b{short}\b', n)] or notes
+    problems = []
+    for key in dict.fromkeys([*before, *after, *came_from]):
+        name = repr(prefix + key)
+        if key in after and key not in came_from:
+            problems.append(f'{name} is still there, though a record drops or renames it'
+                            if key in before else f'{name} was added without a record')
+        elif key in came_from and key not in after:
+            problems.append(f'{name} was removed without a record' if key in before else
+                            f'{name} is missing, though a record adds it or renames a key to it')
+        elif key in after and (key in before and after[key] is before[key]) != (key in kept):
+            problems.append(f'{name} has a new value without a record' if key in kept else
+                            f'{name} keeps its value, though a record renames, changes or adds it')
+    if problems:
+        raise ConversionError(f'{where}: its records do not state exactly what it did to the '
+                              f'state dict: {"; ".join(problems)}')
 
     def text(*keys):
-        parts = dict.fromkeys(n for key in keys for n in about(key))  # ordered, no repeats
-        return f'{kind}.convert_state: ' + '; '.join(parts)
+        notes = dict.fromkeys(change.note for change in changes  # ordered, no repeats
+                              if {*keys} & {*change.changed, *change.added, *change.dropped,
+                                            *(key for pair in change.renamed for key in pair)})
+        return f'{kind}.convert_state: ' + '; '.join(notes)
 
-    added = [key for key in after if key not in before]
-    for key, value in before.items():
-        if after.get(key) is value:
-            continue
-        source = origin.pop(key)
-        if key in after:
-            origin[key] = source
-            report.amend(source, CONVERTED, key, text(key))
-            continue
-        renamed = [new for new in added if any(new[len(prefix):] in n for n in about(key))]
-        if renamed:
-            origin[renamed[0]] = source
-            added.remove(renamed[0])
-            report.amend(source, CONVERTED, renamed[0], text(key, renamed[0]))
+    now = {old: key for key, old in came_from.items() if old is not None}
+    moved = {key: origin.pop(prefix + key) for key in before if key not in kept}
+    for key, source_key in moved.items():
+        if key in now:
+            origin[prefix + now[key]] = source_key
+            report.amend(source_key, CONVERTED, prefix + now[key], text(key, now[key]))
         else:
-            report.amend(source, NOT_USED, None, text(key))
-    for key in added:
-        report.unsourced[key] = text(key)
+            report.amend(source_key, NOT_USED, None, text(key))
+    for key in after:
+        if came_from[key] is None:
+            report.unsourced[prefix + key] = text(key)
 
 
 def convert_state_dict(source, layout, target, *, report):

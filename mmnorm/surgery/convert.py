@@ -49,6 +49,7 @@ from torch import nn
 
 from ..engine.configcheck import unknown_option
 from ..layers import BRN, CBN, MABN, CenConv, WSConv
+from ..layers._state import SmallBatchNorm
 from .fuse import conv_norm_pairs, rebuild_conv
 from .norms import known_norm
 from .report import SurgeryReport
@@ -135,7 +136,7 @@ def _new_norm(bn, name, norm_class, norm_cfg):
     ``bn`` (at ``name``), with what the module docstring lists carried over.
     An option the layer does not take, or a value it refuses, raises with
     ``name`` in front."""
-    if norm_class in (BRN, CBN, MABN):
+    if issubclass(norm_class, SmallBatchNorm):
         message = unknown_option(norm_class.__name__, norm_class, 'norm', norm_cfg)
         if message is not None:
             raise TypeError(f'{name}: {message}')
@@ -162,8 +163,7 @@ def _new_norm(bn, name, norm_class, norm_cfg):
                 bias.requires_grad_(bn.bias.requires_grad)
         new_var = getattr(layer, 'running_var', None)
         if bn.running_var is not None and new_var is not None:
-            new_mean = getattr(layer, 'running_mean', None)
-            if new_mean is None:  # uncentred: the second moment, same inference
+            if not getattr(layer, 'SUBTRACTS_MEAN', True):  # the second moment, same inference
                 if weight is None:
                     raise ValueError(f'convert: the layer built from norm={norm_cfg!r} has no '
                                      f'weight and bias to keep the inference of {name!r}')
@@ -175,7 +175,7 @@ def _new_norm(bn, name, norm_class, norm_cfg):
                 bias.copy_(new_bias)
                 new_var.copy_(second_moment)
             else:
-                new_mean.copy_(bn.running_mean)
+                layer.running_mean.copy_(bn.running_mean)
                 new_var.copy_(bn.running_var)
     layer.train(bn.training)  # (some modules' train() returns None: not chained)
     return layer

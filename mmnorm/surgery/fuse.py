@@ -204,7 +204,7 @@ def _as_batch_norm(norm):
         bn.weight.requires_grad_(weight.requires_grad)
         bn.bias.requires_grad_(norm.bias.requires_grad)
         bn.running_var.copy_(norm.running_var)
-        if norm.running_mean is not None:
+        if norm.SUBTRACTS_MEAN:
             bn.running_mean.copy_(norm.running_mean)
         bn.num_batches_tracked.copy_(norm.num_batches_tracked)
     bn.eval()

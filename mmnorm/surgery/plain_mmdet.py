@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from ..engine.runtime import UsageError
-from ..layers import BRN, CBN, MABN, CenConv, WSConv
+from ..layers import conv_types, norm_types
 from .deployed import DEPLOYED_KEY
 from .fuse import conv_weight, mmnorm_modules
 
@@ -71,8 +71,6 @@ __all__ = ['DeployError', 'plain_config', 'plain_conv_cfg', 'plain_norm_cfg', 'p
 CONFIG_NAME = 'config.py'
 WEIGHTS_NAME = 'model.pth'
 
-NORMS = {'MABN': MABN, 'BRN': BRN, 'CBN': CBN}
-CONVS = {'CenConv': CenConv, 'WSConv': WSConv}
 #: mmnorm types with an MMDetection/mmengine counterpart taking the same arguments.
 RENAMED = {'CPUAmpOptimWrapper': 'AmpOptimWrapper'}
 #: The state-dict entries of a BatchNorm2d, in its order.
@@ -111,7 +109,7 @@ def _mmnorm_registered():
 def plain_norm_cfg(entry):
     """``dict(type='BN', requires_grad=R, eps=E)`` for the MABN, BRN or CBN
     config ``entry`` (module docstring)."""
-    cls = NORMS[_type_name(entry['type'])]
+    cls = norm_types()[_type_name(entry['type'])]
     eps = entry.get('eps', inspect.signature(cls).parameters['eps'].default)
     return dict(type='BN', requires_grad=entry.get('requires_grad', True), eps=eps)
 
@@ -128,11 +126,11 @@ def _rewrite(node, path, changes):
     """``node`` with every norm and conv entry replaced (recursively)."""
     if isinstance(node, dict):
         name = _type_name(node.get('type'))
-        if name in NORMS:
+        if name in norm_types():
             new = plain_norm_cfg(node)
             changes.append(f'{path}: {name} -> BN')
             return new
-        if name in CONVS:
+        if name in conv_types():
             changes.append(f'{path}: {name} -> Conv2d')
             return plain_conv_cfg(node)
         if name in RENAMED:
@@ -220,8 +218,7 @@ def _bn_state(norm):
     """BatchNorm2d's entries (``BN_KEYS``) computing what ``norm`` (MABN,
     BRN or CBN) computes in eval mode; MABN: running_mean 0."""
     var = norm.running_var.detach()
-    mean = norm.running_mean
-    mean = torch.zeros_like(var) if mean is None else mean.detach()
+    mean = norm.running_mean.detach() if norm.SUBTRACTS_MEAN else torch.zeros_like(var)
     values = (norm.weight.detach(), norm.bias.detach(), mean, var,
               norm.num_batches_tracked.detach())
     return {key: value.clone() for key, value in zip(BN_KEYS, values)}
@@ -237,13 +234,14 @@ def plain_state_dict(model):
         (OrderedDict, Counter): the state dict, and how many modules of each
         kind were replaced ('MABN -> BN': n, 'CenConv -> Conv2d': n, ...).
     """
+    norms, convs = tuple(norm_types().values()), tuple(conv_types().values())
     special = {name: module for name, module in model.named_modules(remove_duplicate=False)
-               if isinstance(module, tuple(NORMS.values()) + tuple(CONVS.values()))}
+               if isinstance(module, norms + convs)}
     counts = Counter()
     for module in model.modules():
-        if isinstance(module, tuple(NORMS.values())):
+        if isinstance(module, norms):
             counts[f'{type(module).__name__} -> BN'] += 1
-        elif isinstance(module, tuple(CONVS.values())):
+        elif isinstance(module, convs):
             counts[f'{type(module).__name__} -> Conv2d'] += 1
     state = OrderedDict()
     done = set()
@@ -252,7 +250,7 @@ def plain_state_dict(model):
         module = special.get(owner)
         if module is None:
             state[key] = value
-        elif isinstance(module, tuple(CONVS.values())):
+        elif isinstance(module, convs):
             state[key] = conv_weight(module).clone() if local == 'weight' else value
         elif owner not in done:
             done.add(owner)
@@ -273,17 +271,18 @@ def check_plain_model(source, plain):
     mmnorm module at all."""
     from .fuse import _computes_like_conv2d
     src, dst = dict(source.named_modules()), dict(plain.named_modules())
+    norms, convs = tuple(norm_types().values()), tuple(conv_types().values())
     problems = [f'{name}: missing' for name in src if name not in dst]
     problems += [f'{name}: not in the trained model' for name in dst if name not in src]
     for name, module in src.items():
         other = dst.get(name)
         if other is None:
             continue
-        if isinstance(module, tuple(NORMS.values())):
+        if isinstance(module, norms):
             ok = (type(other) is nn.BatchNorm2d and other.num_features == module.num_features
                   and other.eps == module.eps and other.affine and other.track_running_stats)
-        elif isinstance(module, tuple(CONVS.values())):
-            ok = (isinstance(other, nn.Conv2d) and not isinstance(other, tuple(CONVS.values()))
+        elif isinstance(module, convs):
+            ok = (isinstance(other, nn.Conv2d) and not isinstance(other, convs)
                   and _computes_like_conv2d(other)
                   and all(getattr(other, a) == getattr(module, a) for a in _CONV_ATTRS)
                   and (other.bias is None) == (module.bias is None))

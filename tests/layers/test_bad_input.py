@@ -1,10 +1,11 @@
-"""Bad input (issue 8), the same cases for every layer: MABN, CBN (behind the
+"""Bad input, the same cases for every layer: MABN, CBN (behind the
 conv that feeds it), BRN, and WSConv / CenConv where a case means something
 for a conv. Each case gets a correct result, checked against a value computed
 here, or an error whose message names the layer and says what was wrong.
 
-More detailed per-layer versions of some cases (many steps against a spec
-re-derivation) are in test_mabn.py, test_cbn.py and test_brn.py.
+More detailed per-layer versions of some cases (many steps against a
+re-derivation of the papers' equations) are in test_mabn.py, test_cbn.py and
+test_brn.py.
 """
 import math
 import warnings
@@ -15,12 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 from conftest import NO_CPU_FLOAT16_AUTOCAST, NO_CPU_FLOAT16_CONV
 
-from mmnorm.layers import BRN, CBN, MABN, CenConv, WSConv
+from mmnorm.layers import BRN, CBN, MABN, CenConv, WSConv, conv_types, norm_types
 
 F64 = torch.float64
 C = 4
 NORMS = ('MABN', 'CBN', 'BRN')
 CONVS = ('WSConv', 'CenConv')
+
+
+def test_every_registered_layer_meets_these_cases():
+    # a new layer gets its subject in build() and joins the lists
+    assert set(norm_types()) == set(NORMS) and set(conv_types()) == set(CONVS)
 
 
 def build(kind, dtype=F64):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from conftest import REPO, run
 from mmengine.config import Config
 
+from mmnorm.layers._state import SmallBatchNorm, StateChange
 from mmnorm.surgery.checkpoints import (ConversionError, ConversionReport, build_target,
                                        convert_checkpoint, convert_state_dict, read_source)
 from mmnorm.surgery.checkpoints import build_with_mmdet as build
@@ -481,6 +482,59 @@ def test_wrong_or_unknown_layout_is_named(resnet50_mabn, mask_rcnn_mabn, detecti
         build_target('mabn-imagenet', config=CONFIGS / 'mask_rcnn_bn_scratch.py')
     with pytest.raises(ConversionError, match='give the target norm'):
         build_target('torchvision')
+
+
+def test_convert_state_changes_must_be_recorded():
+    """The converter reports what convert_state's records state, and refuses a
+    layer whose records do not state exactly what it did to the state dict."""
+
+    class Editing(SmallBatchNorm):  # defined here, not registered
+        def __init__(self, edit, records):
+            super().__init__(4, eps=1e-5, momentum=0.1)
+            self.edit, self.records = edit, records
+
+        def convert_state(self, state_dict, prefix):
+            self.edit(state_dict, prefix)
+            return self.records
+
+    def convert_with(edit, records):
+        target = torch.nn.Module()
+        target.bn1 = Editing(edit, records)
+        report = ConversionReport('torchvision', 'test', 'test')
+        convert_state_dict(source, 'torchvision', target, report=report)
+        return report
+
+    def double(state, prefix):
+        state[prefix + 'running_var'] = state[prefix + 'running_var'] * 2
+
+    source = {f'bn1.{key}': value for key, value in torch.nn.BatchNorm2d(4).state_dict().items()}
+    doubled = StateChange('running_var doubled', changed=('running_var',))
+    report = convert_with(double, [doubled])
+    assert report.entries['bn1.running_var'] == (
+        'converted', 'bn1.running_var', 'Editing.convert_state: running_var doubled')
+    assert report.entries['bn1.running_mean'] == ('loaded', 'bn1.running_mean', '')
+
+    unstated = "Editing.convert_state on 'bn1': its records do not state exactly what it did to "
+    for edit, records, message in [
+            (double, [], unstated + "the state dict: 'bn1.running_var' has a new value without "
+                                    'a record'),
+            (lambda s, p: s.pop(p + 'running_mean'), [],
+             "'bn1.running_mean' was removed without a record"),
+            (lambda s, p: s.update({p + 'extra': s.pop(p + 'bias')}), [],
+             "'bn1.bias' was removed without a record; 'bn1.extra' was added without a record"),
+            (lambda s, p: None, [doubled],
+             "'bn1.running_var' keeps its value, though a record renames, changes or adds it"),
+            (lambda s, p: None, [StateChange('dropped', dropped=('running_mean',))],
+             "'bn1.running_mean' is still there, though a record drops or renames it"),
+            (lambda s, p: None, [StateChange('added', added=('extra',))],
+             "'bn1.extra' is missing, though a record adds it or renames a key to it"),
+            (lambda s, p: None,
+             [StateChange('renamed', renamed=(('iters', 'num_batches_tracked'),))],
+             "a record says it renamed 'iters' to 'num_batches_tracked', but 'iters' was absent "
+             'then'),
+    ]:
+        with pytest.raises(ConversionError, match=re.escape(message)):
+            convert_with(edit, records)
 
 
 def test_unreadable_sources_are_refused(tmp_path):
