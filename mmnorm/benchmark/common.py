@@ -1,13 +1,14 @@
-"""What the three benchmarks share (layers.py, models.py, maskrcnn.py): their
-``--help``, sizes at a scale, alternated timing and its medians, CBN's
-warm-up, the one ratio and the cells it is written in, reading a table back,
-the machine's description, the plot and writing the outputs."""
+"""What the three benchmarks (layers.py, models.py, maskrcnn.py) share: their
+``--help``, sizes at a scale, synthetic boxes, alternated timing, CBN's
+warm-up, the one ratio and the cells, reading a table back, the machine, the
+plot and the outputs."""
 import argparse
 import math
 import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-# ------------------------------------------------------------------ scale
+def say(text):
+    """Print ``text`` to stderr at once: progress, kept out of the markdown."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def padded_size(image, scale):
     """Returns (H, W) of ``image`` with its sides times ``scale``, each rounded
     up to a multiple of SIZE_DIVISOR."""
@@ -37,7 +42,20 @@ def scaled_count(n, scale):
     return max(1, round(n * scale * scale))
 
 
-# ----------------------------------------------------------------- timing
+def boxes_and_masks(count, size, generator):
+    """Returns ``count`` random boxes (x0, y0, x1, y1) in whole pixels, sides 0.1 to
+    0.5 of the image's ``size`` (H, W), and their masks (uint8, 1 inside the box)."""
+    h, w = size
+    extent = torch.tensor([w, h])
+    sides = (0.1 + 0.4 * torch.rand(count, 2, generator=generator)) * extent
+    corners = torch.rand(count, 2, generator=generator) * (extent - sides)
+    boxes = torch.cat([corners, corners + sides], 1).floor()
+    masks = torch.zeros(count, h, w, dtype=torch.uint8)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+        mask[y0:y1, x0:x1] = 1
+    return boxes, masks
+
+
 def synchronizer(device):
     """Returns a function that waits for the kernels queued on ``device``
     (a no-op off CUDA)."""
@@ -68,7 +86,6 @@ def median_times(items, step, warmups, repeats, min_time=0.0):
     return [[statistics.median(column) for column in zip(*rows)] for rows in samples]
 
 
-# ---------------------------------------------------------- CBN's warm-up
 def cbn_layers(module):
     """Returns the CBN layers in ``module`` (mmnorm's and layers.TwoGradCBN)."""
     return [m for m in module.modules() if hasattr(m, 'buffer_num') and hasattr(m, 'burnin_iters')]
@@ -88,7 +105,6 @@ def check_history_full(module):
             raise RuntimeError(f'CBN history holds {pushes} of {k} steps after warm-up')
 
 
-# ------------------------------------------------------------------ cells
 def ratio(value, base):
     """Returns ``value / base``: nan where either is None or nan, or ``base`` is 0."""
     if value is None or base is None or not base:
@@ -127,6 +143,12 @@ def describe_error(exc, limit=200):
     return f'{type(exc).__name__}: {text}'.replace('|', '/')[:limit]
 
 
+def not_measured(cells, error, width):
+    """Returns the row of a failed measurement: ``cells``, 'not measured:
+    ``error``', then empty cells up to ``width``."""
+    return cells + [f'not measured: {error}'] + [''] * (width - len(cells) - 1)
+
+
 def markdown_tables(markdown):
     """Returns every table in ``markdown`` as a list of rows, each a dict
     from the header's names to the cells."""
@@ -145,7 +167,15 @@ def markdown_tables(markdown):
     return tables
 
 
-# ---------------------------------------------------------------- machine
+def find_table(markdown, columns):
+    """Returns the rows of the first table in ``markdown`` with all of
+    ``columns`` (``markdown_tables``); ValueError if there is none."""
+    for table in markdown_tables(markdown):
+        if table and set(columns) <= set(table[0]):
+            return table
+    raise ValueError(f'no table with the columns {", ".join(columns)}')
+
+
 def load_average():
     """Returns the 1, 5 and 15 minute load averages as text ('?' where the OS has none)."""
     return ', '.join(f'{v:.1f}' for v in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
@@ -161,7 +191,6 @@ def driver_version():
     return out.split('\n')[0].strip() or 'unknown'
 
 
-# ---------------------------------------------------------------- outputs
 def plot_bars(path, title, groups, panels):
     """Write to ``path`` a PNG of grouped bars: one subplot per (y label,
     {bar label: one ratio per group}) of ``panels``, a group per name in
@@ -181,9 +210,11 @@ def plot_bars(path, title, groups, panels):
     fig.savefig(path, dpi=100)
 
 
-def publish(markdown, out, draw=None):
-    """Print ``markdown``; with ``out``, write it there and, given ``draw``,
-    ``draw(markdown, png)`` the plot next to it (suffix .png). Returns ``markdown``."""
+def publish(lines, out, draw=None):
+    """Join ``lines`` into the markdown and print it; with ``out``, write it
+    there and, given ``draw``, ``draw(markdown, png)`` the plot next to it
+    (suffix .png). Returns the markdown."""
+    markdown = '\n'.join(lines) + '\n'
     print(markdown)
     if out:
         out = Path(out)

@@ -1,18 +1,16 @@
 """Speed and memory of mmnorm's layers, each next to its baseline (ROWS), at
-four Mask R-CNN shapes (``make_shapes``), per dtype and memory format: what
-tools/benchmark_layers.py measures and writes. docs/benchmarks.md says how
-each column is measured.
-"""
+four Mask R-CNN shapes, per dtype and memory format: what
+tools/benchmark_layers.py measures and writes (how: docs/benchmarks.md)."""
 import contextlib
+import functools
 import itertools
 import os
-import sys
 import time
+from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -21,6 +19,7 @@ from ..layers._kernels import LAUNCHES
 from ..studies.results import markdown_table
 from ..surgery.compile import keep_cbn_convs_eager
 from . import common
+from .common import fmt_mb, fmt_ms, fmt_ratio, ratio
 
 IMAGE = (800, 1333)  # MMDetection's 1x test/train scale
 MIN_TIME = {'cpu': 1.0, 'cuda': 0.05}  # the default --min-time per device type
@@ -31,41 +30,21 @@ MAX_COMPILE_WARMUP = 20  # at most this many (dynamo's recompile limit is 8 per 
 PLOTTED = ('fwd+bwd', 'eval')
 
 
-# ------------------------------------------------------------------ shapes
-@dataclass(frozen=True)
-class Shape:
-    """Where in Mask R-CNN a norm runs: its input size and the conv before it."""
-    name: str
-    size: tuple  # (N, C, H, W) at the norm's input
-    conv_in: int  # in_channels of the conv in the conv rows
-    kernel: int  # its kernel size (padding kernel // 2 keeps H, W)
-
-    @property
-    def channels(self):
-        return self.size[1]
-
-    def describe(self):
-        """Returns the shape as the report lists it."""
-        return (f'{self.name}: norm input {tuple(self.size)}; conv {self.kernel}x{self.kernel} '
-                f'{self.conv_in} -> {self.channels}')
+#: Where in Mask R-CNN a norm runs: its input size (N, C, H, W), and the in_channels
+#: and kernel size of the conv before it in the conv rows (padding kernel // 2 keeps H, W)
+Shape = namedtuple('Shape', 'name size conv_in kernel')
 
 
 def make_shapes(scale):
-    """Returns the four shapes, for 2 images of 800x1333 (padded to 800x1344)
-    with sides times ``scale`` and RoI counts times ``scale``^2: a ResNet-50
-    res2 activation (2, 256, H/4, W/4) after the bottleneck's last conv, 1x1
-    64 -> 256; FPN level P3 (2, 256, H/8, W/8); a 512-RoI box head batch (512,
-    256, 7, 7) and a 128-RoI mask head batch (128, 256, 14, 14), 3x3 256 -> 256."""
+    """Returns the four shapes (docs/benchmarks.md) of 2 images of IMAGE, the
+    sides times ``scale``, the RoI counts times its square."""
     h, w = common.padded_size(IMAGE, scale)
-    return [
-        Shape('res2 stage', (2, 256, h // 4, w // 4), 64, 1),
-        Shape('FPN P3', (2, 256, h // 8, w // 8), 256, 3),
-        Shape('box head', (common.scaled_count(512, scale), 256, 7, 7), 256, 3),
-        Shape('mask head', (common.scaled_count(128, scale), 256, 14, 14), 256, 3),
-    ]
+    return [Shape('res2 stage', (2, 256, h // 4, w // 4), 64, 1),
+            Shape('FPN P3', (2, 256, h // 8, w // 8), 256, 3),
+            Shape('box head', (common.scaled_count(512, scale), 256, 7, 7), 256, 3),
+            Shape('mask head', (common.scaled_count(128, scale), 256, 14, 14), 256, 3)]
 
 
-# ----------------------------------------------------------------- modules
 class FrozenBN(nn.BatchNorm2d):
     """BatchNorm2d that stays in eval mode and whose affine parameters are
     frozen, as MMDetection's ResNet with norm_eval=True, requires_grad=False."""
@@ -81,12 +60,12 @@ class FrozenBN(nn.BatchNorm2d):
 
 def conv(shape, cls=nn.Conv2d):
     """Returns the conv of ``shape`` (a ``cls``), without a bias."""
-    return cls(shape.conv_in, shape.channels, shape.kernel, padding=shape.kernel // 2, bias=False)
+    return cls(shape.conv_in, shape.size[1], shape.kernel, padding=shape.kernel // 2, bias=False)
 
 
 def norm(cls, *args):
     """Returns a builder of ``cls(*args, channels)`` from a Shape."""
-    return lambda shape: cls(*args, shape.channels)
+    return lambda shape: cls(*args, shape.size[1])
 
 
 def then(first, second):
@@ -96,59 +75,42 @@ def then(first, second):
 
 bn, gn, frozen_bn = norm(nn.BatchNorm2d), norm(nn.GroupNorm, 32), norm(FrozenBN)
 mabn, brn, cbn = norm(MABN), norm(BRN), norm(CBN)
+ws_conv, cen_conv = functools.partial(conv, cls=WSConv), functools.partial(conv, cls=CenConv)
 
 
-def ws_conv(shape):
-    return conv(shape, WSConv)
-
-
-def cen_conv(shape):
-    return conv(shape, CenConv)
-
-
-class TwoGradCBN(nn.Module):
-    """Reference: ``conv`` + cross-iteration BN the way the original CBN code
-    computes it: the statistics, their combination and the normalization as
+class TwoGradCBN(nn.BatchNorm2d):
+    """``conv`` + CBN computed as the original CBN code does (docs/benchmarks.md):
     autograd ops, and dmu/dtheta, dnu/dtheta from two ``torch.autograd.grad``
-    calls (retain_graph) on the per-channel means of y and y^2, stored
-    weight-sized; k = ``buffer_num`` past steps, burn-in 0, the same rho and
-    keep rule as mmnorm's CBN; eval mode uses the running statistics."""
+    calls, stored weight-sized; k = ``buffer_num``, burn-in 0, CBN's rho and
+    keep rule; in eval mode BatchNorm2d's normalization by the running statistics."""
+    HISTORY = ('history_mean', 'history_sqmean', 'history_dmean', 'history_dsqmean',
+               'history_weight')
 
-    def __init__(self, conv, buffer_num=3, rho=1.0, eps=1e-5, momentum=0.1):
-        super().__init__()
-        self.conv, self.buffer_num, self.rho, self.eps, self.momentum = (
-            conv, buffer_num, rho, eps, momentum)
-        c, weight_shape = conv.out_channels, conv.weight.shape
-        self.weight = nn.Parameter(torch.ones(c))
-        self.bias = nn.Parameter(torch.zeros(c))
-        self.register_buffer('running_mean', torch.zeros(c))
-        self.register_buffer('running_var', torch.ones(c))
-        for key, shape in (('history_mean', (c,)), ('history_sqmean', (c,)),
-                           ('history_dmean', weight_shape), ('history_dsqmean', weight_shape),
-                           ('history_weight', weight_shape)):
+    def __init__(self, conv, buffer_num=3, rho=1.0):
+        super().__init__(conv.out_channels)
+        self.conv, self.buffer_num, self.rho, self.history_pushes = conv, buffer_num, rho, 0
+        c, weight = conv.out_channels, conv.weight.shape
+        for key, shape in zip(self.HISTORY, ((c,), (c,), weight, weight, weight)):
             self.register_buffer(key, torch.zeros(buffer_num, *shape))
-        self.history_pushes = 0
 
     def burnin_iters(self):
+        """Returns 0: no burn-in."""
         return 0
 
     def forward(self, x):
         y = self.conv(x)
         if not self.training:
-            return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+            return super().forward(y)
         theta = self.conv.weight
         mu_t, nu_t = y.mean((0, 2, 3)), y.square().mean((0, 2, 3))
         # mu_c depends on theta[c] only: the gradient of the sum is per channel.
-        dmu, = torch.autograd.grad(mu_t.sum(), theta, retain_graph=True)
-        dnu, = torch.autograd.grad(nu_t.sum(), theta, retain_graph=True)
+        dmu, dnu = (torch.autograd.grad(m.sum(), theta, retain_graph=True)[0] for m in (mu_t, nu_t))
         mu_sum, nu_sum, count = mu_t, nu_t, 1
-        for slot in range(min(self.history_pushes, self.buffer_num)):
-            delta = theta.detach() - self.history_weight[slot]
-            shift_mu = (self.history_dmean[slot] * delta).sum((1, 2, 3))
-            shift_nu = (self.history_dsqmean[slot] * delta).sum((1, 2, 3))
-            mu = self.history_mean[slot] + self.rho * shift_mu
-            nu = self.history_sqmean[slot] + self.rho * shift_nu
+        for s in range(min(self.history_pushes, self.buffer_num)):
+            delta = theta.detach() - self.history_weight[s]
+            mu = self.history_mean[s] + self.rho * (self.history_dmean[s] * delta).sum((1, 2, 3))
+            nu = self.history_sqmean[s] + self.rho * (self.history_dsqmean[s] * delta).sum(
+                (1, 2, 3))
             keep = nu - mu.square() >= 0
             mu_sum, nu_sum = mu_sum + torch.where(keep, mu, 0), nu_sum + torch.where(keep, nu, 0)
             count = count + keep
@@ -158,20 +120,13 @@ class TwoGradCBN(nn.Module):
         out = ((y - mu.view(shape)) * (sigma2 + self.eps).rsqrt().view(shape)
                * self.weight.view(shape) + self.bias.view(shape))
         with torch.no_grad():
-            slot = self.history_pushes % self.buffer_num
-            for key, value in (('history_mean', mu_t), ('history_sqmean', nu_t),
-                               ('history_dmean', dmu), ('history_dsqmean', dnu),
-                               ('history_weight', theta)):
-                getattr(self, key)[slot] = value
+            for key, value in zip(self.HISTORY, (mu_t, nu_t, dmu, dnu, theta)):
+                getattr(self, key)[self.history_pushes % self.buffer_num] = value
             self.history_pushes += 1
             n = y.numel() // y.size(1)
             self.running_mean.lerp_(mu_t, self.momentum)
             self.running_var.lerp_((nu_t - mu_t.square()) * (n / max(n - 1, 1)), self.momentum)
         return out
-
-
-def conv_two_grad_cbn(shape):
-    return TwoGradCBN(conv(shape))
 
 
 @dataclass(frozen=True)
@@ -186,6 +141,7 @@ class Row:
 
     @property
     def key(self):
+        """Returns the row's --layers name."""
         return self.option or self.name
 
 
@@ -195,8 +151,8 @@ ROWS = [
     Row('GN', 'BN', gn, bn),
     Row('FrozenBN', 'BN', frozen_bn, bn),
     Row('Conv+CBN', 'Conv+BN', then(conv, cbn), then(conv, bn), conv_input=True),
-    Row('Conv+CBN', 'Conv+CBN(autograd.grad)', then(conv, cbn), conv_two_grad_cbn,
-        conv_input=True, option='Conv+CBN-vs-grad'),
+    Row('Conv+CBN', 'Conv+CBN(autograd.grad)', then(conv, cbn),
+        lambda shape: TwoGradCBN(conv(shape)), conv_input=True, option='Conv+CBN-vs-grad'),
     Row('WSConv+GN', 'Conv+GN', then(ws_conv, gn), then(conv, gn), conv_input=True),
     Row('CenConv+MABN', 'Conv+BN', then(cen_conv, mabn), then(conv, bn), conv_input=True),
     Row('WSConv', 'Conv', ws_conv, conv, conv_input=True),
@@ -204,7 +160,6 @@ ROWS = [
 ]
 
 
-# ------------------------------------------------------------- measuring
 def forward_context(device, dtype):
     """Returns a maker of the context the forwards run in: ``torch.autocast``
     to bfloat16 for 'bfloat16', nothing for 'float32'."""
@@ -252,6 +207,7 @@ class OpCounter(TorchDispatchMode):
 
     @property
     def count(self):
+        """Returns the operators dispatched plus the Triton launches so far."""
         return self.dispatched + LAUNCHES.count
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -288,17 +244,14 @@ def memory_bytes(module, x, grad_for, device, context):
     module.zero_grad(set_to_none=True)
     x.grad = None
     if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+        sync = common.synchronizer(device)
+        sync()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        with context():
-            y = module(x)
-        y.backward(grad_for(y))
-        del y
-        torch.cuda.synchronize(device)
+        train_step(module, x, grad_for, sync, context)
         return torch.cuda.max_memory_allocated(device) - before
     resident = {t.untyped_storage().data_ptr()
-                for t in list(module.parameters()) + list(module.buffers())}
+                for t in itertools.chain(module.parameters(), module.buffers())}
     storages = {}
 
     def pack(tensor):
@@ -309,8 +262,7 @@ def memory_bytes(module, x, grad_for, device, context):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), context():
         y = module(x)
-    pack(y)
-    y.backward(grad_for(y))
+    pack(y).backward(grad_for(y))
     return sum(storages.values())
 
 
@@ -342,22 +294,20 @@ def frames_compiled():
 
 
 def compiled_times(modules, step, args):
-    """Time fwd+bwd of ``torch.compile(module)`` of both modules, compiled
-    afresh (static shapes) in their warm-up: at least COMPILE_WARMUP calls,
-    more until a call compiles nothing (at most MAX_COMPILE_WARMUP). Returns
-    ((layer, baseline) median seconds, a note on frames compiled while timed
-    or ''), or ((), a short error) when compiling or running one fails."""
+    """Time ``step`` (fwd+bwd) of ``torch.compile(module)`` of both modules (in
+    training mode), compiled afresh (static shapes) in their warm-up: at least
+    COMPILE_WARMUP calls, more until a call compiles nothing (at most
+    MAX_COMPILE_WARMUP). Returns ((layer, baseline) median seconds, a note on
+    frames compiled while timed or ''), or ((), a short error) on a failure."""
     torch.compiler.reset()  # no compiled code of another row or shape: static shapes, no limit
-    side = 'layer'
+    compiled = []
     try:
-        for module in modules:  # a CBN's conv runs outside the graph with it
-            keep_cbn_convs_eager(module)
-        compiled = [torch.compile(module, backend=args.compile_backend) for module in modules]
-        for side, module in zip(('layer', 'baseline'), compiled):
-            module.train()
+        for side, module in zip(('layer', 'baseline'), modules):
+            keep_cbn_convs_eager(module)  # a CBN's conv runs outside the graph with it
+            compiled.append(torch.compile(module, backend=args.compile_backend))
             for call in range(MAX_COMPILE_WARMUP):
                 before = frames_compiled()
-                step(module)
+                step(compiled[-1])
                 if call + 1 >= max(args.warmup, COMPILE_WARMUP) and frames_compiled() == before:
                     break
         side = 'timing'
@@ -371,26 +321,21 @@ def compiled_times(modules, step, args):
 
 
 def measure(row, shape, args, device, dtype='float32', memory_format='contiguous'):
-    """Measure ``row`` at ``shape`` in ``dtype`` and ``memory_format`` (module
-    docstring). Returns its Result; an exception becomes ``Result.error``."""
+    """Measure ``row`` at ``shape`` in ``dtype`` and ``memory_format``
+    (docs/benchmarks.md). Returns its Result; an exception becomes ``Result.error``."""
     result = Result(row, shape, dtype, memory_format)
     try:
         torch.manual_seed(0)
         fmt = MEMORY_FORMATS[memory_format]
-        modules = [row.build(shape).to(device, memory_format=fmt),
-                   row.build_baseline(shape).to(device, memory_format=fmt)]
+        modules = [build(shape).to(device, memory_format=fmt).train()
+                   for build in (row.build, row.build_baseline)]
         n, c, h, w = shape.size
         x = torch.randn(n, shape.conv_in if row.conv_input else c, h, w, device=device)
         x = x.contiguous(memory_format=fmt).requires_grad_()
         grad_for = incoming_grad(torch.randn(shape.size, device=device).contiguous(
             memory_format=fmt))
         sync, context = common.synchronizer(device), forward_context(device, dtype)
-
-        def train(module):
-            return train_step(module, x, grad_for, sync, context)
-
-        for module in modules:
-            module.train()
+        train = functools.partial(train_step, x=x, grad_for=grad_for, sync=sync, context=context)
         warmups = [max(args.warmup, common.steps_to_fill(module)) for module in modules]
         trains = common.median_times(modules, train, warmups, args.repeats, args.min_time)
         for module in modules:
@@ -403,32 +348,16 @@ def measure(row, shape, args, device, dtype='float32', memory_format='contiguous
             module.eval()
         evals = common.median_times(modules, lambda m: eval_step(m, x, sync, context),
                                     [args.warmup] * 2, args.repeats, args.min_time)
-        for i, target in enumerate((result.layer, result.baseline)):
-            target.update({'fwd': trains[i][0], 'fwd+bwd': trains[i][1], 'eval': evals[i][0],
-                           'memory': memory[i], 'ops': ops[i],
-                           'buffers': sum(b.nbytes for b in modules[i].buffers()),
-                           'history': history_bytes(modules[i])})
+        for i, side in enumerate((result.layer, result.baseline)):
+            side.update({'fwd': trains[i][0], 'fwd+bwd': trains[i][1], 'eval': evals[i][0],
+                         'memory': memory[i], 'ops': ops[i], 'history': history_bytes(modules[i]),
+                         'buffers': sum(b.nbytes for b in modules[i].buffers())})
     # One failing layer (e.g. cbn.py mid-edit) must not stop the run: it becomes a row.
     except Exception as exc:  # noqa: BLE001
         result.error = common.describe_error(exc, 300)
     return result
 
 
-def measure_rows(rows, shapes, args, device):
-    """``measure`` every row at every shape, per dtype and memory format of
-    ``args``, each one's time and status to stderr. Returns the Results."""
-    results = []
-    for dtype, memory_format, row, shape in itertools.product(args.dtype, args.memory_format,
-                                                              rows, shapes):
-        start = time.perf_counter()
-        results.append(measure(row, shape, args, device, dtype, memory_format))
-        status = results[-1].error or results[-1].compile_note or 'ok'
-        print(f'[{row.key} @ {shape.name}, {dtype}, {memory_format}: '
-              f'{time.perf_counter() - start:.1f} s, {status}]', file=sys.stderr, flush=True)
-    return results
-
-
-# ------------------------------------------------------------------ report
 OPS_COLUMN = 'ops + launches fwd+bwd (layer / base)'
 COMPILED_COLUMNS = ('compiled fwd+bwd ms (layer / base)', 'layer compiled / eager x',
                     'compiled fwd+bwd x')
@@ -441,9 +370,8 @@ def compiled_cells(result):
         return [f'compile failed: {result.compile_note}', '', '']
     layer, base = result.compiled
     note = f' ({result.compile_note})' if result.compile_note else ''
-    return [f'{common.fmt_ms(layer)} / {common.fmt_ms(base)}{note}',
-            common.fmt_ratio(common.ratio(layer, result.layer['fwd+bwd'])),
-            common.fmt_ratio(common.ratio(layer, base))]
+    return [f'{fmt_ms(layer)} / {fmt_ms(base)}{note}',
+            fmt_ratio(ratio(layer, result.layer['fwd+bwd'])), fmt_ratio(ratio(layer, base))]
 
 
 def table(results, device, compiled=False):
@@ -460,19 +388,17 @@ def table(results, device, compiled=False):
         cells = [r.row.name, r.row.baseline, f'{r.shape.name} {"x".join(map(str, r.shape.size))}',
                  r.dtype, r.memory_format]
         if r.error:
-            rows.append(cells + [f'not measured: {r.error}'] + [''] * (len(header) - 6))
+            rows.append(common.not_measured(cells, r.error, len(header)))
             continue
-        for metric, fmt in (('fwd', common.fmt_ms), ('fwd+bwd', common.fmt_ms),
-                            ('eval', common.fmt_ms), ('memory', common.fmt_mb)):
-            cells += [f'{fmt(r.layer[metric])} / {fmt(r.baseline[metric])}',
-                      common.fmt_ratio(common.ratio(r.layer[metric], r.baseline[metric]))]
+        sides = (r.layer, r.baseline)
+        for metric, fmt in (('fwd', fmt_ms), ('fwd+bwd', fmt_ms), ('eval', fmt_ms),
+                            ('memory', fmt_mb), ('buffers', fmt_mb)):
+            cells.append(' / '.join(fmt(side[metric]) for side in sides))
+            if metric != 'buffers':
+                cells.append(fmt_ratio(ratio(r.layer[metric], r.baseline[metric])))
             if metric == 'fwd+bwd':
-                cells.append(' / '.join('{}+{}'.format(*side['ops'])
-                                        for side in (r.layer, r.baseline)))
-        cells.append(f'{common.fmt_mb(r.layer["buffers"])} / '
-                     f'{common.fmt_mb(r.baseline["buffers"])}')
-        history = [common.fmt_mb(side['history']) if side['history'] else '-'
-                   for side in (r.layer, r.baseline)]
+                cells.append(' / '.join('{}+{}'.format(*side['ops']) for side in sides))
+        history = [fmt_mb(side['history']) if side['history'] else '-' for side in sides]
         cells.append(' / '.join(history) if history != ['-', '-'] else '-')
         rows.append(cells + (compiled_cells(r) if compiled else []))
     return markdown_table(header, rows).splitlines()
@@ -489,51 +415,40 @@ def device_text(device):
 
 
 def report(results, args, argv, device, shapes, load):
-    """Returns the markdown of the run: its settings, what the columns are and the table."""
-    lines = [
+    """Returns the lines of the run's markdown: its settings and the table."""
+    return [
         '# Layer benchmark: mmnorm layers next to their baselines',
         '',
         f'Command: `{" ".join(["python tools/benchmark_layers.py", *argv])}`  ',
-        (f'torch {torch.__version__}, {device_text(device)}, scale {args.scale}; each time '
-         f'is the median of alternated samples (at least {args.repeats}, and more until '
-         f'{args.min_time} s per module and mode, at most {common.MAX_ROUNDS}) after '
-         f'{args.warmup} warm-up calls (CBN: after burn-in + buffer_num training steps).  '),
-        (f'Load average at the start: {load} on {os.cpu_count()} CPUs (other processes '
-         'running on the same cores make times noisy, more so with several threads).'),
+        f'torch {torch.__version__}, {device_text(device)}, scale {args.scale}, load average '
+        f'{load} on {os.cpu_count()} CPUs at the start; each time is the median of at least '
+        f'{args.repeats} alternated samples and {args.min_time} s per module and mode, after '
+        f'{args.warmup} warm-up calls.',
         '',
         'Shapes (2 images per batch; `--scale 1` is an 800x1333 image, 512 and 128 RoIs):',
         '',
-        *[f'- {shape.describe()}' for shape in shapes],
+        *[f'- {s.name}: norm input {s.size}; conv {s.kernel}x{s.kernel} {s.conv_in} -> '
+          f'{s.size[1]}' for s in shapes],
         '',
         'Ratios are layer / baseline at the same shape, measured alternately in this run; '
-        'how each column is measured: docs/benchmarks.md. Memory: '
-        + ('peak of torch.cuda.max_memory_allocated during forward+backward.'
-           if device.type == 'cuda' else 'storages saved for backward plus the output (CPU '
-           'torch has no peak counter).')
-        + ' dtype bfloat16: the forwards of the float32 modules under '
+        'how each column is measured: docs/benchmarks.md. dtype bfloat16: the forwards under '
         f'torch.autocast(\'{device.type}\', dtype=torch.bfloat16).'
-        + (f' Compiled: torch.compile(module, backend=\'{args.compile_backend}\'), compiled '
-           f'in at least {max(args.warmup, COMPILE_WARMUP)} warm-up calls, more until a call '
-           f'compiles nothing (at most {MAX_COMPILE_WARMUP}); layer compiled / eager x: the '
-           'layer\'s compiled fwd+bwd time over its eager one.' if args.compile else ''),
+        + (f' Compiled: torch.compile(module, backend=\'{args.compile_backend}\'), at least '
+           f'{max(args.warmup, COMPILE_WARMUP)} warm-up calls, more until a call compiles '
+           f'nothing (at most {MAX_COMPILE_WARMUP}).' if args.compile else ''),
         '',
         *table(results, device, args.compile),
     ]
-    return '\n'.join(lines) + '\n'
 
 
-# -------------------------------------------------------------------- plot
 def points_from_markdown(markdown):
     """Returns (group label, shape name, {metric: ratio}) per measured row of
     the main table (the one with a 'shape' column) of ``report``'s markdown;
     a group is a row in one dtype and memory format."""
-    main = next((t for t in common.markdown_tables(markdown)
-                 if t and {'shape', 'dtype', 'memory format'} <= set(t[0])), None)
-    if main is None:
-        raise ValueError('no table with the columns shape, dtype and memory format')
     return [(f'{r["layer"]}\nvs {r["baseline"]}\n{r["dtype"]}\n{r["memory format"]}',
              r['shape'].rsplit(' ', 1)[0], {m: common.read_ratio(r[f'{m} x']) for m in PLOTTED})
-            for r in main if not r['fwd ms (layer / base)'].startswith('not measured')]
+            for r in common.find_table(markdown, ('shape', 'dtype', 'memory format'))
+            if not r['fwd ms (layer / base)'].startswith('not measured')]
 
 
 def plot(markdown, path):
@@ -550,7 +465,6 @@ def plot(markdown, path):
                      groups, panels)
 
 
-# --------------------------------------------------------------------- run
 def run(args, argv):
     """Run the benchmark as tools/benchmark_layers.py's options ``args``
     (parsed from ``argv``) ask. Returns the markdown, printed (None with
@@ -559,12 +473,15 @@ def run(args, argv):
         return common.redraw(args.plot_from, plot)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    load = common.load_average()
-    shapes = make_shapes(args.scale)
+    device, load, shapes = torch.device(args.device), common.load_average(), make_shapes(args.scale)
     rows = [row for row in ROWS if not args.layers or row.key in args.layers]
-    start = time.perf_counter()
-    results = measure_rows(rows, shapes, args, device)
-    print(f'[{len(results)} measurements in {time.perf_counter() - start:.1f} s]',
-          file=sys.stderr, flush=True)
+    results, start = [], time.perf_counter()
+    for dtype, memory_format, row, shape in itertools.product(args.dtype, args.memory_format,
+                                                              rows, shapes):
+        began = time.perf_counter()
+        results.append(measure(row, shape, args, device, dtype, memory_format))
+        common.say(f'[{row.key} @ {shape.name}, {dtype}, {memory_format}: '
+                   f'{time.perf_counter() - began:.1f} s, '
+                   f'{results[-1].error or results[-1].compile_note or "ok"}]')
+    common.say(f'[{len(results)} measurements in {time.perf_counter() - start:.1f} s]')
     return common.publish(report(results, args, argv, device, shapes, load), args.out, plot)

@@ -1,9 +1,7 @@
 """One training iteration of torchvision's Mask R-CNN R-50-FPN per normalization
 method (METHODS), eager and with the backbone + FPN compiled: what
-tools/benchmark_maskrcnn.py measures (torch, torchvision, mmengine; no mmcv,
-no mmdet). docs/benchmarks.md says how. ``--smoke`` runs the same code on tiny
-inputs, compiling with 'aot_eager' instead of inductor.
-"""
+tools/benchmark_maskrcnn.py measures (how: docs/benchmarks.md). ``--smoke``
+runs the same code on tiny inputs, compiling with 'aot_eager'."""
 import datetime
 import gc
 import platform
@@ -54,48 +52,23 @@ def build_model(method, image_size):
     return model
 
 
-def trunk_layers(model):
-    """Returns the ResNet trunk's layers with weights or buffers, counted by class, as text."""
-    names = [type(m).__name__ for m in model.backbone.body.modules()
-             if not list(m.children()) and list(m.parameters()) + list(m.buffers())]
-    return ', '.join(f'{names.count(name)} {name}' for name in dict.fromkeys(names))
-
-
 def make_inputs(count, image_size, device):
     """Returns ``count`` random images of ``image_size`` (H, W) and their targets."""
     generator = torch.Generator().manual_seed(0)
-    h, w = image_size
-    scale = torch.tensor([w, h])
     images, targets = [], []
     for _ in range(count):
-        images.append(torch.rand(3, h, w, generator=generator).to(device))
-        sizes = (0.1 + 0.4 * torch.rand(BOXES, 2, generator=generator)) * scale
-        corners = torch.rand(BOXES, 2, generator=generator) * (scale - sizes)
-        boxes = torch.cat([corners, corners + sizes], 1).floor()
-        masks = torch.zeros(BOXES, h, w, dtype=torch.uint8)
-        for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
-            mask[y0:y1, x0:x1] = 1
+        images.append(torch.rand(3, *image_size, generator=generator).to(device))
+        boxes, masks = common.boxes_and_masks(BOXES, image_size, generator)
         labels = torch.randint(1, 91, (BOXES,), generator=generator)
         targets.append({'boxes': boxes.to(device), 'labels': labels.to(device),
                         'masks': masks.to(device)})
     return images, targets
 
 
-def iteration(model, optimizer, images, targets, dtype):
-    """Run one training iteration. Returns its losses, detached."""
-    with torch.autocast(images[0].device.type, dtype=torch.bfloat16,
-                        enabled=dtype == 'bfloat16'):
-        losses = model(images, targets)
-    sum(losses.values()).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {name: loss.detach() for name, loss in losses.items()}
-
-
-def timed(step, warmup, iters, device):
-    """``warmup`` calls of ``step``, then ``iters`` timed ones. Returns (median
-    seconds, peak bytes or None on the CPU, names of the losses that were not
-    finite)."""
+def timed(step, warmup, iters, device, problems, label):
+    """``warmup`` calls of ``step``, then ``iters`` timed ones; the names of
+    the losses that were not finite go to ``problems`` after ``label``.
+    Returns (median seconds, peak bytes or None on the CPU)."""
     sync = common.synchronizer(device)
     for _ in range(warmup):
         step()
@@ -110,8 +83,10 @@ def timed(step, warmup, iters, device):
         sync()
         seconds.append(time.perf_counter() - start)
         not_finite |= {name for name, loss in losses.items() if not loss.isfinite().all()}
+    if not_finite:
+        problems.append(f'{label}loss not finite: {", ".join(sorted(not_finite))}')
     peak = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None
-    return statistics.median(seconds), peak, sorted(not_finite)
+    return statistics.median(seconds), peak
 
 
 @dataclass
@@ -128,44 +103,43 @@ class Result:
 def measure(method, inputs, args, device, compile_backend):
     """Measure ``method`` (``compile_backend`` None: no compiled column).
     Returns its Result; a failure is one of its problems."""
-    result = Result(method)
+    result, stage = Result(method), ''
     try:
         torch.manual_seed(0)
         model = build_model(method, args.image_size).to(device).train()
-        result.layers = trunk_layers(model)
+        trunk = [type(m).__name__ for m in model.backbone.body.modules()
+                 if not list(m.children()) and list(m.parameters()) + list(m.buffers())]
+        result.layers = ', '.join(f'{trunk.count(name)} {name}' for name in dict.fromkeys(trunk))
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                     lr=LR, momentum=MOMENTUM)
 
-        def step():
-            return iteration(model, optimizer, *inputs, args.dtype)
+        def step():  # one training iteration; returns its losses, detached
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=args.dtype == 'bfloat16'):
+                losses = model(*inputs)
+            sum(losses.values()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return {name: loss.detach() for name, loss in losses.items()}
 
-        result.eager, result.peak, not_finite = timed(
-            step, max(args.warmup, common.steps_to_fill(model)), args.iters, device)
+        result.eager, result.peak = timed(step, max(args.warmup, common.steps_to_fill(model)),
+                                          args.iters, device, result.problems, '')
         common.check_history_full(model)
+        if compile_backend is not None:
+            stage = 'compiled '
+            torch.compiler.reset()
+            keep_cbn_convs_eager(model)
+            model.backbone = torch.compile(model.backbone, backend=compile_backend)
+            start = time.perf_counter()
+            step()
+            common.synchronizer(device)()
+            common.say(f'[{method}: backbone compiled ({compile_backend}) in '
+                       f'{time.perf_counter() - start:.1f} s]')
+            result.compiled, _ = timed(step, args.warmup, args.iters, device, result.problems,
+                                       stage)
     except Exception as exc:  # noqa: BLE001  (a failing method is a row: CBN is being reworked)
         traceback.print_exc(file=sys.stderr)
-        result.problems.append(f'failed: {common.describe_error(exc)}')
-        return result
-    if not_finite:
-        result.problems.append(f'loss not finite: {", ".join(not_finite)}')
-    if compile_backend is None:
-        return result
-    try:
-        torch.compiler.reset()
-        keep_cbn_convs_eager(model)
-        model.backbone = torch.compile(model.backbone, backend=compile_backend)
-        start = time.perf_counter()
-        step()
-        common.synchronizer(device)()
-        print(f'[{method}: backbone compiled ({compile_backend}) in '
-              f'{time.perf_counter() - start:.1f} s]', file=sys.stderr, flush=True)
-        result.compiled, _, not_finite = timed(step, args.warmup, args.iters, device)
-    except Exception as exc:  # noqa: BLE001
-        traceback.print_exc(file=sys.stderr)
-        result.problems.append(f'compiled failed: {common.describe_error(exc)}')
-        return result
-    if not_finite:
-        result.problems.append(f'compiled loss not finite: {", ".join(not_finite)}')
+        result.problems.append(f'{stage}failed: {common.describe_error(exc)}')
     return result
 
 
@@ -186,17 +160,15 @@ def table(results, compiled_methods):
 
 
 def report(results, args, argv, device, compile_backend, compiled_methods):
-    """Returns the markdown of the run: when, where, what, and the table."""
+    """Returns the lines of the run's markdown: when, where, what, and the table."""
     import torchvision
     when = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
     name = (torch.cuda.get_device_name(device) if device.type == 'cuda' else
             f'CPU ({platform.machine()}), {torch.get_num_threads()} threads')
-    h, w = args.image_size
-    compiled = ('`keep_cbn_convs_eager(model)`, `model.backbone = torch.compile('
-                f'model.backbone, backend={compile_backend!r})` (backbone + FPN; RPN and RoI '
-                'heads eager), then the same warm-up and timed iterations'
+    compiled = (f'`keep_cbn_convs_eager(model)`, `model.backbone = torch.compile(model.backbone, '
+                f'backend={compile_backend!r})`, then the same warm-up and timed iterations'
                 if compile_backend else 'not run')
-    lines = [
+    return [
         '# Mask R-CNN R-50-FPN (torchvision): one training iteration per normalization method',
         '',
         f'Measured on {when} with `python tools/benchmark_maskrcnn.py {" ".join(argv)}`'
@@ -205,16 +177,13 @@ def report(results, args, argv, device, compile_backend, compiled_methods):
         f'- device: {name}; NVIDIA driver {common.driver_version()}',
         f'- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN '
         f'{torch.backends.cudnn.version()}, torchvision {torchvision.__version__}',
-        f'- input: {args.images} images of {h} x {w}, {args.dtype}; {args.warmup} warm-up '
-        f'iterations (CBN: at least until its history is full), median of {args.iters} '
-        'timed iterations',
-        '- iteration: forward with targets, sum of the losses, backward, SGD step '
-        f'(lr {LR}, momentum {MOMENTUM}), zero_grad; peak MB: torch.cuda.max_memory_allocated '
-        'over the timed iterations',
+        f'- input: {args.images} images of {args.image_size[0]} x {args.image_size[1]}, '
+        f'{args.dtype}; {args.warmup} warm-up iterations (CBN: at least until its history is '
+        f'full), median of {args.iters} timed iterations; SGD lr {LR}, momentum {MOMENTUM}',
         f'- compiled: {compiled}',
         '',
+        *table(results, compiled_methods).splitlines(),
     ]
-    return '\n'.join(lines) + '\n' + table(results, compiled_methods)
 
 
 def run(args, argv):
@@ -224,19 +193,17 @@ def run(args, argv):
         args.__dict__.update(SMOKE)
     device = torch.device(args.device)
     backend = 'aot_eager' if args.smoke else 'inductor'
-    methods = [FROZEN] + [m for m in args.methods if m != FROZEN]
     compiled_methods = [FROZEN] + args.compile_methods if args.compile else []
     inputs = make_inputs(args.images, args.image_size, device)
     results = []
-    for method in methods:
+    for method in [FROZEN] + [m for m in args.methods if m != FROZEN]:
         start = time.perf_counter()
         results.append(measure(method, inputs, args, device,
                                backend if method in compiled_methods else None))
-        print(f'[{method}: {time.perf_counter() - start:.1f} s, '
-              f'{"; ".join(results[-1].problems) or "ok"}]', file=sys.stderr, flush=True)
+        common.say(f'[{method}: {time.perf_counter() - start:.1f} s, '
+                   f'{"; ".join(results[-1].problems) or "ok"}]')
         gc.collect()
         if device.type == 'cuda':
             torch.cuda.empty_cache()
-    markdown = report(results, args, argv, device, backend if args.compile else None,
-                      compiled_methods)
-    return common.publish(markdown, args.out)
+    return common.publish(report(results, args, argv, device, backend if args.compile else None,
+                                 compiled_methods), args.out)

@@ -1,24 +1,19 @@
 """Speed and memory of whole Mask R-CNN R-50-FPN models, one per method
-(METHODS), in one run: what tools/benchmark_models.py measures and writes.
-docs/benchmarks.md says how each column is measured: training iterations and
-inferences alternated between the models, memory in a fresh process per
-method (``--measure-memory-of``), and with ``--profile`` where a training
-iteration spends its time.
-"""
+(METHODS), in one run, and with ``--profile`` where a training iteration
+spends its time: what tools/benchmark_models.py measures and writes (how:
+docs/benchmarks.md)."""
 import copy
 import json
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -39,23 +34,13 @@ PROFILED = ('frozenbn', 'bn', 'mabn')
 MEMORY_MARK = 'MEMORY_KIB '
 #: (method, the method it is divided by, phase): the ratios between methods the report gives
 PAIRS = (('mabn-fused', 'no-norm', 'inference'), ('mabn', 'bn', 'train'))
+#: what a variant changes in its config's model, as the table's config column says it
+VARIANTS = {'': '', 'fused': ', mmnorm.fuse', 'no norm': ', norms -> Identity, CenConv -> Conv2d'}
 
 
-# ---------------------------------------------------------------- methods
-@dataclass(frozen=True)
-class Method:
-    key: str  # the --methods name
-    name: str
-    config: str
-    trains: bool = True
-    variant: str = ''  # 'fused' or 'no norm': derived from the config's model
-
-    def describe(self):
-        """Returns the config and the change made to its model, as the table shows them."""
-        extra = {'fused': ', mmnorm.fuse', 'no norm': ', norms -> Identity, CenConv -> Conv2d'}
-        return f'{self.config}{extra.get(self.variant, "")}'
-
-
+#: A method: its --methods name, its name in the tables, its config in configs/, whether it
+#: trains, and a key of VARIANTS (the model made from the config's)
+Method = namedtuple('Method', 'key name config trains variant', defaults=(True, ''))
 METHODS = [
     Method('frozenbn', 'FrozenBN', 'mask_rcnn_frozenbn_1x.py'),
     Method('mabn', 'MABN', 'mask_rcnn_mabn.py'),
@@ -88,8 +73,8 @@ def without_cbn_burnin(cfg):
 
 
 def model_config(method, scale):
-    """Returns ``method``'s config with the benchmark's changes (module
-    docstring; RoI counts times ``scale``^2)."""
+    """Returns ``method``'s config with the benchmark's changes
+    (docs/benchmarks.md; RoI counts times ``scale``^2)."""
     from mmengine.config import Config
 
     from ..engine.runtime import require_pkg_resources
@@ -170,34 +155,26 @@ def build(method, scale):
         return model, build_optim_wrapper(model, cfg.optim_wrapper)
 
 
-def make_batch(scale, seed=0):
+def make_batch(scale):
     """Returns two deterministic BGR uint8 images with GT_PER_IMAGE boxes,
     labels and bitmap masks (filled rectangles) each, as a data loader gives them."""
     from mmdet.structures import DetDataSample
     from mmdet.structures.mask import BitmapMasks
     from mmengine.structures import InstanceData
     h, w = image_size(scale)
-    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(0)
     inputs, samples = [], []
     for index in range(2):
-        size = rng.uniform(0.15, 0.5, (GT_PER_IMAGE, 2)) * (w, h)
-        corner = rng.uniform(0, 1, (GT_PER_IMAGE, 2)) * ((w, h) - size)
-        boxes = np.concatenate([corner, corner + size], 1).round().astype(np.float32)
-        masks = np.zeros((GT_PER_IMAGE, h, w), np.uint8)
-        for mask, (x0, y0, x1, y1) in zip(masks, boxes.astype(int)):
-            mask[y0:y1, x0:x1] = 1
-        sample = DetDataSample(metainfo=dict(img_id=index, img_shape=(h, w), ori_shape=(h, w),
-                                             scale_factor=(1.0, 1.0)))
-        sample.gt_instances = InstanceData(
-            bboxes=torch.from_numpy(boxes),
-            labels=torch.from_numpy(rng.integers(0, 80, GT_PER_IMAGE)),
-            masks=BitmapMasks(masks, h, w))
-        inputs.append(torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)))
-        samples.append(sample)
+        boxes, masks = common.boxes_and_masks(GT_PER_IMAGE, (h, w), generator)
+        samples.append(DetDataSample(metainfo=dict(img_id=index, img_shape=(h, w),
+                                                   ori_shape=(h, w), scale_factor=(1.0, 1.0))))
+        samples[-1].gt_instances = InstanceData(
+            bboxes=boxes, labels=torch.randint(0, 80, (GT_PER_IMAGE,), generator=generator),
+            masks=BitmapMasks(masks.numpy(), h, w))
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator))
     return dict(inputs=inputs, data_samples=samples)
 
 
-# ------------------------------------------------------------- measuring
 def train_iteration(model, optim_wrapper, batch):
     """Run one training iteration. Returns ((total, forward, backward, step)
     seconds, the loss)."""
@@ -224,82 +201,58 @@ def inference(model, batch):
 
 @dataclass
 class Result:
-    """The measurements of one method."""
+    """One method: its model, optim wrapper (None: inference only) and batch
+    while it is measured, then its measurements."""
     method: Method
-    train: list = field(default_factory=list)  # medians: total, forward, backward, step
-    train_spread: tuple = ()  # (min, max) of the total
-    loss: float = math.nan  # of the last iteration
-    infer: float = math.nan
-    infer_spread: tuple = ()
-    detections: int = 0  # in the batch, at the last inference
+    model: nn.Module = None
+    optim_wrapper: object = None
+    batch: dict = None
+    medians: dict = field(default_factory=dict)  # 'train' / 'inference' -> seconds per part
+    spreads: dict = field(default_factory=dict)  # 'train' / 'inference' -> (min, max) total
+    last: dict = field(default_factory=dict)  # 'train': the loss, 'inference': detections
     memory: dict = field(default_factory=dict)  # 'train' / 'inference' -> KiB
     memory_error: str = ''
     error: str = ''
 
     def time(self, phase):
         """Returns the median seconds in ``phase`` ('train' or 'inference'), nan if not measured."""
-        return self.infer if phase == 'inference' else self.train[0] if self.train else math.nan
+        return self.medians[phase][0] if phase in self.medians else math.nan
 
 
-def timed_rounds(results, run, warmups, repeats, phase):
-    """Alternate ``run(method key)``, which returns (seconds, ...) and a value
-    to keep, over ``results`` (``common.median_times``), each call's time to
-    stderr labelled ``phase``. An exception becomes that result's error, and
-    its later calls are skipped. Returns, per result key still without an
-    error, (the medians of the numbers, (min, max) of the first, the value
-    kept at the last call)."""
-    samples, kept, calls = {r.method.key: [] for r in results}, {}, Counter()
+def measure_times(results, args):
+    """Fill in the training times of ``results``, then the inference times:
+    the models take turns (``common.median_times``), each call's time to
+    stderr. An exception becomes that method's error and skips its later calls."""
+    for phase in ('train', 'inference'):
+        live = [r for r in results if not r.error and (r.method.trains or phase == 'inference')]
+        for r in live:
+            r.model.train(phase == 'train')
+        warmups = [max(args.warmup, common.steps_to_fill(r.model) if phase == 'train' else 0)
+                   for r in live]
+        samples, kept = [[] for _ in live], [None] * len(live)
 
-    def step(result):
-        key = result.method.key
-        calls[key] += 1
-        if result.error:
-            return (math.nan,)
-        try:
-            times, kept[key] = run(key)
-        except Exception as exc:  # noqa: BLE001  (one failing method is a row, not the end)
-            result.error = common.describe_error(exc, 300)
-            return (math.nan,)
-        timed = calls[key] > warmups[key]
-        if timed:
-            samples[key].append(times)
-        print(f'[{phase} {result.method.name}: {times[0]:.1f} s{"" if timed else ", warm-up"}]',
-              file=sys.stderr, flush=True)
-        return times
+        def step(i):
+            r = live[i]
+            if r.error:
+                return (math.nan,)
+            try:
+                times, kept[i] = (train_iteration(r.model, r.optim_wrapper, r.batch)
+                                  if phase == 'train' else inference(r.model, r.batch))
+            except Exception as exc:  # noqa: BLE001  (one failing method is a row, not the end)
+                r.error = common.describe_error(exc, 300)
+                return (math.nan,)
+            samples[i].append(times)
+            warm = ', warm-up' if len(samples[i]) <= warmups[i] else ''
+            common.say(f'[{phase} {r.method.name}: {times[0]:.1f} s{warm}]')
+            return times
 
-    common.median_times(results, step, [warmups[r.method.key] for r in results], repeats)
-    summary = {}
-    for r in results:
-        if not r.error:
-            rows = samples[r.method.key]
-            totals = [times[0] for times in rows]
-            summary[r.method.key] = ([statistics.median(c) for c in zip(*rows)],
-                                     (min(totals), max(totals)), kept[r.method.key])
-    return summary
-
-
-def measure_times(results, models, optimizers, batches, args):
-    """Fill in the training and inference times of ``results`` (docs/benchmarks.md)."""
-    trained = [r for r in results if r.method.trains and not r.error]
-    for r in trained:
-        models[r.method.key].train()
-    warmups = {r.method.key: max(args.warmup, common.steps_to_fill(models[r.method.key]))
-               for r in trained}
-    timed = timed_rounds(trained, lambda key: train_iteration(models[key], optimizers[key],
-                                                              batches[key]),
-                         warmups, args.repeats, 'train')
-    for r in trained:
-        if r.method.key in timed:
-            common.check_history_full(models[r.method.key])
-            r.train, r.train_spread, r.loss = timed[r.method.key]
-    for model in models.values():
-        model.eval()
-    live = [r for r in results if not r.error]
-    timed = timed_rounds(live, lambda key: inference(models[key], batches[key]),
-                         {r.method.key: args.warmup for r in live}, args.repeats, 'inference')
-    for r in live:
-        if r.method.key in timed:
-            (r.infer,), r.infer_spread, r.detections = timed[r.method.key]
+        medians = common.median_times(range(len(live)), step, warmups, args.repeats)
+        for r, values, timed, warmup, last in zip(live, medians, samples, warmups, kept):
+            if not r.error:
+                common.check_history_full(r.model)
+                totals = [times[0] for times in timed[warmup:]]
+                r.medians[phase], r.spreads[phase], r.last[phase] = (
+                    values, (min(totals), max(totals)), last)
 
 
 def peak_above_current(run):
@@ -352,17 +305,14 @@ def measure_memory(result, args):
         tail = proc.stdout.strip().splitlines()[-1:] or ['no output']
         result.memory_error = (f'subprocess exited {proc.returncode}: '
                                f'{tail[0]}').replace('|', '/')[:300]
-        return
-    result.memory = json.loads(lines[-1][len(MEMORY_MARK):])
+    else:
+        result.memory = json.loads(lines[-1][len(MEMORY_MARK):])
 
 
-# -------------------------------------------------------------- profiling
 def profile_training(model, optim_wrapper, batch):
     """Profile one training iteration. Returns its self CPU seconds by
-    (component, module class, pass): component is the first part of the
-    module's name, pass 'forward' or 'backward'; optimizer calls are
-    ('optimizer', 'SGD step + zero_grad', 'step'), ops outside every module
-    ('other', 'outside modules', pass)."""
+    (component: the first part of the module's name, module class, pass:
+    'forward', 'backward' or the optimizer's 'step'), as docs/benchmarks.md says."""
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
     stack, handles = [], []
@@ -385,7 +335,7 @@ def profile_training(model, optim_wrapper, batch):
             handle.remove()
 
     def owner(event):
-        """Returns (root event, innermost module range) of ``event``."""
+        """Returns (root event, innermost module range or None) of ``event``."""
         module, root = None, event
         while True:
             if module is None and root.name.startswith('module|'):
@@ -394,8 +344,8 @@ def profile_training(model, optim_wrapper, batch):
                 return root, module
             root = root.cpu_parent
 
-    by_sequence, totals = {}, Counter()
     resolved = [(event, *owner(event)) for event in prof.events()]
+    by_sequence, totals = {}, Counter()
     for event, root, module in resolved:
         if module and event.sequence_nr >= 0 and not root.name.startswith('autograd::'):
             by_sequence.setdefault(event.sequence_nr, module)
@@ -405,10 +355,8 @@ def profile_training(model, optim_wrapper, batch):
         elif root.name.startswith('autograd::'):
             label = by_sequence.get(root.sequence_nr)
             key = (*(label.split('|')[1:] if label else ('other', 'outside modules')), 'backward')
-        elif module:
-            key = (*module.split('|')[1:], 'forward')
         else:
-            key = ('other', 'outside modules', 'forward')
+            key = (*(module.split('|')[1:] if module else ('other', 'outside modules')), 'forward')
         totals[key] += event.self_cpu_time_total / 1e6
     return totals
 
@@ -418,12 +366,11 @@ def profile_tables(profiles):
     ``profile_training``), by component and by module class (and pass)."""
     names = list(profiles)
     lines = []
-    for title, group in (('component', lambda key: (key[0], key[2])),
-                         ('module class', lambda key: (key[1], key[2]))):
+    for title, part in (('component', 0), ('module class', 1)):
         sums = {name: Counter() for name in names}
         for name, totals in profiles.items():
             for key, seconds in totals.items():
-                sums[name][group(key)] += seconds
+                sums[name][key[part], key[2]] += seconds
         keys = sorted(set().union(*sums.values()), key=lambda k: -max(s[k] for s in sums.values()))
         shown = [k for k in keys if max(s[k] for s in sums.values()) >= 0.01 * max(
             sum(s.values()) for s in sums.values())]
@@ -443,7 +390,6 @@ def profile_tables(profiles):
     return lines
 
 
-# ------------------------------------------------------------------ report
 def table(results, skip_memory):
     """Returns the main table's lines: one row per method, ratios to FrozenBN."""
     base = next(r for r in results if r.method.key == BASELINE)
@@ -451,23 +397,23 @@ def table(results, skip_memory):
               'forward / backward / step ms', 'inference ms (min-max)', 'inference x',
               'detections', 'last loss', 'train peak MB', 'train memory x', 'inference peak MB',
               'inference memory x']
+
+    def spread(r, phase):
+        low, high = r.spreads[phase]
+        return f'{fmt_ms(r.time(phase))} ({fmt_ms(low)}-{fmt_ms(high)})'
+
     rows = []
     for r in results:
-        cells = [r.method.name, r.method.describe()]
+        cells = [r.method.name, r.method.config + VARIANTS[r.method.variant]]
         if r.error:
-            rows.append(cells + [f'not measured: {r.error}'] + [''] * (len(header) - 3))
+            rows.append(common.not_measured(cells, r.error, len(header)))
             continue
-        if r.train:
-            low, high = r.train_spread
-            cells += [f'{fmt_ms(r.train[0])} ({fmt_ms(low)}-{fmt_ms(high)})',
-                      fmt_ratio(ratio(r.time('train'), base.time('train'))),
-                      ' / '.join(fmt_ms(t) for t in r.train[1:])]
-        else:
-            cells += ['-', '-', '-']
-        low, high = r.infer_spread
-        cells += [f'{fmt_ms(r.infer)} ({fmt_ms(low)}-{fmt_ms(high)})',
-                  fmt_ratio(ratio(r.infer, base.infer)), str(r.detections),
-                  f'{r.loss:.3f}' if r.train else '-']
+        trained = 'train' in r.medians
+        cells += ([spread(r, 'train'), fmt_ratio(ratio(r.time('train'), base.time('train'))),
+                   ' / '.join(fmt_ms(t) for t in r.medians['train'][1:])] if trained else ['-'] * 3)
+        cells += [spread(r, 'inference'), fmt_ratio(ratio(r.time('inference'),
+                                                          base.time('inference'))),
+                  str(r.last['inference']), f'{r.last["train"]:.3f}' if trained else '-']
         if skip_memory or r.memory_error:
             reason = ' (--skip-memory)' if skip_memory else f': {r.memory_error}'
             cells += [f'not measured{reason}', '', '', '']
@@ -480,49 +426,36 @@ def table(results, skip_memory):
     return markdown_table(header, rows).splitlines()
 
 
-def pairs_table(results):
-    """Returns the lines of the table of PAIRS: each ratio between two methods
-    ('-' where either was not measured)."""
-    by_key = {r.method.key: r for r in results if not r.error}
-    names = {m.key: m.name for m in METHODS}
-    rows = [[f'{names[key]} / {names[base]}', phase,
-             fmt_ratio(ratio(by_key[key].time(phase), by_key[base].time(phase))
-                       if key in by_key and base in by_key else math.nan)]
-            for key, base, phase in PAIRS]
-    return markdown_table(['methods', 'phase', 'measured'], rows).splitlines()
-
-
 def report(results, args, argv, loads, fold_check, profiles):
-    """Returns the markdown of the run: its settings, the tables and the profiles."""
+    """Returns the lines of the run's markdown: its settings, the tables and the profiles."""
     import mmcv
     import mmdet
     h, w = image_size(args.scale)
+    by_key = {r.method.key: r for r in results if not r.error}
+    names = {m.key: m.name for m in METHODS}
+    pairs = [[f'{names[key]} / {names[base]}', phase,
+              fmt_ratio(ratio(by_key[key].time(phase), by_key[base].time(phase))
+                        if key in by_key and base in by_key else math.nan)]
+             for key, base, phase in PAIRS]
     lines = [
         '# Model benchmark: Mask R-CNN R-50-FPN per method, training iteration and inference',
         '',
         f'Command: `{" ".join(["python tools/benchmark_models.py", *argv])}`  ',
         f'torch {torch.__version__}, mmdet {mmdet.__version__}, mmcv {mmcv.__version__}, CPU, '
         f'{torch.get_num_threads()} thread(s). Load average (1, 5, 15 min) on {os.cpu_count()} '
-        f'CPUs: {loads[0]} at the start, {loads[1]} at the end; other processes on the same '
-        'cores make the times noisy.',
+        f'CPUs: {loads[0]} at the start, {loads[1]} at the end.',
         '',
         f'Inputs: the same 2 synthetic images of {h}x{w} (scale {args.scale} of {IMAGE[0]}x'
-        f'{IMAGE[1]}) per iteration, {GT_PER_IMAGE} ground-truth boxes, labels and bitmap '
-        f'masks each; RoIs: {scaled_count(512, args.scale)} sampled per image in training, '
-        f'{scaled_count(1000, args.scale)} proposals and {scaled_count(100, args.scale)} '
-        'detections per image at inference (score threshold 0; the detections column counts '
-        'them over both images). No pretrained weights; SGD at lr '
-        f'{LR:g}. Each time is the median of {args.repeats} alternated rounds after '
-        f'{args.warmup} warm-up iterations per model (CBN: burn-in 0, then buffer_num '
-        'iterations). Ratios are to FrozenBN. Memory: the peak resident set size of one '
-        'iteration minus the resident set size before it, per method in a fresh process '
-        f'with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}. How each column is measured: '
-        'docs/benchmarks.md.',
+        f'{IMAGE[1]}), {GT_PER_IMAGE} boxes, labels and masks each; RoIs per image: '
+        f'{scaled_count(512, args.scale)} sampled in training, {scaled_count(1000, args.scale)} '
+        f'proposals and {scaled_count(100, args.scale)} detections at inference. Each time is '
+        f'the median of {args.repeats} alternated rounds after {args.warmup} warm-up iterations '
+        'per model; ratios are to FrozenBN; how each column is measured: docs/benchmarks.md.',
         '',
+        *table(results, args.skip_memory),
+        '', '## Ratios between methods', '',
+        *markdown_table(['methods', 'phase', 'measured'], pairs).splitlines(),
     ]
-    lines += table(results, args.skip_memory)
-    lines += ['', '## Ratios between methods', '']
-    lines += pairs_table(results)
     if fold_check is not None:
         lines += ['', 'The folded model and the no-norm model have the same modules and the '
                   'same parameter and buffer shapes: '
@@ -530,36 +463,26 @@ def report(results, args, argv, loads, fold_check, profiles):
     if profiles:
         lines += ['', '## Where the training time goes', '',
                   'One training iteration per method under torch.profiler, after the timed '
-                  'rounds (the profiler\'s overhead inflates the many small ops); each op\'s '
-                  'self time counts for the innermost module whose forward ran it or created '
-                  'its autograd node. "model / MaskRCNN" is MMDetection code run through '
-                  'methods rather than module calls (anchors, proposals, sampling, the losses); '
-                  '"other / outside modules" is loss parsing and autograd bookkeeping.']
-        lines += profile_tables(profiles)
-    return '\n'.join(lines) + '\n'
+                  'rounds; what the rows hold: docs/benchmarks.md.', *profile_tables(profiles)]
+    return lines
 
 
-# -------------------------------------------------------------------- plot
 RATIO_COLUMNS = {'train': 'train x', 'inference': 'inference x',
                  'train memory': 'train memory x', 'inference memory': 'inference memory x'}
 
 
 def ratios_from_markdown(markdown):
-    """Returns, per method measured in the main table (the one with a 'method'
-    column) of ``report``'s markdown, {key of RATIO_COLUMNS: ratio to
-    FrozenBN (nan: not measured)}."""
-    table = next((t for t in common.markdown_tables(markdown) if t and 'method' in t[0]), None)
-    if table is None:
-        raise ValueError('no table with a "method" column in the markdown')
+    """Returns, per method measured in the main table of ``report``'s markdown,
+    {key of RATIO_COLUMNS: ratio to FrozenBN (nan: not measured)}."""
     return {row['method']: {key: common.read_ratio(row[column])
                             for key, column in RATIO_COLUMNS.items()}
-            for row in table if not row['train ms (min-max)'].startswith('not measured')}
+            for row in common.find_table(markdown, ('method',))
+            if not row['train ms (min-max)'].startswith('not measured')}
 
 
 def plot(markdown, path):
     """Write to ``path`` the bars of the time ratios (and memory ratios, when
-    measured) per method in the table of ``markdown``, training and inference
-    side by side."""
+    measured) per method in the table of ``markdown``, training and inference."""
     ratios = ratios_from_markdown(markdown)
     names = list(ratios)
     panels = []
@@ -572,7 +495,6 @@ def plot(markdown, path):
                      panels)
 
 
-# --------------------------------------------------------------------- run
 def run(args, argv):
     """Run the benchmark as tools/benchmark_models.py's options ``args``
     (parsed from ``argv``; ``args.methods`` are Methods) ask. Returns the
@@ -586,29 +508,26 @@ def run(args, argv):
                                    args)
     start_load = common.load_average()
     results = [Result(method) for method in args.methods]
-    models, optimizers, batches = {}, {}, {}
     for r in results:
         try:
-            models[r.method.key], optimizers[r.method.key] = build(r.method, args.scale)
-            batches[r.method.key] = make_batch(args.scale)
+            r.model, r.optim_wrapper = build(r.method, args.scale)
+            r.batch = make_batch(args.scale)
         except Exception as exc:  # noqa: BLE001  (one failing method is a row, not the end)
             r.error = common.describe_error(exc, 300)
     if results[0].error:  # the baseline, FrozenBN, must build
         raise RuntimeError(f'the baseline FrozenBN could not be built: {results[0].error}')
+    built = {r.method.key: r for r in results if not r.error}
     fold_check = None
-    if 'mabn-fused' in models and 'no-norm' in models:
-        fold_check = architecture_differences(models['mabn-fused'], models['no-norm'])
-    print(f'[built {len(models)} models; timing]', file=sys.stderr, flush=True)
-    measure_times(results, models, optimizers, batches, args)
-    profiled = [r for r in results if args.profile and r.method.key in PROFILED and not r.error]
-    profiles = {r.method.name: profile_training(models[r.method.key].train(),
-                                                optimizers[r.method.key], batches[r.method.key])
-                for r in profiled}
-    del models, optimizers
+    if 'mabn-fused' in built and 'no-norm' in built:
+        fold_check = architecture_differences(built['mabn-fused'].model, built['no-norm'].model)
+    common.say(f'[built {len(built)} models; timing]')
+    measure_times(results, args)
+    profiles = {r.method.name: profile_training(r.model.train(), r.optim_wrapper, r.batch)
+                for r in results if args.profile and r.method.key in PROFILED and not r.error}
     for r in results:
+        r.model = r.optim_wrapper = None  # free their memory for the memory subprocesses
         if not (args.skip_memory or r.error):
-            print(f'[memory of {r.method.name}]', file=sys.stderr, flush=True)
+            common.say(f'[memory of {r.method.name}]')
             measure_memory(r, args)
-    markdown = report(results, args, argv, (start_load, common.load_average()), fold_check,
-                      profiles)
-    return common.publish(markdown, args.out, plot)
+    return common.publish(report(results, args, argv, (start_load, common.load_average()),
+                                 fold_check, profiles), args.out, plot)

@@ -1,6 +1,10 @@
 """mmnorm.benchmark.common, what the three benchmarks share: the one ratio and
-its cells, reading a table back, error cells and the alternated medians."""
+its cells, reading and finding a table, error cells and rows, the synthetic
+boxes and the alternated medians."""
 import math
+
+import pytest
+import torch
 
 from mmnorm.benchmark import common
 
@@ -22,6 +26,24 @@ def test_markdown_tables_reads_what_markdown_table_writes():
             + '\nbetween\n\n' + markdown_table(['c'], [['3']]))
     assert common.markdown_tables(text) == [[{'a': '1', 'b x': '2.00x'}, {'a': '', 'b x': '-'}],
                                             [{'c': '3'}]]
+
+
+def test_find_table_by_its_columns_and_a_failed_row():
+    from mmnorm.studies.results import markdown_table
+    text = (markdown_table(['a'], [['1']]) + '\n'
+            + markdown_table(['a', 'b', 'c'], [common.not_measured(['x'], 'E', 3)]))
+    assert common.find_table(text, ('a', 'b')) == [{'a': 'x', 'b': 'not measured: E', 'c': ''}]
+    with pytest.raises(ValueError, match='no table with the columns a, d'):
+        common.find_table(text, ('a', 'd'))
+
+
+def test_boxes_and_masks_fill_the_image():
+    boxes, masks = common.boxes_and_masks(50, (40, 60), torch.Generator().manual_seed(0))
+    assert boxes.shape == (50, 4) and masks.shape == (50, 40, 60) and masks.dtype == torch.uint8
+    sides = boxes[:, 2:] - boxes[:, :2]
+    assert (boxes >= 0).all() and (boxes[:, 2] <= 60).all() and (boxes[:, 3] <= 40).all()
+    assert (sides >= torch.tensor([6, 4])).all() and (sides <= torch.tensor([30, 20])).all()
+    assert torch.equal(masks.sum((1, 2)).float(), sides.prod(1))
 
 
 def test_describe_error_is_one_cell():
