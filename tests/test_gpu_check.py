@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import REPO, tool_env
 
-from mmnorm.layers._ops import CUSTOM_OPS
+from mmnorm._torch import CUSTOM_OPS
 
 
 @pytest.fixture(scope='module')

@@ -32,7 +32,8 @@ from typing import Tuple
 
 import torch
 
-from ._ops import CUSTOM_OPS, fused_operator
+from .._torch import CUSTOM_OPS
+from ._ops import fused_operator
 
 KERNELS_ENV = 'MMNORM_KERNELS'
 MODES = ('auto', 'aten', 'triton')

@@ -13,18 +13,9 @@ its backward the same way (an ``autograd.Function`` in eager mode,
 On torch 2.0-2.3 (no ``custom_op``) the functions are always called as they
 are; compiled models then break the graph at them.
 """
-import importlib
-
 import torch
 
-CUSTOM_OPS = hasattr(torch.library, 'custom_op') and hasattr(torch, 'compiler')
-
-
-def compiling():
-    """True while torch.compile traces the caller (never on torch < 2.3,
-    which has no ``torch.compiler.is_compiling``)."""
-    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
-    return is_compiling is not None and is_compiling()
+from .._torch import CUSTOM_OPS, compile_disabled, compiling
 
 
 class Operator:
@@ -119,13 +110,6 @@ def fused_step(forward, keep, gradients):
     return call
 
 
-def _disable(function):
-    compiler = getattr(torch, 'compiler', None)
-    if compiler is not None and hasattr(compiler, 'disable'):
-        return compiler.disable(function)
-    return importlib.import_module('torch._dynamo').disable(function)  # torch 2.0
-
-
 class Eager:
     """``function`` run outside torch.compile's graphs (a graph break there).
 
@@ -140,7 +124,7 @@ class Eager:
 
     def prepare(self):
         if self.disabled is None:
-            self.disabled = _disable(self.function)
+            self.disabled = compile_disabled(self.function)
 
     def __call__(self, *args, **kwargs):
         return (self.disabled or self.function)(*args, **kwargs)

@@ -28,12 +28,15 @@ does to the buffers.
 """
 import inspect
 import warnings
+import weakref
 from numbers import Integral, Real
 from typing import NamedTuple, Tuple
 
 import torch
 from mmengine.registry import MODELS
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from ._dist import sync_world
 from ._kernels import announce, fused
@@ -114,7 +117,7 @@ class SmallBatchNorm(_BatchNorm):
         self._warned_nonfinite = False  # a copy warns for itself
 
     def _apply(self, fn, recurse=True):
-        # Statistics buffers stay at least float32 (spec): ``.half()`` or
+        # Statistics buffers stay at least float32: ``.half()`` or
         # ``.to(torch.bfloat16)`` would round them and turn a second moment
         # or a variance above 65504 into inf. They follow the module's device
         # and float64.
@@ -218,6 +221,27 @@ class SmallBatchNorm(_BatchNorm):
                       'inf or NaN; the affected channels kept their previous buffers',
                       RuntimeWarning, stacklevel=3)
 
+    def describe(self):
+        """The layer in messages: its class and dotted name in the outermost
+        module it was registered under, like "CBN 'neck.lateral_convs.0.bn'"
+        (a DataParallel/DDP wrapper left out), or "CBN(256)" for a layer that
+        is not a submodule. Read from where modules were registered (see
+        :func:`_note_parent`), not from the call stack."""
+        names, node = [], self
+        while node in _PARENTS and len(names) < 1000:
+            parent, name = _PARENTS[node]
+            parent = parent()
+            if parent is None or parent._modules.get(name) is not node:
+                break  # the parent is gone, or the module was replaced there
+            if name == 'module' and isinstance(parent, (nn.DataParallel,
+                                                        nn.parallel.DistributedDataParallel)):
+                break
+            names.append(name)
+            node = parent
+        if not names:
+            return f'{type(self).__name__}({self.num_features})'
+        return f"{type(self).__name__} '{'.'.join(reversed(names))}'"
+
     def __prepare_scriptable__(self):
         raise RuntimeError(script_refusal(self))
 
@@ -244,6 +268,20 @@ class SmallBatchNorm(_BatchNorm):
                       logger='current')
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+# module -> (weak reference to the module it was last registered under, name there)
+_PARENTS = weakref.WeakKeyDictionary()
+
+
+def _note_parent(parent, name, child):
+    """Global registration hook: remember where ``child`` was registered, so
+    that a layer can name itself (:meth:`SmallBatchNorm.describe`)."""
+    if child is not None:
+        _PARENTS[child] = (weakref.ref(parent), name)
+
+
+register_module_module_registration_hook(_note_parent)
 
 
 def registered(base):

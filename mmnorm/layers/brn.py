@@ -42,6 +42,7 @@ from typing import Tuple
 import torch
 from mmengine.registry import MODELS
 
+from .._torch import native_batch_norm_backward, without_autocast
 from ._dist import union_moments
 from ._kernels import (fused, keep_for_normalized_backward, kernel_module,
                        normalized_gradients)
@@ -70,7 +71,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: tor
               inv_std: torch.Tensor, r: torch.Tensor, d: torch.Tensor,
               need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); dx is empty unless ``need_dx``."""
-    dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+    dx, dgamma, dbeta = native_batch_norm_backward(
         dy, x, weight * r, None, None, mean, inv_std, True, 0.0, [need_dx, True, True])
     return dx if need_dx else x.new_empty(0), dgamma * r + dbeta * d, dbeta
 
@@ -193,15 +194,16 @@ class BRN(SmallBatchNorm):
                                     self.eps, self.momentum, self.rmax, self.dmax,
                                     self.warmup_iters, self.rmax_iters, self.dmax_iters)
         dtype = self.stats_dtype(x)
-        if sync:
-            return self._union_forward(x.to(dtype)).to(x.dtype)
-        xs = x.to(dtype)
-        with torch.no_grad():
-            mean, inv_std = batch_statistics(xs, self.eps)
-            r, d = self._correct_and_update(mean, inv_std.reciprocal())
-        y = renormalized_batch_norm(xs, self.weight.to(dtype), self.bias.to(dtype), mean,
-                                    inv_std, r, d)
-        return y.to(x.dtype)
+        with without_autocast(x.device.type):
+            if sync:
+                return self._union_forward(x.to(dtype)).to(x.dtype)
+            xs = x.to(dtype)
+            with torch.no_grad():
+                mean, inv_std = batch_statistics(xs, self.eps)
+                r, d = self._correct_and_update(mean, inv_std.reciprocal())
+            y = renormalized_batch_norm(xs, self.weight.to(dtype), self.bias.to(dtype), mean,
+                                        inv_std, r, d)
+            return y.to(x.dtype)
 
     def _union_forward(self, x):
         """The training step with mu_B, sigma_B of all processes' inputs; x is

@@ -1,5 +1,5 @@
 """CBN: cross-iteration batch normalization (Yao et al., "Cross-Iteration Batch
-Normalization", CVPR 2021), spec section 3.
+Normalization", CVPR 2021).
 
 The layer averages the statistics of the last k + 1 training steps (k =
 ``buffer_num``), after moving each old statistic to the current weight theta_t
@@ -41,7 +41,6 @@ loading a BatchNorm state dict, "DDP" (``sync_stats``), "Averaging buffers"
 """
 import functools
 import math
-import sys
 import weakref
 from typing import List, Optional, Tuple
 
@@ -49,6 +48,7 @@ import torch
 from mmengine.registry import MODELS
 from torch import nn
 
+from .._torch import native_batch_norm, native_batch_norm_backward, version, without_autocast
 from ._dist import all_reduce_sum, union_moments
 from ._kernels import fused, keep_for_normalized_backward, kernel_module, normalized_gradients
 from ._ops import Eager, fused_operator, fused_step
@@ -58,34 +58,6 @@ from .conv_statistics import (ConvCall, conv_statistic_derivative_sums,
                               square_derivative_sum)
 
 __all__ = ['CBN']
-
-# ------------------------------------------------------------- naming
-def _calling_root(layer, frame):
-    """The outermost module on the call stack that contains ``layer``."""
-    candidates = []
-    while frame is not None:
-        obj = frame.f_locals.get('self')
-        if isinstance(obj, nn.Module):
-            candidates.append(obj)
-        frame = frame.f_back
-    for module in reversed(candidates):
-        if any(m is layer for m in module.modules()):
-            inner = getattr(module, 'module', None)  # DataParallel / DDP wrappers
-            if isinstance(inner, nn.Module) and any(m is layer for m in inner.modules()):
-                module = inner
-            return module
-    return None
-
-
-def _describe(layer):
-    """The layer's name in the model being called, like "CBN
-    'neck.lateral_convs.0.bn'"."""
-    root = _calling_root(layer, sys._getframe(1))
-    if root is None:
-        return f'{type(layer).__name__}({layer.num_features}) (not found in a calling module)'
-    name = next(name for name, module in root.named_modules() if module is layer)
-    return f"{type(layer).__name__} '{name or '<root>'}'"
-
 
 # -------------------------------------------------------------- normalizing
 def _finite(value):
@@ -128,12 +100,12 @@ class _CrossIterationNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, past_mu, past_var, keep, eps):
-        with torch.autocast(x.device.type, enabled=False):
+        with without_autocast(x.device.type):
             dtype = SmallBatchNorm.stats_dtype(x)
             weight_c, bias_c = weight.to(dtype), bias.to(dtype)
             # PyTorch's batch-norm kernel: the batch statistics (two-pass, in
             # float32 for half input) and, with no past, the output, as BN.
-            y, mu_t, invstd = torch.ops.aten.native_batch_norm(x, weight_c, bias_c, None, None,
+            y, mu_t, invstd = native_batch_norm(x, weight_c, bias_c, None, None,
                                                                True, 0.0, eps)
             var_t = (invstd.pow(-2) - eps).clamp_min(0)
             mu, count = mu_t, None
@@ -152,12 +124,12 @@ class _CrossIterationNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mu, _grad_var):
         x, weight, mu, invstd, count = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
+        with without_autocast(x.device.type):
             # In the statistics dtype: a half-precision kernel path gave NaN input
             # gradients on CUDA for float16 activations of 1e3 to 1e4 (GPU check).
             xs, gy = x.to(weight.dtype), grad_y.to(weight.dtype)
             scaled = weight if count is None else weight / count
-            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_x, grad_weight, grad_bias = native_batch_norm_backward(
                 gy, xs, scaled, None, None, mu, invstd, True, ctx.eps, [True, True, True])
             if count is not None:
                 shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -271,7 +243,7 @@ class CBN(SmallBatchNorm):
         if self.burnin_epochs is None:
             return self.burnin
         if self._burnin_from_epochs is None:
-            layer = _describe(self)
+            layer = self.describe()
             raise RuntimeError(
                 f'{layer}: burnin_epochs={self.burnin_epochs} is stated in epochs, but nothing '
                 'converted it to iterations. Add custom_hooks=[dict(type=\'CBNBurninHook\')] '
@@ -293,10 +265,10 @@ class CBN(SmallBatchNorm):
     def _host_count(self, name):
         buffer = getattr(self, name)
         cached = self._host.get(name)
-        if cached is not None and cached[0]() is buffer and cached[1] == buffer._version:
+        if cached is not None and cached[0]() is buffer and cached[1] == version(buffer):
             return cached[2]
         value = int(buffer)
-        self._host[name] = (weakref.ref(buffer), buffer._version, value)
+        self._host[name] = (weakref.ref(buffer), version(buffer), value)
         return value
 
     def _advance_step(self):
@@ -312,7 +284,7 @@ class CBN(SmallBatchNorm):
         """Record that the counter ``name`` now holds ``value`` (written on the
         device by this layer)."""
         buffer = getattr(self, name)
-        self._host[name] = (weakref.ref(buffer), buffer._version, value)
+        self._host[name] = (weakref.ref(buffer), version(buffer), value)
 
     # ------------------------------------------------------------ binding
     def _feeding_conv(self, x):
@@ -321,7 +293,7 @@ class CBN(SmallBatchNorm):
         found = feeding_convolution(x)
         if isinstance(found, str):
             raise RuntimeError(
-                f'{_describe(self)}: {found}. CBN with rho={self.rho} compensates the '
+                f'{self.describe()}: {found}. CBN with rho={self.rho} compensates the '
                 'statistics with the weight of the conv that directly feeds it; place it right '
                 'after a conv (conv -> CBN -> activation), or set rho=0 for the uncompensated '
                 'cross-iteration average.')
@@ -344,7 +316,7 @@ class CBN(SmallBatchNorm):
             if tuple(have.shape) == want:
                 continue
             if not empty and have.numel() > 0:
-                layer = _describe(self)
+                layer = self.describe()
                 raise RuntimeError(
                     f'{layer}: the stored history {key} has shape {tuple(have.shape)}, but this '
                     f'step needs {want}; the conv that feeds the layer changed shape (or '
@@ -363,7 +335,7 @@ class CBN(SmallBatchNorm):
         """The stored steps moved to ``weight`` (theta_t; None: uncompensated).
 
         Returns (mu, nu, keep, ages), each with k rows in ring order: the
-        compensated means and second moments (k, C), the spec's keep mask (k, C)
+        compensated means and second moments (k, C), the keep mask (k, C)
         (in the newest ``window`` steps, finite when stored, compensated
         variance >= 0) and each row's age (0 = newest). None if nothing is
         stored.
@@ -663,7 +635,7 @@ slots are in the window, eps, momentum, rho, pool, push."""
 def _train_step(layer, x, sync):
     # Statistics, derivatives and compensation in the statistics dtype, never
     # in autocast's lower precision; the output keeps the input's dtype.
-    with torch.autocast(x.device.type, enabled=False):
+    with without_autocast(x.device.type):
         return layer._train_step(x, sync)
 
 

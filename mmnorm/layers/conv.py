@@ -39,6 +39,8 @@ import torch
 from mmengine.registry import MODELS
 from torch import nn
 
+from .._torch import version
+
 from ._state import check_number, script_refusal
 
 
@@ -61,7 +63,7 @@ class _TransformedWeightConv(nn.Conv2d):
         weight = self.weight
         if self.training or (torch.is_grad_enabled() and weight.requires_grad):
             return self.transform_weight(weight)
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype,
+        key = (weight.data_ptr(), version(weight), weight.device, weight.dtype,
                torch.is_inference_mode_enabled())
         cache = self._eval_weight_cache
         if cache is None or cache[0] != key:

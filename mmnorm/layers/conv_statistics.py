@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._torch import convolution_backward, saved_convolution
+
 __all__ = ['ConvCall', 'feeding_convolution', 'conv_statistic_derivatives',
            'conv_statistic_derivative_sums', 'mean_derivative_sum', 'square_derivative_sum',
            'expand_mean_derivative']
@@ -48,20 +50,19 @@ def feeding_convolution(x):
         return ('the convolution that feeds it ran inside a torch.compile graph, where CBN cannot '
                 'see it; call mmnorm.surgery.compile.keep_cbn_convs_eager(model) before '
                 'torch.compile')
-    if not name.startswith('ConvolutionBackward'):
-        return (f'its input comes from {name}, not from a convolution (or was changed in place '
-                'after the convolution)')
-    if x.dim() != 4 or node._saved_transposed:
-        return 'its input comes from a convolution that is not a plain 2-D one'
     try:
-        conv_input, weight = node._saved_input, node._saved_weight
+        saved = saved_convolution(node)
     except RuntimeError:
         return 'the input of the convolution that feeds it was changed in place after the conv ran'
+    if saved is None:
+        return (f'its input comes from {name}, not from a convolution (or was changed in place '
+                'after the convolution)')
+    conv_input, weight, stride, padding, dilation, groups, transposed = saved
+    if x.dim() != 4 or transposed:
+        return 'its input comes from a convolution that is not a plain 2-D one'
     if conv_input is None or weight is None:
         return 'the convolution that feeds it kept no input for autograd'
-    call = ConvCall(tuple(node._saved_stride), tuple(node._saved_padding),
-                    tuple(node._saved_dilation), node._saved_groups, tuple(weight.shape[2:]))
-    return call, conv_input, weight
+    return ConvCall(stride, padding, dilation, groups, tuple(weight.shape[2:])), conv_input, weight
 
 
 # --------------------------------------------------------------- derivatives
@@ -146,7 +147,7 @@ def square_derivative_sum(conv, conv_input, conv_output, dtype, weight=None):
     if explicit is not None:
         x = F.pad(x, explicit[0], mode=explicit[1])
         padding = (0, 0)
-    return torch.ops.aten.convolution_backward(
+    return convolution_backward(
         conv_output.to(dtype), x, weight.detach().to(dtype), None, conv.stride, padding,
         conv.dilation, False, [0, 0], conv.groups, (False, True, False))[1]
 

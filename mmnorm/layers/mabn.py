@@ -1,6 +1,5 @@
 """MABN: moving-average batch normalization (Yan et al., "Towards Stabilizing
-Batch Statistics in Backward Propagation of Batch Normalization", ICLR 2020),
-spec section 1.
+Batch Statistics in Backward Propagation of Batch Normalization", ICLR 2020).
 
 With tiny batches the statistics BN uses in the backward pass are as noisy as
 the forward ones. MABN normalises the second moment only (no mean subtraction;
@@ -38,52 +37,16 @@ statistic never enters the buffers; a step never waits for the device; an
 empty input changes no state. ``sync_stats=True`` uses all processes' inputs.
 See docs/mabn.md for these guarantees in detail and for DDP.
 """
-import contextlib
 from typing import Tuple
 
 import torch
 from mmengine.registry import MODELS
 from ._dist import union_mean
 from ._kernels import fused, kernel_module
-from ._ops import Operator, compiling, fused_operator, fused_step, with_backward
+from .._torch import (any_autocast_enabled, autocast_output_dtype, autocast_state, compiling,
+                      native_batch_norm_backward, without_autocast)
+from ._ops import Operator, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, StateChange, check_number, note_nonfinite
-
-_AUTOCAST_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _autocast_state(device_type):
-    """(enabled, dtype) of autocast on ``device_type``, (False, None) where it
-    has none. torch >= 2.4 answers for every device type; torch 2.0-2.3 has
-    per-device functions, used here for the CPU and CUDA."""
-    if hasattr(torch.amp, 'is_autocast_available'):
-        # The CPU and CUDA always have autocast; asking is a graph break under
-        # torch.compile in torch 2.11 (measured on the GPU check).
-        if device_type not in ('cpu', 'cuda') and not torch.amp.is_autocast_available(device_type):
-            return False, None
-        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    if device_type == 'cpu':
-        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-    if device_type == 'cuda':
-        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return False, None
-
-
-def _without_autocast(device_type):
-    """A context that turns autocast off on ``device_type`` (if it has one), so
-    that the statistics and the fused elementwise ops run in the dtypes chosen
-    here, whatever autocast lists they are on."""
-    if _autocast_state(device_type)[1] is not None:
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def output_dtype(x):
-    """The dtype of the layer's output for input ``x``: the autocast dtype when
-    autocast is on for ``x``'s device and would cast ``x`` (float64 is never
-    cast), otherwise ``x``'s own dtype."""
-    enabled, dtype = _autocast_state(x.device.type)
-    return dtype if enabled and x.dtype in _AUTOCAST_CAST_DTYPES else x.dtype
-
 
 def scaled_grad_and_sums(dy, x, scale, need_scaled):
     """For ``dy`` and ``x`` of shape (N, C, *) (same dtype) and a (C,) ``scale``:
@@ -99,8 +62,8 @@ def scaled_grad_and_sums(dy, x, scale, need_scaled):
     zeros, ones = scale.new_zeros(scale.shape), scale.new_ones(scale.shape)
     # The saved statistics repeat the running ones: CUDA's channels_last kernel
     # requires them defined even in inference mode.
-    return torch.ops.aten.native_batch_norm_backward(dy, x, scale, zeros, ones, zeros, ones, False,
-                                                     0.0, [need_scaled, True, True])
+    return native_batch_norm_backward(dy, x, scale, zeros, ones, zeros, ones, False, 0.0,
+                                      [need_scaled, True, True])
 
 
 def window_statistic(buffer, row, early, value, flags, present=None):
@@ -127,7 +90,7 @@ def _train_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     fused pass; the other arguments are for :func:`_train_backward`."""
     cdtype = inv_std.dtype
     shape = SmallBatchNorm.channel_shape(x)
-    with _without_autocast(x.device.type):
+    with without_autocast(x.device.type):
         scale = weight.to(cdtype) * r * inv_std
         y = torch.addcmul(bias.to(cdtype).view(shape), x.to(cdtype), scale.view(shape))
     return y.to(out_dtype)
@@ -141,7 +104,7 @@ def _train_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """(dx, dweight, dbias) of :func:`_train_output`, writing psi_t into
     ``buffer_gz[row]`` (see :data:`train_step`); dx is empty unless ``need_dx``."""
     cdtype = inv_std.dtype
-    with _without_autocast(dy.device.type):
+    with without_autocast(dy.device.type):
         xs, dys = x.to(cdtype), dy.to(cdtype)
         count = xs.numel() // xs.size(1)
         gain = weight.to(cdtype) * r  # g = dy * gain
@@ -299,8 +262,8 @@ warmup_iters, renorm_after, rmax, the output dtype, sync."""
 
 @MODELS.register_module('MABN')
 class MABN(SmallBatchNorm):
-    """Moving-average batch normalization, spec section 1 (see the module
-    docstring for the equations).
+    """Moving-average batch normalization (Yan et al., ICLR 2020; see the
+    module docstring for the equations).
 
     Args:
         num_features (int): C, the number of channels on dim 1.
@@ -425,14 +388,14 @@ class MABN(SmallBatchNorm):
 
     # -------------------------------------------------------------- training
     def _train_forward(self, x, sync):
-        out_dtype = output_dtype(x)
+        out_dtype = autocast_output_dtype(x)
         if fused(x):
             return fused_train_step(x, self.weight, self.bias, self.running_var, self.buffer_x2,
                                     self.buffer_gz, self.num_batches_tracked, self.step_flags,
                                     self.eps, self.momentum, self.warmup_iters,
                                     self.renorm_after, self.rmax, out_dtype, sync)
         cdtype = self.stats_dtype(x)
-        with _without_autocast(x.device.type):
+        with without_autocast(x.device.type):
             with torch.no_grad():
                 t = self.num_batches_tracked
                 row = torch.remainder(t, self.buffer_size).view(1)
@@ -469,7 +432,7 @@ class MABN(SmallBatchNorm):
         kept = self.__dict__.get('_zeros')
         if (not compiling() and kept is not None and kept[0] is running_var
                 and kept[1] is x.dtype is running_var.dtype is weight.dtype
-                and not torch._C._is_any_autocast_enabled()):
+                and not any_autocast_enabled()):
             # The common case in as few Python steps as can be: after a large
             # kernel each step runs from cold caches, and a few more cost 2-8%
             # of an inference call at the head shapes on the CPU (measured).
@@ -478,12 +441,11 @@ class MABN(SmallBatchNorm):
         cdtype = self.stats_dtype(x)
         args = (weight.to(cdtype), bias.to(cdtype), self._zero_mean(running_var, cdtype),
                 running_var.to(cdtype), False, 0.0, self.eps, torch.backends.cudnn.enabled)
-        enabled, autocast_dtype = _autocast_state(x.device.type)
-        if not enabled:
+        if not autocast_state(x.device.type)[0]:
             return torch.batch_norm(x.to(cdtype), *args).to(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with without_autocast(x.device.type):
             y = torch.batch_norm(x.to(cdtype), *args)
-        return y.to(autocast_dtype if x.dtype in _AUTOCAST_CAST_DTYPES else x.dtype)
+        return y.to(autocast_output_dtype(x))
 
     def _zero_mean(self, running_var, dtype):
         """Zeros shaped and placed like ``running_var`` (this layer's buffer),

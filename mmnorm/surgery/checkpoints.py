@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .._torch import CAN_ALLOW_CLASSES
 from ..engine.checkpoint_check import checkpoint_problem
 from ..layers import MABN, CenConv
 from ..layers._state import SmallBatchNorm
@@ -133,15 +134,11 @@ class ConversionReport:
 
 
 # --------------------------------------------------------------------- source
-#: Whether torch can allow a class for one weights-only load (torch >= 2.5).
-_CAN_ALLOW_CLASSES = hasattr(torch.serialization, 'safe_globals')
-
-
 def _load_weights_only(path):
     """``torch.load(weights_only=True)``, with ``collections.Counter`` allowed
     where torch can allow a class for one call (``safe_globals``, torch >=
     2.5); older torch refuses a file that holds one (the caller says so)."""
-    if not _CAN_ALLOW_CLASSES:
+    if not CAN_ALLOW_CLASSES:
         return torch.load(path, map_location='cpu', weights_only=True)
     with torch.serialization.safe_globals([Counter]):
         return torch.load(path, map_location='cpu', weights_only=True)
@@ -168,7 +165,7 @@ def read_source(path, trust=False):
     except pickle.UnpicklingError as err:
         if not trust:
             reason = str(err).strip().splitlines()[0]
-            if 'collections.Counter' in reason and not _CAN_ALLOW_CLASSES:
+            if 'collections.Counter' in reason and not CAN_ALLOW_CLASSES:
                 reason += '; torch < 2.5 cannot allow it in weights-only loading'
             raise ConversionError(
                 f'{path}: torch.load(weights_only=True) refused the file ({reason}); if you '

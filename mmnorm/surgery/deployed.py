@@ -19,7 +19,7 @@ import os.path as osp
 import torch
 from torch import nn
 
-from ..compat import torch_version
+from .._torch import load_mapped
 from .fuse import fuse, mmnorm_modules
 from .report import SurgeryReport
 
@@ -46,9 +46,8 @@ def load_deployed(path):
     reads the file into memory), so an ordinary checkpoint is not read here."""
     if not osp.isfile(path):
         return None
-    mapped = dict(mmap=True) if torch_version() >= (2, 1) else {}
     try:
-        content = torch.load(path, map_location='cpu', weights_only=False, **mapped)
+        content = load_mapped(path)
     except RuntimeError:  # e.g. the legacy (non-zip) format, which cannot be mapped
         return None
     if isinstance(content, dict) and isinstance(content.get(DEPLOYED_KEY), nn.Module):

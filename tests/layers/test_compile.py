@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmnorm import BRN, CBN, MABN, CenConv, WSConv
-from mmnorm.layers._ops import CUSTOM_OPS
+from mmnorm._torch import CUSTOM_OPS
 from mmnorm.surgery.compile import keep_cbn_convs_eager
 
 pytestmark = pytest.mark.skipif(

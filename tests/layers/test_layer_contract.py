@@ -129,3 +129,14 @@ def test_convert_train_resume_precise_fold_and_reload(registered, tmp_path):
     folded = mmnorm.fuse(copy.deepcopy(whole), strict=True)
     assert not any(isinstance(m, StartNorm) for m in folded.modules())
     torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_names_itself_from_where_it_was_registered():
+    layer = StartNorm(4)
+    assert layer.describe() == 'StartNorm(4)'  # not a submodule
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.ReLU(), layer))
+    assert layer.describe() == "StartNorm '1.1'"
+    nn.DataParallel(model)  # the wrapper registers the model as 'module': left out
+    assert layer.describe() == "StartNorm '1.1'"
+    model[1][1] = nn.Identity()  # replaced: a submodule of nothing now
+    assert layer.describe() == 'StartNorm(4)'
