@@ -201,8 +201,9 @@ class SmallBatchNorm(_BatchNorm):
     def update_where_finite(buffer, new_value, finite):
         """``buffer[c] <- new_value[c]`` for channels where ``finite[c]``, on the
         device, without a host synchronisation. ``finite`` has shape (C,) and
-        broadcasts over leading dims of ``buffer``."""
-        buffer.copy_(torch.where(finite, new_value.to(buffer.dtype), buffer))
+        broadcasts over leading dims of ``buffer``. One ``where`` writing into
+        the buffer."""
+        torch.where(finite, new_value.to(buffer.dtype), buffer, out=buffer)
 
     def warn_if_nonfinite(self, finite):
         """Record on the device whether a statistic was not finite (``finite``:

@@ -551,9 +551,9 @@ class CBN(SmallBatchNorm):
 
     def _move_running(self, buffer, value, finite):
         """buffer <- (1 - m) * buffer + m * value (m = momentum, one lerp) in
-        the channels where ``finite``, written into the buffer by one where."""
-        moved = buffer.lerp(value.to(buffer.dtype), self.momentum)
-        torch.where(finite, moved, buffer, out=buffer)
+        the channels where ``finite``."""
+        self.update_where_finite(buffer, buffer.lerp(value.to(buffer.dtype), self.momentum),
+                                 finite)
 
     # --------------------------------------------------------- state dict
     def convert_state(self, state_dict, prefix):
