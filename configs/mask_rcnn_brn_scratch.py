@@ -1,4 +1,4 @@
-# MABN paper baseline: BRN everywhere (spec defaults), from scratch, 2x,
+# MABN paper baseline: BRN everywhere (BRN's default options), from scratch, 2x,
 # 2 images per GPU x 8 GPUs. Paper: 34.07 box AP / 30.98 mask AP.
 _base_ = './_base_/mask_rcnn_norm_everywhere_scratch_2x.py'
 

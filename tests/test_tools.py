@@ -180,7 +180,7 @@ def test_dist_train_two_cpu_processes(dist_trained):
 
 @ON_DIST_WORKER
 def test_two_process_runs_write_only_their_work_dirs(dist_trained, tiny_coco_session):
-    """Issue 16: dist_train.sh (which validates at its end) and dist_test.sh
+    """dist_train.sh (which validates at its end) and dist_test.sh
     (with --out, a metric added after the runner is built), 2 CPU processes
     each, started in an empty folder, leave nothing there but their work dirs:
     the processes' results are collected in WORK_DIR/.dist_test, which goes

@@ -1,4 +1,5 @@
-"""BRN against an independent re-derivation of spec section 4."""
+"""BRN against an independent re-derivation of Batch Renormalization (Ioffe,
+NeurIPS 2017)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,8 @@ SCHEDULE = dict(warmup_iters=10, rmax_iters=20, dmax_iters=30, rmax=3.0, dmax=5.
 
 
 class ReferenceBRN:
-    """Spec section 4, written out step by step in float64."""
+    """Batch Renormalization (Ioffe, NeurIPS 2017; module docstring of
+    mmnorm/layers/brn.py), written out step by step in float64."""
 
     def __init__(self, channels, eps=1e-5, momentum=0.01, rmax=3.0, dmax=5.0,
                  warmup_iters=5000, rmax_iters=40000, dmax_iters=25000):

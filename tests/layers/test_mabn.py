@@ -1,4 +1,5 @@
-"""Tests of MABN: spec section 1 (../shared/spec/normalizers.md) and issue 3."""
+"""Tests of MABN: the equations of Yan et al., ICLR 2020 (module docstring of
+mmnorm/layers/mabn.py) and the guarantees of docs/mabn.md."""
 import copy
 import io
 import logging
@@ -17,11 +18,12 @@ SMALL = dict(buffer_size=4, warmup_iters=6, renorm_start_iter=10)
 
 
 # --------------------------------------------------------------------------
-# An independent re-derivation of the spec, step by step.
+# An independent re-derivation of the paper's equations, step by step.
 # --------------------------------------------------------------------------
-class SpecMABN:
-    """Spec section 1 written out literally, one numbered step per line, for a
-    batch x of shape (N, C, *). It shares no code with mmnorm."""
+class ReferenceMABN:
+    """MABN's equations (Yan et al., ICLR 2020) written out literally, one
+    numbered step per line, for a batch x of shape (N, C, *). It shares no
+    code with mmnorm."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.98, buffer_size=16, warmup_iters=100,
                  renorm_start_iter=1000, rmax=5.0, dtype=F64):
@@ -232,12 +234,12 @@ def test_gradcheck_early_phase_with_clipped_r():
 # --------------------------------------------------------------------------
 # Every phase against the re-derivation
 # --------------------------------------------------------------------------
-def compare_with_spec(cfg, steps, seed=1, spike_at=None):
-    """Run the layer and SpecMABN side by side for ``steps`` steps of random
+def compare_with_reference(cfg, steps, seed=1, spike_at=None):
+    """Run the layer and ReferenceMABN side by side for ``steps`` steps of random
     inputs and incoming gradients and compare everything at every step.
     Returns the reference (its history has t, early and r per step)."""
     layer = random_affine(MABN(C, **cfg).double())
-    ref = SpecMABN(C, **cfg)
+    ref = ReferenceMABN(C, **cfg)
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         n = 1 + step % 2
@@ -270,10 +272,10 @@ def compare_with_spec(cfg, steps, seed=1, spike_at=None):
     return ref
 
 
-def test_matches_spec_over_1200_steps():
+def test_matches_reference_over_1200_steps():
     # the defaults: window full after t = 16, warm-up until t = 99, r = 1 until t = 1000
-    ref = compare_with_spec(dict(buffer_size=16, warmup_iters=100, renorm_start_iter=1000,
-                                 rmax=5.0), steps=1200, spike_at=1100)
+    ref = compare_with_reference(dict(buffer_size=16, warmup_iters=100, renorm_start_iter=1000,
+                                      rmax=5.0), steps=1200, spike_at=1100)
     steps = 1200
     # every phase was crossed, and the clipping was exercised on both sides
     early = [e for _, e, _ in ref.history]
@@ -284,10 +286,10 @@ def test_matches_spec_over_1200_steps():
     assert ((r_late > 0.2) & (r_late < 5.0) & (r_late != 1)).any()
 
 
-def test_matches_spec_when_the_window_outlasts_warmup():
+def test_matches_reference_when_the_window_outlasts_warmup():
     # buffer_size > warmup_iters: the t <= m half of the rule decides the phase
-    ref = compare_with_spec(dict(buffer_size=16, warmup_iters=4, renorm_start_iter=40, rmax=3.0),
-                            steps=300, seed=2, spike_at=200)
+    ref = compare_with_reference(dict(buffer_size=16, warmup_iters=4, renorm_start_iter=40,
+                                      rmax=3.0), steps=300, seed=2, spike_at=200)
     early = [t for t, e, _ in ref.history if e]
     assert early == list(range(1, 17))
     r_late = torch.stack([r for t, _, r in ref.history if t > 40])
@@ -398,7 +400,7 @@ def test_float16_autocast_around_300():
 @pytest.mark.parametrize('shape', [(1, C, 1, 1), (1, C)])
 def test_single_value_per_channel(shape):
     layer = random_affine(MABN(C, buffer_size=2, warmup_iters=3, renorm_start_iter=5).double())
-    ref = SpecMABN(C, buffer_size=2, warmup_iters=3, renorm_start_iter=5)
+    ref = ReferenceMABN(C, buffer_size=2, warmup_iters=3, renorm_start_iter=5)
     gen = torch.Generator().manual_seed(0)
     for _ in range(10):  # crosses warm-up and the renormalisation start
         x = torch.randn(shape, generator=gen, dtype=F64)
@@ -424,7 +426,7 @@ def count_nonfinite_warnings(records):
 def test_nonfinite_input_never_enters_buffers(phase_steps):
     cfg = dict(buffer_size=4, warmup_iters=0, renorm_start_iter=6)
     layer = random_affine(MABN(C, **cfg).double())
-    ref = SpecMABN(C, **cfg)
+    ref = ReferenceMABN(C, **cfg)
     gen = torch.Generator().manual_seed(0)
 
     def batch():
@@ -478,8 +480,8 @@ def test_nonfinite_input_never_enters_buffers(phase_steps):
             torch.testing.assert_close(y[:, c][good], expect[good].detach())
             assert torch.isfinite(dx[:, c][good]).all() and not torch.isfinite(dx[:, c]).all()
     else:
-        # early phase: v_t = chi2_t itself, non-finite, exactly as the spec
-        # computes it (r = 1): channel 0 (chi2 = inf) gives bias, NaN at the
+        # early phase: v_t = chi2_t itself, non-finite, exactly as the equations
+        # compute it (r = 1): channel 0 (chi2 = inf) gives bias, NaN at the
         # inf; channel 1 (chi2 = NaN) is NaN
         torch.testing.assert_close(y, ry, equal_nan=True)
         torch.testing.assert_close(dx, rdx, equal_nan=True)
@@ -682,7 +684,7 @@ def test_own_checkpoint_loads_without_notes(log_messages):
 def test_two_calls_then_one_backward(before):
     cfg = dict(buffer_size=4, warmup_iters=0, renorm_start_iter=6)
     layer = random_affine(MABN(C, **cfg).double())
-    ref = SpecMABN(C, **cfg)
+    ref = ReferenceMABN(C, **cfg)
     gen = torch.Generator().manual_seed(0)
 
     def rand(scale=1.0):

@@ -1,4 +1,5 @@
-"""Many processes (issue 8): ``sync_stats`` and mmengine's SyncBuffersHook.
+"""Many processes (README, "Many processes"; docs/layer_state.md):
+``sync_stats`` and mmengine's SyncBuffersHook.
 
 Two CPU processes (gloo) are started once for the module (``ddp_results``);
 they train small conv + norm stacks and write what they saw to files, which the

@@ -1,4 +1,5 @@
-"""The evidence scripts of issue 6 run end to end on a tiny setting:
+"""The study scripts (docs/classification_study.md, docs/detection_study.md)
+run end to end on a tiny setting:
 tools/study_classification.py (normalization batch on Fashion-MNIST, logic in
 mmnorm/studies/classification.py) and
 tools/study_detection.py (the demo Mask R-CNN per norm on the scenes, logic in
