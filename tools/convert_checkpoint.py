@@ -11,7 +11,8 @@ report of every key (the conversions are described in mmnorm/surgery/checkpoints
 import argparse
 import sys
 
-from mmnorm.surgery.checkpoints import LAYOUTS, NORMS, ConversionError, convert_checkpoint
+from mmnorm.layers import norm_types
+from mmnorm.surgery.checkpoints import LAYOUTS, ConversionError, convert_checkpoint
 
 
 def parse_args():
@@ -20,7 +21,7 @@ def parse_args():
     p.add_argument('destination', help='converted checkpoint file to write')
     p.add_argument('--from', dest='layout', required=True, choices=LAYOUTS,
                    help='layout of the source checkpoint')
-    p.add_argument('--norm', choices=NORMS,
+    p.add_argument('--norm', choices=sorted(norm_types()),
                    help='target norm of a torchvision conversion without --config')
     p.add_argument('--config', help='config whose model (mabn-detection) or backbone (the '
                    'others) is the target; default: configs/mask_rcnn_mabn.py for '

@@ -45,15 +45,14 @@ import torch
 
 from .._torch import CAN_ALLOW_CLASSES
 from ..engine.checkpoint_check import checkpoint_problem
-from ..layers import MABN, CenConv
+from ..layers import MABN, CenConv, norm_types
 from ..layers._state import SmallBatchNorm
 from .convert import bn_to_mabn
 
-__all__ = ['LAYOUTS', 'NORMS', 'ConversionError', 'ConversionReport', 'build_target',
+__all__ = ['LAYOUTS', 'ConversionError', 'ConversionReport', 'build_target',
            'build_with_mmdet', 'convert_checkpoint', 'convert_state_dict', 'read_source']
 
 LAYOUTS = ('torchvision', 'mabn-detection', 'mabn-imagenet')
-NORMS = ('MABN', 'BRN', 'CBN')
 CONFIG_DIR = Path(__file__).resolve().parents[2] / 'configs'
 DEFAULT_CONFIGS = {'mabn-detection': CONFIG_DIR / 'mask_rcnn_mabn.py',
                    'mabn-imagenet': CONFIG_DIR / 'mask_rcnn_mabn_imagenet.py'}
@@ -624,7 +623,7 @@ def build_target(layout, norm=None, config=None):
     """(module, description) of what ``layout`` converts into.
 
     ``torchvision``: the backbone of ``config`` if given (its norm must be
-    one of :data:`NORMS` and agree with ``norm``), else MMDetection's
+    a registered mmnorm norm and agree with ``norm``), else MMDetection's
     ResNet-50 with ``norm``. ``mabn-imagenet``: the backbone of ``config``
     (default ``configs/mask_rcnn_mabn_imagenet.py``). ``mabn-detection``: the
     model of ``config`` (default ``configs/mask_rcnn_mabn.py``).
@@ -634,15 +633,16 @@ def build_target(layout, norm=None, config=None):
     if layout not in LAYOUTS:
         raise ConversionError(f'unknown source layout {layout!r}; expected one of '
                               f'{", ".join(LAYOUTS)}')
-    if norm is not None and norm not in NORMS:
-        raise ConversionError(f'norm {norm!r} is not one of {", ".join(NORMS)}')
+    norms = sorted(norm_types())
+    if norm is not None and norm not in norms:
+        raise ConversionError(f'norm {norm!r} is not one of {", ".join(norms)}')
     if layout != 'torchvision' and norm not in (None, 'MABN'):
         raise ConversionError(f'{layout} layout: the source has MABN layers; norm {norm!r} '
                               'cannot receive them')
     config = config or DEFAULT_CONFIGS.get(layout)
     if config is None:
         if norm is None:
-            raise ConversionError('torchvision layout: give the target norm (MABN, BRN or CBN) '
+            raise ConversionError(f'torchvision layout: give the target norm ({", ".join(norms)}) '
                                   'or a config whose backbone has one')
         backbone = dict(type='ResNet', depth=50, norm_cfg=dict(type=norm))
         return build_with_mmdet(backbone), f'MMDetection ResNet-50 with {norm}'
@@ -660,9 +660,9 @@ def build_target(layout, norm=None, config=None):
     backbone.init_cfg = None
     found = (backbone.get('norm_cfg') or {}).get('type')
     wanted = 'MABN' if layout == 'mabn-imagenet' else norm
-    if found not in NORMS or (wanted is not None and found != wanted):
+    if found not in norms or (wanted is not None and found != wanted):
         raise ConversionError(f'{layout} layout: config {config} has backbone norm_cfg type '
-                              f'{found!r}; expected {wanted or " or ".join(NORMS)}')
+                              f'{found!r}; expected {wanted or " or ".join(norms)}')
     return build_with_mmdet(backbone), f'the backbone of {config} ({found})'
 
 
