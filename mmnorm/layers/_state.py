@@ -154,6 +154,14 @@ class SmallBatchNorm(_BatchNorm):
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     @classmethod
+    def needs_feeding_conv(cls, cfg):
+        """Whether a layer built with the options ``cfg`` (a dict) must follow a
+        2-D conv, whose output it reads (CBN compensating with rho != 0): model
+        surgery converts only BatchNorms that a conv feeds to such a layer. A
+        layer that does not takes (N, C) to (N, C, D, H, W) input."""
+        return False
+
+    @classmethod
     def hyperparameters(cls):
         """The layer's options: the keyword arguments of its constructor after
         ``num_features``, in order (an attribute of the same name holds each)."""

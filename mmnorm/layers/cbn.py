@@ -40,13 +40,13 @@ loading a BatchNorm state dict, "DDP" (``sync_stats``), "Averaging buffers"
 (SyncBuffersHook, EMAHook) and the measured cost.
 """
 import functools
+import inspect
 import math
 import weakref
 from typing import List, Optional, Tuple
 
 import torch
 from mmengine.registry import MODELS
-from torch import nn
 
 from .._torch import native_batch_norm, native_batch_norm_backward, version, without_autocast
 from ._dist import all_reduce_sum, union_moments
@@ -203,6 +203,10 @@ class CBN(SmallBatchNorm):
         self._host = {}
         self._last_conv_weight = None
         _TRAIN_STEP.prepare()
+
+    @classmethod
+    def needs_feeding_conv(cls, cfg):
+        return cfg.get('rho', inspect.signature(cls).parameters['rho'].default) != 0
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):

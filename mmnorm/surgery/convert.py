@@ -40,7 +40,6 @@ WSConv already, DCN, hooked convs) are left as they are. Every new module
 has the training mode of the one it replaces.
 """
 import importlib
-import inspect
 from collections import OrderedDict
 
 import torch
@@ -48,7 +47,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ..engine.configcheck import unknown_option
-from ..layers import BRN, CBN, MABN, CenConv, WSConv
+from ..layers import conv_types
 from ..layers._state import SmallBatchNorm
 from .fuse import conv_norm_pairs, rebuild_conv
 from .norms import known_norm
@@ -181,11 +180,7 @@ def _new_norm(bn, name, norm_class, norm_cfg):
     return layer
 
 
-# Layers that take the (N, C) and (N, C, D, H, W) inputs of BatchNorm1d and 3d.
-_ANY_RANK = (MABN, BRN, nn.GroupNorm)
-
-
-def _refusal(module, info, norm_class):
+def _refusal(module, info, norm_class, norm_cfg):
     """(action, reason, refused) when the BatchNorm-family ``module`` is not
     replaced, else None."""
     if info.kind == 'mmnorm':
@@ -197,8 +192,10 @@ def _refusal(module, info, norm_class):
     if module.running_var is None:
         return ('skipped', 'track_running_stats=False: it normalises with the batch statistics '
                 'in eval too, which the converted layer would not', True)
-    if (isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d))
-            and not issubclass(norm_class, _ANY_RANK)):
+    takes_any_rank = (issubclass(norm_class, nn.GroupNorm)
+                      or issubclass(norm_class, SmallBatchNorm)
+                      and not norm_class.needs_feeding_conv(norm_cfg))
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d)) and not takes_any_rank:
         return ('skipped', f'{norm_class.__name__} takes the 4-D output of a 2-D conv, not '
                 f'the inputs of {type(module).__name__}', True)
     return None
@@ -217,14 +214,6 @@ def _replacement(module, path, info, norm_class, norm_cfg):
     return nn.Sequential(parts), f'{detail}, followed by its own {" and ".join(info.after)}'
 
 
-def _needs_its_conv(norm_class, norm_cfg):
-    """True for a CBN that compensates with the weight of the conv feeding it
-    (rho != 0): a BatchNorm that no conv feeds cannot become one."""
-    if not issubclass(norm_class, CBN):
-        return False
-    return norm_cfg.get('rho', inspect.signature(norm_class).parameters['rho'].default) != 0
-
-
 def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
     """id(old) -> (old, new) for every module of ``module`` to replace, all
     built before anything is changed (so a failing build changes nothing);
@@ -234,12 +223,13 @@ def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
         info = known_norm(child)
         if info is None or any(child is c for _, c, _ in candidates):
             continue
-        refusal = _refusal(child, info, norm_class)
+        refusal = _refusal(child, info, norm_class, norm_cfg)
         if refusal is not None:
             report.add(path, child, refusal[0], refusal[1], refused=refusal[2])
         else:
             candidates.append((path, child, info))
-    needs_conv = _needs_its_conv(norm_class, norm_cfg)
+    needs_conv = (issubclass(norm_class, SmallBatchNorm)
+                  and norm_class.needs_feeding_conv(norm_cfg))
     pairs, why = {}, {}
     if conv_cfg is not None or needs_conv:
         ids = {id(child) for _, child, _ in candidates}
@@ -265,7 +255,7 @@ def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
                        f'{why.get(path, "no conv feeds it")}', refused=True)
             continue
         conv = modules[conv_path]
-        if isinstance(conv, (CenConv, WSConv)) or id(conv) in plan:
+        if isinstance(conv, tuple(conv_types().values())) or id(conv) in plan:
             continue
         plan[id(conv)] = (conv, rebuild_conv(conv, conv_class, conv.weight, conv_options))
         report.add(conv_path, conv, 'replaced', f'by {conv_class.__name__} (it feeds {path})')
