@@ -20,7 +20,7 @@ from .compat import MINIMUM_TORCH, require_torch
 require_torch(MINIMUM_TORCH, 'mmnorm')
 
 from .datasets import fashion_mnist  # noqa: E402, F401  (registration)
-from .engine import hooks, precise_bn, sync_bn  # noqa: E402, F401  (registration)
+from .engine import cbn_burnin_hook, precise_bn, sync_bn  # noqa: E402, F401  (registration)
 from .layers import BRN, CBN, MABN, CenConv, WSConv  # noqa: E402
 from .studies import classifier  # noqa: E402, F401  (registration)
 from .surgery.convert import convert  # noqa: E402

@@ -82,7 +82,7 @@ def pytest_collection_finish(session):
 
 def tool_env(**extra):
     """The environment the tools run in: without the weights-only override, so
-    the tools' own trusted-loading fix (mmnorm.engine.runtime) is what is tested."""
+    the tools' own trusted-loading fix (mmnorm.engine.trusted_checkpoints) is what is tested."""
     env = dict(os.environ)
     env.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None)
     env.pop('TORCH_FORCE_WEIGHTS_ONLY_LOAD', None)

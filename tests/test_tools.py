@@ -1,11 +1,11 @@
 """End-to-end tests of tools/train.py, tools/test.py, tools/dist_train.sh and
 tools/slurm_train.sh (under a stand-in srun) on a tiny Mask R-CNN
 (tests/configs/tiny_mask_rcnn.py) and a tiny COCO set (the unit tests of
-mmnorm.engine.runtime's distributed set-up are in tests/engine/test_runtime.py).
+mmnorm.engine.distributed are in tests/engine/test_distributed.py).
 
 The tools run in subprocesses with this interpreter. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
 is removed from their environment, so the tools' own trusted-loading fix
-(mmnorm.engine.runtime.trust_checkpoints) is what is tested.
+(mmnorm.engine.trusted_checkpoints) is what is tested.
 """
 import os
 import pickle

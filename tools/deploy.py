@@ -21,7 +21,7 @@ import argparse
 
 from mmengine.config import DictAction
 
-from mmnorm.engine import runtime
+from mmnorm.engine.command_line import UsageError, add_debug_arg, run_tool
 
 TARGETS = ('module', 'mmdet')
 
@@ -38,12 +38,12 @@ def main():
                    'OUT/model.pth')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config settings, key=value pairs')
-    runtime.add_debug_arg(p)
+    add_debug_arg(p)
     args = p.parse_args()
     if args.to not in TARGETS:
-        raise runtime.UsageError(f"--to must be 'module' (the pickled folded module, the "
-                                 f"default) or 'mmdet' (a plain MMDetection config and "
-                                 f"checkpoint), got {args.to!r}")
+        raise UsageError(f"--to must be 'module' (the pickled folded module, the "
+                         f"default) or 'mmdet' (a plain MMDetection config and "
+                         f"checkpoint), got {args.to!r}")
     if args.to == 'mmdet':
         from mmnorm.surgery.plain_mmdet import CONFIG_NAME, WEIGHTS_NAME, write_plain_mmdet
         result = write_plain_mmdet(args.config, args.checkpoint, args.out, args.cfg_options)
@@ -63,4 +63,4 @@ def main():
 
 
 if __name__ == '__main__':
-    runtime.run_tool(main)
+    run_tool(main)

@@ -15,9 +15,12 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.runner import Runner
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
-from mmnorm.engine import runtime
+from mmnorm.engine.command_line import UsageError, add_common_args, parse_common, run_tool
+from mmnorm.engine.config import load_config
 from mmnorm.engine.data_check import check_data_present
+from mmnorm.engine.distributed import report_rank_finished
 from mmnorm.engine.precise_bn import PreciseBNHook
+from mmnorm.engine.runner import build_runner
 from mmnorm.surgery.deployed import load_deployed, use_deployed_model
 
 
@@ -33,8 +36,8 @@ def parse_args():
                    help='before testing, recompute the inference statistics of every '
                    'BN-family layer from N batches of the config\'s training data '
                    '(PreciseBNHook), keeping the weights (default: use the checkpoint\'s)')
-    runtime.add_common_args(p)
-    args = runtime.parse_common(p)
+    add_common_args(p)
+    args = parse_common(p)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         p.error('--out must be a .pkl or .pickle file')
     if args.precise_bn is not None and args.precise_bn < 1:
@@ -45,13 +48,13 @@ def parse_args():
 def main():
     args = parse_args()
     setup_cache_size_limit_of_dynamo()
-    cfg = runtime.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     deployed = load_deployed(args.checkpoint)
     cfg.load_from = None if deployed is not None else args.checkpoint
     if args.precise_bn is not None:
         if deployed is not None:
-            raise runtime.UsageError('--precise-bn needs a training checkpoint: the deployed '
-                                     f'model in {args.checkpoint} has its norms folded away')
+            raise UsageError('--precise-bn needs a training checkpoint: the deployed '
+                             f'model in {args.checkpoint} has its norms folded away')
         check_data_present(cfg, 'train')
 
     if args.show_dir:
@@ -61,7 +64,7 @@ def main():
         cfg.default_hooks.visualization.draw = True
         cfg.default_hooks.visualization.test_out_dir = args.show_dir
 
-    runner = runtime.build_runner(cfg, 'test')
+    runner = build_runner(cfg, 'test')
     if deployed is not None:
         use_deployed_model(runner, deployed)
     if args.precise_bn is not None:
@@ -72,8 +75,8 @@ def main():
         runner.test_evaluator.metrics.append(
             DumpDetResults(out_file_path=args.out))
     runner.test()
-    runtime.report_rank_finished('testing')
+    report_rank_finished('testing')
 
 
 if __name__ == '__main__':
-    runtime.run_tool(main)
+    run_tool(main)

@@ -9,7 +9,10 @@ import argparse
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
-from mmnorm.engine import runtime
+from mmnorm.engine.command_line import UsageError, add_common_args, parse_common, run_tool
+from mmnorm.engine.config import load_config
+from mmnorm.engine.distributed import report_rank_finished
+from mmnorm.engine.runner import build_runner
 
 
 def parse_args():
@@ -25,15 +28,15 @@ def parse_args():
                    help='resume from this checkpoint; without a path, from '
                    'the latest checkpoint in the work dir (a truncated or corrupt one is '
                    'refused, see mmnorm.engine.checkpoint_check)')
-    runtime.add_common_args(p)
-    args = runtime.parse_common(p)
+    add_common_args(p)
+    args = parse_common(p)
     return args
 
 
 def main():
     args = parse_args()
     setup_cache_size_limit_of_dynamo()
-    cfg = runtime.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
 
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
@@ -41,8 +44,8 @@ def main():
     if args.auto_scale_lr:
         scale = cfg.get('auto_scale_lr') or {}
         if 'enable' not in scale or 'base_batch_size' not in scale:
-            raise runtime.UsageError('--auto-scale-lr needs auto_scale_lr=dict('
-                               'enable=..., base_batch_size=...) in the config')
+            raise UsageError('--auto-scale-lr needs auto_scale_lr=dict('
+                             'enable=..., base_batch_size=...) in the config')
         cfg.auto_scale_lr.enable = True
 
     if args.resume == 'auto':
@@ -50,10 +53,10 @@ def main():
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
 
-    runner = runtime.build_runner(cfg, 'train')
+    runner = build_runner(cfg, 'train')
     runner.train()
-    runtime.report_rank_finished('training', runner)
+    report_rank_finished('training', runner)
 
 
 if __name__ == '__main__':
-    runtime.run_tool(main)
+    run_tool(main)

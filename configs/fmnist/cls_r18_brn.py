@@ -120,7 +120,7 @@ env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
     # NCCL as in MMDetection's configs; without CUDA the project's tools
-    # (mmnorm.engine.runtime.setup_distributed) use gloo instead.
+    # (mmnorm.engine.distributed.setup_distributed) use gloo instead.
     dist_cfg=dict(backend='nccl'))
 visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
 log_processor = dict(by_epoch=False, window_size=50)

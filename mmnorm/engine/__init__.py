@@ -1,2 +1,3 @@
-"""What tools/train.py and tools/test.py run: runner set-up, exact resume, AMP
-without a GPU, checkpoint guards, data checks, hooks and the SyncBN rule."""
+"""What tools/train.py and tools/test.py run: their command line, config
+loading, distributed set-up and runner, exact resume, AMP without a GPU,
+checkpoint guards, data checks, hooks and the SyncBN rule."""

@@ -5,7 +5,7 @@
 * :func:`run_mmcv_ops_in_float32` - mmcv's CPU kernels of NMS and RoIAlign take
   float32 only; under CPU autocast they run in float32 and hand back the
   low-precision dtype, as their CUDA kernels do.
-* :func:`use_cpu_amp` - what ``mmnorm.engine.runtime.build_runner`` calls: switch a
+* :func:`use_cpu_amp` - what ``mmnorm.engine.runner.build_runner`` calls: switch a
   config that asks for ``AmpOptimWrapper`` to the two above when the run has
   no accelerator.
 """

@@ -1,6 +1,6 @@
 """Exact ``--resume``: the random states of the interrupted run go into every
 checkpoint and come back on resume (:class:`ResumeRandomStateHook`, which
-``mmnorm.engine.runtime.build_runner`` registers for training)."""
+``mmnorm.engine.runner.build_runner`` registers for training)."""
 import logging
 
 from mmengine.dist import get_rank, get_world_size

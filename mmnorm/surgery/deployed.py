@@ -78,7 +78,7 @@ def deploy_checkpoint(config, checkpoint, out, cfg_options=None):
     from mmengine.runner import load_checkpoint
 
     from ..engine.checkpoint_check import verify_checkpoint
-    from ..engine.runtime import load_config
+    from ..engine.config import load_config
     cfg = load_config(config, cfg_options)
     verify_checkpoint(checkpoint)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):

@@ -60,7 +60,7 @@ from collections import Counter, OrderedDict
 import torch
 from torch import nn
 
-from ..engine.runtime import UsageError
+from ..engine.command_line import UsageError
 from ..layers import conv_types, norm_types
 from .deployed import DEPLOYED_KEY
 from .fuse import conv_weight, mmnorm_modules
@@ -372,7 +372,7 @@ def write_plain_mmdet(config, checkpoint, out, cfg_options=None):
 
     from .. import __version__
     from ..engine.checkpoint_check import verify_checkpoint
-    from ..engine.runtime import load_config
+    from ..engine.config import load_config
 
     config, checkpoint, out = str(config), str(checkpoint), str(out)
     if osp.lexists(out):

@@ -1,6 +1,6 @@
 """Mistakes in the tools' input end in one line, ``error: ...``, with exit
 status 1 and no traceback unless asked for: the config checks of
-mmnorm.engine.configcheck, and the checkpoint check of every tool that reads a
+mmnorm.engine.config_check, and the checkpoint check of every tool that reads a
 checkpoint."""
 import glob
 import sys
@@ -9,7 +9,7 @@ import pytest
 from mmengine.config import Config
 
 from conftest import REPO, run, tool_env
-from mmnorm.engine.configcheck import ConfigError, check_layer_cfgs
+from mmnorm.engine.config_check import ConfigError, check_layer_cfgs
 
 MABN_CONFIG = REPO / 'configs' / 'demo' / 'mask_rcnn_r18_mabn.py'
 TINY_CONFIG = REPO / 'tests' / 'configs' / 'tiny_mask_rcnn.py'
@@ -102,7 +102,7 @@ def test_the_traceback_is_shown_when_asked_for(tmp_path, how):
     assert proc.returncode == 1
     assert 'Traceback (most recent call last)' in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == (
-        'mmnorm.engine.configcheck.ConfigError: model.backbone.norm_cfg: MABN: buffer_size '
+        'mmnorm.engine.config_check.ConfigError: model.backbone.norm_cfg: MABN: buffer_size '
         'must be > 0, got 0')
 
 

@@ -81,7 +81,7 @@ def outputs(model, x):
 
 @pytest.fixture
 def trusting(monkeypatch):
-    """The tools set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD (mmnorm.engine.runtime):
+    """The tools set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD (mmnorm.engine.trusted_checkpoints):
     run one in this process and leave the variable as it was."""
     monkeypatch.setenv(WEIGHTS_ONLY_ENV, 'unset below')
     monkeypatch.delenv(WEIGHTS_ONLY_ENV)
@@ -175,13 +175,13 @@ def test_plain_config_rules():
 
 
 def run_deploy(monkeypatch, *args):
-    """tools/deploy.py ARGS in this process, as ``runtime.run_tool`` runs it:
+    """tools/deploy.py ARGS in this process, as ``run_tool`` runs it:
     the ``error: ...`` line it exits with, or None."""
-    from mmnorm.engine import runtime
+    from mmnorm.engine.command_line import run_tool
     tool = load_tool('deploy')
     monkeypatch.setattr(sys, 'argv', ['deploy.py', *map(str, args)])
     try:
-        runtime.run_tool(tool.main)
+        run_tool(tool.main)
     except SystemExit as stop:
         return str(stop.code)
     return None

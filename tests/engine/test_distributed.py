@@ -1,5 +1,5 @@
-"""mmnorm.engine.runtime's distributed set-up, in process and in a
-one-process group (the tools that use it run end to end in tests/test_tools.py)."""
+"""mmnorm.engine.distributed, in process and in a one-process group (the
+tools that use it run end to end in tests/test_tools.py)."""
 import os
 import sys
 
@@ -9,7 +9,7 @@ from conftest import free_port, run, tool_env, write_exe
 def test_slurm_environment_is_derived(tmp_path, monkeypatch):
     """The Slurm launcher's variables become torch.distributed's, with the
     master address from `scontrol show hostnames` (a stand-in here)."""
-    from mmnorm.engine import runtime
+    from mmnorm.engine import distributed
     write_exe(tmp_path / 'scontrol',
               '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[3-4]" ] '
               '&& printf "node3\\nnode4\\n"\n')
@@ -23,7 +23,7 @@ def test_slurm_environment_is_derived(tmp_path, monkeypatch):
     monkeypatch.setenv('SLURM_LOCALID', '1')
     monkeypatch.setenv('SLURM_NODELIST', 'node[3-4]')
     monkeypatch.setenv('PORT', '29999')
-    runtime._env_from_slurm(None)
+    distributed._env_from_slurm(None)
     assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == (
         'node3', '29999')
     assert (os.environ['RANK'], os.environ['WORLD_SIZE'],
@@ -37,9 +37,9 @@ def test_cpu_ddp_wrapper_single_process(tmp_path):
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODEL_WRAPPERS
-from mmnorm.engine import runtime
+from mmnorm.engine.distributed import setup_distributed
 cfg = Config(dict())
-runtime.setup_distributed(cfg, 'pytorch')
+setup_distributed(cfg, 'pytorch')
 assert torch.distributed.get_backend() == 'gloo'
 assert cfg.model_wrapper_cfg['type'] == 'CPUDistributedDataParallel'
 ddp = MODEL_WRAPPERS.build(dict(cfg.model_wrapper_cfg),
@@ -48,7 +48,7 @@ ddp = MODEL_WRAPPERS.build(dict(cfg.model_wrapper_cfg),
 assert ddp.device_ids is None
 print('ok', type(ddp).__name__)
 user_cfg = Config(dict(model_wrapper_cfg=dict(type='MMDistributedDataParallel')))
-runtime.setup_distributed(user_cfg, 'pytorch')  # already initialised
+setup_distributed(user_cfg, 'pytorch')  # already initialised
 assert user_cfg.model_wrapper_cfg['type'] == 'MMDistributedDataParallel'
 torch.distributed.destroy_process_group()
 '''
@@ -68,8 +68,9 @@ def test_run_tool_ends_the_process_group(tmp_path):
     code = '''
 import torch
 from mmengine.config import Config
-from mmnorm.engine import runtime
-runtime.run_tool(lambda: runtime.setup_distributed(Config(dict()), 'pytorch'))
+from mmnorm.engine.command_line import run_tool
+from mmnorm.engine.distributed import setup_distributed
+run_tool(lambda: setup_distributed(Config(dict()), 'pytorch'))
 print('initialised after run_tool:', torch.distributed.is_initialized())
 '''
     env = tool_env(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0',

@@ -1,4 +1,4 @@
-"""Runner hooks of mmnorm (registered in mmengine's root ``HOOKS``).
+"""CBN's burn-in hook, registered in mmengine's root ``HOOKS``.
 
 :class:`CBNBurninHook` turns a CBN burn-in stated in epochs
 (``norm_cfg=dict(type='CBN', burnin_epochs=8)``) into iterations with the real
