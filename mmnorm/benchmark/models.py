@@ -77,7 +77,7 @@ def model_config(method, scale):
     (docs/benchmarks.md; RoI counts times ``scale``^2)."""
     from mmengine.config import Config
 
-    from ..engine.runtime import require_pkg_resources
+    from ..engine.config import require_pkg_resources
     require_pkg_resources()
     cfg = Config.fromfile(REPO / 'configs' / method.config)
     model = cfg.model

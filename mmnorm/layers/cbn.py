@@ -168,7 +168,7 @@ class CBN(SmallBatchNorm):
         two_stage (bool): window jumps from 0 to k after burn-in (True) or grows
             as int(k * min(t / burnin, 1)) (False). Default True.
         burnin_epochs (float | None): burn-in in epochs instead of ``burnin``;
-            needs :class:`mmnorm.engine.hooks.CBNBurninHook` (or
+            needs :class:`mmnorm.engine.cbn_burnin_hook.CBNBurninHook` (or
             :meth:`set_iters_per_epoch`) before the first training step.
         sync_stats (bool): use the statistics of all processes' inputs (see
             "DDP" in docs/cbn.md). Default False: each process keeps

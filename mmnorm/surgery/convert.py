@@ -46,7 +46,7 @@ import torch
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..engine.configcheck import unknown_option
+from ..engine.config_check import unknown_option
 from ..layers import conv_types
 from ..layers._state import SmallBatchNorm
 from .fuse import conv_norm_pairs, rebuild_conv

@@ -691,14 +691,15 @@ def test_burnin_in_epochs_without_the_hook_fails_loudly():
 def test_burnin_hook_converts_with_the_runner_iterations_per_epoch(monkeypatch):
     from mmengine.registry import HOOKS
 
-    import mmnorm.engine.hooks
+    import mmnorm.engine.cbn_burnin_hook
     logged = []
-    monkeypatch.setattr(mmnorm.engine.hooks, 'print_log', lambda msg, **kw: logged.append(msg))
+    monkeypatch.setattr(mmnorm.engine.cbn_burnin_hook, 'print_log',
+                        lambda msg, **kw: logged.append(msg))
     model = nn.Sequential(nn.Conv2d(3, 4, 3), CBN(4, burnin_epochs=8, two_stage=False),
                           nn.Conv2d(4, 4, 1), CBN(4, burnin=5))
     runner = SimpleNamespace(model=model, train_dataloader=[None] * 7)
     hook = HOOKS.build(dict(type='CBNBurninHook'))
-    assert isinstance(hook, mmnorm.engine.hooks.CBNBurninHook)
+    assert isinstance(hook, mmnorm.engine.cbn_burnin_hook.CBNBurninHook)
     hook.before_train(runner)
     assert model[1].burnin_iters() == 56 and model[3].burnin_iters() == 5
     assert model[1].window_size(28) == 1  # gradual: int(3 * 28 / 56)

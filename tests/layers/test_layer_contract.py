@@ -10,7 +10,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 import mmnorm
-from mmnorm.engine.configcheck import ConfigError, check_layer_cfgs
+from mmnorm.engine.config_check import ConfigError, check_layer_cfgs
 from mmnorm.engine.precise_bn import precise_statistics
 from mmnorm.layers import norm_types
 from mmnorm.layers._state import SmallBatchNorm, check_number
