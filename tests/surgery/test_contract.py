@@ -179,6 +179,9 @@ def test_batch_norm_1d_and_3d_convert_where_the_layer_takes_them(kind):
     assert type(other[0]) is kind
     assert entries(report)['0'][:2] == ('skipped', f'CBN takes the 4-D output of a 2-D conv, '
                                                    f'not the inputs of {kind.__name__}')
+    convert(other, norm=dict(type='CBN', rho=0.0), conv=None)  # no conv read: any rank
+    assert isinstance(other[0], mmnorm.CBN)
+    torch.testing.assert_close(output(other, x), output(randomized(nn.Sequential(kind(C))), x))
 
 
 # ------------------------------------------------------------- messages
