@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from ._kernels import launch
-from ._triton_shared import channel_view, isfinite, note_nonfinite, tile, tile_at
+from ._triton_shared import (channel_view, isfinite, note_nonfinite, shifted_moments, tile,
+                             write_affine)
 
 
 @triton.jit
@@ -23,20 +24,8 @@ def brn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     ACC: tl.constexpr = saved_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    channel = c.to(tl.int64)[:, None] * stride_c
-    shift_point = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=cmask, other=0.0).to(ACC)
-    sums = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
-    squares = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
-    for n in range(0, N):
-        for start in range(0, L, BLOCK_L):
-            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-            value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-            value = tl.where(mask, value - shift_point[:, None], 0.0)
-            sums += value
-            squares += value * value
-    shifted_mean = tl.sum(sums, 1) * inv_count
-    var = tl.maximum(tl.sum(squares, 1) * inv_count - shifted_mean * shifted_mean, 0.0)
-    mean = shift_point + shifted_mean
+    mean, var = shifted_moments(x_ptr, c, cmask, N, L, stride_n, stride_c, stride_l, inv_count,
+                                ACC, BLOCK_C, BLOCK_L)
     std = tl.sqrt(var + eps)
 
     t = tl.load(t_ptr)  # advanced by the layer before the step
@@ -66,14 +55,9 @@ def brn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     weight = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC)
     bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(ACC)
     scale = weight * r * inv_std
-    shift = (weight * d + bias - mean * scale)[:, None]
-    scale = scale[:, None]
-    for n in range(0, N):
-        for start in range(0, L, BLOCK_L):
-            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-            value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-            tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
-                     mask=mask)
+    write_affine(x_ptr, y_ptr, scale[:, None], (weight * d + bias - mean * scale)[:, None],
+                 c.to(tl.int64)[:, None] * stride_c, cmask, N, L, stride_n, stride_l, ACC,
+                 BLOCK_L)
 
 
 def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, momentum, rmax,

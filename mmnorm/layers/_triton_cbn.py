@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._kernels import launch
 from ._triton_shared import (MAX_TILE, channel_view, isfinite, last_to_arrive, note_nonfinite,
-                             tile, tile_at)
+                             shifted_moments, tile, write_affine)
 
 MAX_BLOCK_F = 64  # weight elements per channel a program loads per loop step
 KERNEL_POSITIONS = 64  # patch-sum tile: positions of the input per loop step
@@ -79,21 +79,8 @@ def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     ACC: tl.constexpr = saved_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    channel = c.to(tl.int64)[:, None] * stride_c
-    # mu_t and var_t (biased) from sums of x - x[0, c, 0]: no cancellation far from zero.
-    shift_point = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=cmask, other=0.0).to(ACC)
-    sums = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
-    squares = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
-    for n in range(0, N):
-        for start in range(0, L, BLOCK_L):
-            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-            value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-            value = tl.where(mask, value - shift_point[:, None], 0.0)
-            sums += value
-            squares += value * value
-    shifted_mean = tl.sum(sums, 1) * inv_count
-    var_t = tl.maximum(tl.sum(squares, 1) * inv_count - shifted_mean * shifted_mean, 0.0)
-    mu_t = shift_point + shifted_mean
+    mu_t, var_t = shifted_moments(x_ptr, c, cmask, N, L, stride_n, stride_c, stride_l,
+                                  inv_count, ACC, BLOCK_C, BLOCK_L)
 
     # The ring: rows (slot, channel) of this program's channels; the mean
     # derivative's rows are per group (F numbers), weight-shaped ones per channel.
@@ -185,14 +172,9 @@ def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     weight = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC)
     bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(ACC)
     scale = weight * inv_std
-    shift = (bias - mu * scale)[:, None]
-    scale = scale[:, None]
-    for n in range(0, N):
-        for start in range(0, L, BLOCK_L):
-            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-            value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-            tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
-                     mask=mask)
+    write_affine(x_ptr, y_ptr, scale[:, None], (bias - mu * scale)[:, None],
+                 c.to(tl.int64)[:, None] * stride_c, cmask, N, L, stride_n, stride_l, ACC,
+                 BLOCK_L)
 
     # The last program, once every program has read the ring: the push
     # counter and the slot's mean derivative (shared by the programs of a group).

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ._dist import union_mean
 from ._kernels import launch
-from ._triton_shared import channel_view, isfinite, note_nonfinite, tile, tile_at
+from ._triton_shared import (channel_view, isfinite, load_x_and_dy, note_nonfinite, tile,
+                             tile_at, write_affine)
 
 # MODE values (constexpr, so that the kernels can read them)
 FULL, SUMS_ONLY, FROM_UNION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -92,14 +93,8 @@ def mabn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_var_ptr, buf
             tl.store(saved_ptr + 2 * C + 1, early.to(ACC))
         weight = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC)
         bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(ACC)
-        scale = (weight * r * inv_std)[:, None]
-        shift = bias[:, None]
-        for n in range(0, N):
-            for start in range(0, L, BLOCK_L):
-                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-                value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-                tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
-                         mask=mask)
+        write_affine(x_ptr, y_ptr, (weight * r * inv_std)[:, None], bias[:, None], channel,
+                     cmask, N, L, stride_n, stride_l, ACC, BLOCK_L)
 
 
 @triton.jit
@@ -119,11 +114,9 @@ def mabn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, buffer_pt
         grads = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
         for n in range(0, N):
             for start in range(0, L, BLOCK_L):
-                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-                dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l,
-                                        BLOCK_L)
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-                dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
+                x, dy, _, _ = load_x_and_dy(x_ptr, dy_ptr, n, start, channel, dy_channel, cmask,
+                                            L, stride_n, stride_l, dy_stride_n, dy_stride_l, ACC,
+                                            BLOCK_L)
                 products += dy * x
                 grads += dy
         dot = tl.sum(products, 1)
@@ -160,12 +153,9 @@ def mabn_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, buffer_pt
             dy_coef = coef[:, None]
             for n in range(0, N):
                 for start in range(0, L, BLOCK_L):
-                    offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l,
-                                            BLOCK_L)
-                    dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n,
-                                            dy_stride_l, BLOCK_L)
-                    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-                    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
+                    x, dy, offsets, mask = load_x_and_dy(
+                        x_ptr, dy_ptr, n, start, channel, dy_channel, cmask, L, stride_n,
+                        stride_l, dy_stride_n, dy_stride_l, ACC, BLOCK_L)
                     tl.store(dx_ptr + offsets, (dy * dy_coef - x * x_coef).to(
                         dx_ptr.dtype.element_ty), mask=mask)
 

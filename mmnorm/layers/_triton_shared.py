@@ -56,6 +56,54 @@ def tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L: tl.constex
 
 
 @triton.jit
+def load_x_and_dy(x_ptr, dy_ptr, n, start, channel, dy_channel, cmask, L, stride_n, stride_l,
+                  dy_stride_n, dy_stride_l, ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(x, dy, offsets of x, mask): the tiles of x and of its gradient dy (on
+    dy's own strides; ``dy_channel`` its channel offsets) of sample ``n`` at
+    positions ``start`` .. ``start + BLOCK_L``, in ACC, 0 where masked."""
+    offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+    dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l, BLOCK_L)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
+    return x, dy, offsets, mask
+
+
+@triton.jit
+def shifted_moments(x_ptr, c, cmask, N, L, stride_n, stride_c, stride_l, inv_count,
+                    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(mean, biased variance) of channels ``c`` over (N, L), in ACC, from
+    sums of x - x[0, c, 0]: no cancellation for data far from zero."""
+    channel = c.to(tl.int64)[:, None] * stride_c
+    shift_point = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=cmask, other=0.0).to(ACC)
+    sums = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    squares = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
+    for n in range(0, N):
+        for start in range(0, L, BLOCK_L):
+            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+            value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            value = tl.where(mask, value - shift_point[:, None], 0.0)
+            sums += value
+            squares += value * value
+    shifted_mean = tl.sum(sums, 1) * inv_count
+    var = tl.maximum(tl.sum(squares, 1) * inv_count - shifted_mean * shifted_mean, 0.0)
+    return shift_point + shifted_mean, var
+
+
+@triton.jit
+def write_affine(x_ptr, y_ptr, scale, shift, channel, cmask, N, L, stride_n, stride_l,
+                 ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+    """y = x * scale + shift over (N, L) for the program's channels (``scale``,
+    ``shift``: [BLOCK_C, 1] in ACC), stored in y's dtype: a forward's
+    elementwise pass."""
+    for n in range(0, N):
+        for start in range(0, L, BLOCK_L):
+            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
+            value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+            tl.store(y_ptr + offsets, (value * scale + shift).to(y_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+@triton.jit
 def isfinite(value):
     """True where ``value`` is neither inf nor NaN (inf - inf and NaN are NaN)."""
     return (value - value) == 0
@@ -106,11 +154,9 @@ def normalized_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, dwe
     products = tl.zeros([BLOCK_C, BLOCK_L], dtype=ACC)
     for n in range(0, N):
         for start in range(0, L, BLOCK_L):
-            offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-            dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l,
-                                    BLOCK_L)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
+            x, dy, _, mask = load_x_and_dy(x_ptr, dy_ptr, n, start, channel, dy_channel, cmask,
+                                           L, stride_n, stride_l, dy_stride_n, dy_stride_l, ACC,
+                                           BLOCK_L)
             grads += dy
             products += tl.where(mask, dy * (x - mean), 0.0)
     dy_sum = tl.sum(grads, 1)
@@ -130,11 +176,9 @@ def normalized_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, dwe
         inv_std = inv_std[:, None]
         for n in range(0, N):
             for start in range(0, L, BLOCK_L):
-                offsets, mask = tile_at(n, start, channel, cmask, L, stride_n, stride_l, BLOCK_L)
-                dy_offsets, _ = tile_at(n, start, dy_channel, cmask, L, dy_stride_n, dy_stride_l,
-                                        BLOCK_L)
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-                dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
+                x, dy, offsets, mask = load_x_and_dy(x_ptr, dy_ptr, n, start, channel, dy_channel,
+                                                     cmask, L, stride_n, stride_l, dy_stride_n,
+                                                     dy_stride_l, ACC, BLOCK_L)
                 xhat = (x - mean) * inv_std
                 tl.store(dx_ptr + offsets, (gain * (dy - mean_dy - xhat * xhat_coef)).to(
                     dx_ptr.dtype.element_ty), mask=mask)

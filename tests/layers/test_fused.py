@@ -256,18 +256,6 @@ def cbn_batches(model, shape=(2, 4, 7, 6), steps=STEPS, dtype=torch.float32,
     return out
 
 
-def cbn_step(module, x, dy, mode, autocast=None):
-    """One training step of conv -> CBN on ``mode``'s path: (y, dx)."""
-    module.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    context = (torch.autocast('cpu', dtype=autocast) if autocast is not None
-               else contextlib.nullcontext())
-    with kernels(mode), context:
-        y = module(x)
-    y.backward(dy.to(y.dtype))
-    return y.detach(), x.grad
-
-
 def run_cbn_both(model, data, tolerance, autocast=None, learning_rate=0.2, reference=None):
     """:func:`run_both` for conv -> CBN (``reference``: the ATen twin, default
     a copy of ``model``), with an SGD step after each training step (unless
@@ -276,8 +264,8 @@ def run_cbn_both(model, data, tolerance, autocast=None, learning_rate=0.2, refer
     Returns the twin."""
     reference = copy.deepcopy(model) if reference is None else reference
     for x, dy in data:
-        got = cbn_step(model, x, dy, 'triton', autocast)
-        want = cbn_step(reference, x, dy, 'aten', autocast)
+        got = step(model, x, dy, 'triton', autocast)[:2]  # (y, dx)
+        want = step(reference, x, dy, 'aten', autocast)[:2]
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and a.stride() == b.stride()
             torch.testing.assert_close(a, b, equal_nan=True, **tolerance)
