@@ -236,6 +236,7 @@ def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
         pairs, why = conv_norm_pairs(module, lambda m: id(m) in ids)
     modules = dict(module.named_modules())
     conv_options = {key: value for key, value in (conv_cfg or {}).items() if key != 'type'}
+    transformed = tuple(conv_types().values())  # convs whose weight mmnorm transforms already
     plan = {}
     for path, child, info in candidates:
         conv_path = pairs.get(path)
@@ -255,7 +256,7 @@ def _plan(module, norm_class, norm_cfg, conv_class, conv_cfg, report):
                        f'{why.get(path, "no conv feeds it")}', refused=True)
             continue
         conv = modules[conv_path]
-        if isinstance(conv, tuple(conv_types().values())) or id(conv) in plan:
+        if isinstance(conv, transformed) or id(conv) in plan:
             continue
         plan[id(conv)] = (conv, rebuild_conv(conv, conv_class, conv.weight, conv_options))
         report.add(conv_path, conv, 'replaced', f'by {conv_class.__name__} (it feeds {path})')

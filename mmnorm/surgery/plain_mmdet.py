@@ -122,24 +122,27 @@ def plain_conv_cfg(entry):
     return dict(type='Conv2d', **rest)
 
 
-def _rewrite(node, path, changes):
-    """``node`` with every norm and conv entry replaced (recursively)."""
+def _rewrite(node, path, changes, norms, convs):
+    """``node`` with every entry of a norm in ``norms`` or a conv in
+    ``convs`` (type names) replaced (recursively)."""
     if isinstance(node, dict):
         name = _type_name(node.get('type'))
-        if name in norm_types():
+        if name in norms:
             new = plain_norm_cfg(node)
             changes.append(f'{path}: {name} -> BN')
             return new
-        if name in conv_types():
+        if name in convs:
             changes.append(f'{path}: {name} -> Conv2d')
             return plain_conv_cfg(node)
         if name in RENAMED:
             changes.append(f'{path}: {name} -> {RENAMED[name]}')
             node = dict(node, type=RENAMED[name])
-        return {key: _rewrite(value, f'{path}.{key}' if path else str(key), changes)
+        return {key: _rewrite(value, f'{path}.{key}' if path else str(key), changes, norms,
+                              convs)
                 for key, value in node.items()}
     if isinstance(node, (list, tuple)):
-        return type(node)(_rewrite(value, f'{path}.{i}', changes) for i, value in enumerate(node))
+        return type(node)(_rewrite(value, f'{path}.{i}', changes, norms, convs)
+                          for i, value in enumerate(node))
     return node
 
 
@@ -169,7 +172,8 @@ def plain_config(cfg):
     hooks = {name for name, cls in registered.items()
              if isinstance(cls, type) and issubclass(cls, Hook)}
     changes = []
-    data = _rewrite(copy.deepcopy(cfg.to_dict()), '', changes)
+    data = _rewrite(copy.deepcopy(cfg.to_dict()), '', changes, set(norm_types()),
+                    set(conv_types()))
 
     imports = data.get('custom_imports')
     if isinstance(imports, dict):
