@@ -21,8 +21,12 @@ results (to float rounding, see docs/kernels.md):
   without a GPU); a layer raises if Triton cannot run them.
 
 The choice and its reason are logged once, when the first layer is built
-(:func:`announce`).
+(:func:`announce`). The first fused step of each variant on a device is tried
+first on a copy of the layer (:mod:`mmnorm.layers._first_use`): in ``auto`` a
+failure or a result that differs from the ATen step's sends that device (or
+variant) to the ATen path, with one warning; in ``triton`` it raises.
 """
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -43,6 +47,10 @@ MINIMUM_TRITON = (3, 0)
 _PATHS = {}
 _REASON = ['']
 _ANNOUNCED = [False]
+_MODE = ['auto']
+# str(device) -> why the fused kernels failed there (auto: the device takes ATen from then on)
+FAILED_DEVICES = {}
+_FORCED = [None]  # 'aten' while a first-use check runs its reference step
 
 
 def triton_problem():
@@ -74,6 +82,8 @@ def select(mode=None):
     problem = triton_problem()
     interpret = os.environ.get('TRITON_INTERPRET') == '1'
     _PATHS.clear()
+    FAILED_DEVICES.clear()
+    _MODE[0] = mode
     if mode == 'aten':
         reason = f'{KERNELS_ENV}=aten: every layer takes the ATen path'
     elif problem is not None:
@@ -111,13 +121,30 @@ def announce():
         logging.getLogger('mmnorm').info(_REASON[0])
 
 
+def mode():
+    """The mode chosen by :func:`select`: 'auto', 'aten' or 'triton'."""
+    return _MODE[0]
+
+
 def fused(x):
     """True when the training step on ``x`` runs the fused kernels; raises
     where ``MMNORM_KERNELS=triton`` asked for them and they cannot run."""
     path = _PATHS.get(x.device.type, False)
     if isinstance(path, str):
         raise RuntimeError(path)
+    if _FORCED[0] == 'aten' or str(x.device) in FAILED_DEVICES:
+        return False
     return path
+
+
+@contextlib.contextmanager
+def aten_only():
+    """Every training step in this context takes the ATen path."""
+    before, _FORCED[0] = _FORCED[0], 'aten'
+    try:
+        yield
+    finally:
+        _FORCED[0] = before
 
 
 # ---------------------------------------------------------------- launches
@@ -130,13 +157,29 @@ class _Launches:
 LAUNCHES = _Launches()
 
 
+def count_device_kernels(number):
+    """Count ``number`` device kernels that a fused operator runs through ATen
+    (and so outside the dispatch modes that count operators)."""
+    LAUNCHES.count += number
+
+
+def device_guard(device):
+    """The context that makes ``device`` current: Triton launches on the
+    current CUDA device, not on the tensors' one."""
+    if device.type == 'cuda':
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def launch(kernel, grid, *args, **constants):
-    """``kernel[grid](*args, **constants)``, counted in ``LAUNCHES``. Torch
-    dispatch modes are suspended meanwhile: Triton's interpreter runs the
-    kernel with ATen copies that a GPU launch does not make."""
+    """``kernel[grid](*args, **constants)`` on the device of the first tensor
+    argument, counted in ``LAUNCHES``. Torch dispatch modes are suspended
+    meanwhile: Triton's interpreter runs the kernel with ATen copies that a
+    GPU launch does not make."""
     from torch.utils._python_dispatch import _disable_current_modes
     LAUNCHES.count += 1
-    with _disable_current_modes():
+    device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+    with _disable_current_modes(), device_guard(device):
         kernel[grid](*args, **constants)
 
 

@@ -26,6 +26,7 @@ See docs/layer_state.md for why the base class matters to MMDetection, what
 ``sync_stats`` requires of every process, and what mmengine's SyncBuffersHook
 does to the buffers.
 """
+import copy
 import inspect
 import warnings
 import weakref
@@ -38,8 +39,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_module_registration_hook
 
+from .._torch import autocast_output_dtype
 from ._dist import sync_world
-from ._kernels import announce, fused
+from ._first_use import takes_fused
+from ._kernels import announce
 
 
 class StateChange(NamedTuple):
@@ -90,6 +93,10 @@ class SmallBatchNorm(_BatchNorm):
     # weight * x / sqrt(running_var + eps) + bias (convert, fuse, PreciseBN
     # and the plain MMDetection pair read it).
     SUBTRACTS_MEAN = True
+    # Whether the layer has a fused training step (read through _fused_now,
+    # which _check_step sets), and whether it runs with sync_stats too.
+    FUSED_STEP = False
+    FUSED_SYNC = False
 
     def __init__(self, num_features, eps, momentum, sync_stats=False):
         name = type(self).__name__
@@ -104,12 +111,12 @@ class SmallBatchNorm(_BatchNorm):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True,
                          track_running_stats=True)
         self.sync_stats = sync_stats
-        # step_flags[0]: 1 once a statistic was inf/NaN (until reported);
-        # step_flags[1]: CBN's fused kernel counts its programs there, 0 between calls. A buffer,
+        # step_flags[0]: 1 once a statistic was inf/NaN (until reported). A buffer,
         # so that torch.compile takes it as an input of a shared graph, not as a
         # per-layer constant; not saved with the state dict.
-        self.register_buffer('step_flags', torch.zeros(2, dtype=torch.int32), persistent=False)
+        self.register_buffer('step_flags', torch.zeros(1, dtype=torch.int32), persistent=False)
         self._warned_nonfinite = False
+        self._fused_now = False  # this step takes the fused kernels (set by _check_step)
         announce()  # which implementation the training steps take (logged once)
 
     def __setstate__(self, state):
@@ -189,9 +196,22 @@ class SmallBatchNorm(_BatchNorm):
 
     def _check_step(self, x, sync):
         """Raise, before any state changes, if the training step on ``x``
-        cannot run (here: the fused path was asked for and cannot run)."""
-        if not sync:
-            fused(x)
+        cannot run (here: the fused path was asked for and cannot run), and
+        choose its path (``_fused_now``), trying a variant's first fused step
+        on a copy (:mod:`mmnorm.layers._first_use`)."""
+        self._fused_now = takes_fused(self, x, sync)
+
+    def fused_variant(self, x):
+        """What makes the fused step on ``x`` compile or branch differently:
+        the class, device, dtypes (autocast's too) and layout."""
+        return (type(self).__name__, str(x.device), x.dtype, self.weight.dtype,
+                autocast_output_dtype(x), x.dim() > 2 and x.stride(1) == 1,
+                self.sync_stats and sync_world())
+
+    def copy_for_trial(self):
+        """A copy of the layer whose training step changes nothing of this one
+        (the first-use trial of :mod:`mmnorm.layers._first_use`)."""
+        return copy.deepcopy(self)
 
     def _advance_step(self):
         """t <- t + 1, on the device."""

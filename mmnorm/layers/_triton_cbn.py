@@ -1,14 +1,18 @@
 """CBN's training step as Triton kernels (see :mod:`mmnorm.layers.cbn` for the
-equations and :mod:`mmnorm.layers._triton_shared` for the layout).
+equations and :mod:`mmnorm.layers._triton_shared` for the split over programs).
 
-Forward, two launches: the patch sums S_mu of the feeding conv's input (only
-when the step pushes with rho != 0), then one kernel per channel block that
-reduces x to mu_t and var_t, moves the k stored steps to theta_t (the dot
-products with theta_t - theta_tau read from the ring), pools the kept ones,
-updates the running statistics, pushes this step into the ring slot and
-writes y. The conv's weight gradient S_nu (one ATen convolution_backward)
-comes in ready. Backward: the shared normalized backward with share = 1 /
-count, one launch.
+Forward: the patch sums S_mu of the feeding conv's input (only when the step
+pushes with rho != 0: one weight-gradient convolution with ones as the output
+gradient, see docs/kernels.md), the partial sums of x - x[0, c, 0] and their
+squares, then one kernel per channel block (:func:`cbn_statistics_kernel`)
+that reduces them to mu_t and var_t, moves the k stored steps to theta_t (the
+dot products with theta_t - theta_tau read from the ring), pools the kept
+ones, updates the running statistics and pushes this step into the ring slot;
+last, the output pass (:func:`cbn_output_kernel`), whose first program also
+writes the slot's mean derivative and advances the push counter, after every
+program of the statistics kernel has read them. The conv's weight gradient
+S_nu (one ATen convolution_backward) comes in ready. Backward: the shared
+normalized backward with share = 1 / count.
 
 The pooled variance is accumulated around mu_t: with d_i = mu_i - mu_t over
 the c pooled steps (d_t = 0), mu = mu_t + sum(d) / c and sigma2 = (sum(var_i)
@@ -19,12 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._kernels import launch
-from ._triton_shared import (MAX_TILE, channel_view, isfinite, last_to_arrive, note_nonfinite,
-                             shifted_moments, tile, write_affine)
+from .._torch import convolution_backward
+from ._kernels import count_device_kernels, launch
+from ._triton_shared import (MAX_TILE, MOMENTS, as_float, channel_view, channels, element_count,
+                             float_bits, isfinite, moments, note_nonfinite, output_like, split,
+                             sum_partials, target_programs, write_affine)
 
 MAX_BLOCK_F = 64  # weight elements per channel a program loads per loop step
-KERNEL_POSITIONS = 64  # patch-sum tile: positions of the input per loop step
 
 
 def weight_tile(block_c):
@@ -34,58 +39,27 @@ def weight_tile(block_c):
 
 
 @triton.jit
-def patch_sum_kernel(x_ptr, out_ptr, N, H, W, stride_n, stride_c, stride_h, stride_w, H_out,
-                     W_out, pad_h, pad_w, step_h, step_w, dil_h, dil_w, KH: tl.constexpr,
-                     KW: tl.constexpr, KK: tl.constexpr, BLOCK_L: tl.constexpr):
-    """out[ci, a, b] = sum over n and output positions (i, j) of x[n, ci, i *
-    step_h + a * dil_h - pad_h, j * step_w + b * dil_w - pad_w] (zero outside
-    x): the input the conv reads at kernel offset (a, b). One program per
-    input channel; x is read once, each element added to the offsets that
-    read it."""
-    ACC: tl.constexpr = out_ptr.dtype.element_ty
-    ci = tl.program_id(0)
-    k = tl.arange(0, KK)
-    a = (k // KW)[None, :]
-    b = (k % KW)[None, :]
-    kmask = k < KH * KW
-    acc = tl.zeros([BLOCK_L, KK], dtype=ACC)
-    base = ci.to(tl.int64) * stride_c
-    for n in range(0, N):
-        for start in range(0, H * W, BLOCK_L):
-            pos = start + tl.arange(0, BLOCK_L)
-            pmask = pos < H * W
-            row = pos // W
-            col = pos % W
-            offsets = (base + tl.cast(n, tl.int64) * stride_n + row.to(tl.int64) * stride_h
-                       + col.to(tl.int64) * stride_w)
-            value = tl.load(x_ptr + offsets, mask=pmask, other=0.0).to(ACC)
-            rows = row[:, None] + pad_h - a * dil_h  # i * step_h where (row, a) is read
-            cols = col[:, None] + pad_w - b * dil_w
-            read = ((rows >= 0) & (rows % step_h == 0) & (rows < H_out * step_h)
-                    & (cols >= 0) & (cols % step_w == 0) & (cols < W_out * step_w))
-            read = read & pmask[:, None] & kmask[None, :]
-            acc += tl.where(read, value[:, None], 0.0)
-    tl.store(out_ptr + ci * (KH * KW) + k, tl.sum(acc, 0), mask=kmask)
-
-
-@triton.jit
-def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
-                       pushes_ptr, flags_ptr, saved_ptr, mean_ptr, sqmean_ptr, valid_ptr,
-                       dmean_ptr, dsqmean_ptr, theta_ring_ptr, theta_ptr, patch_ptr, dnu_ptr,
-                       N, C, L, stride_n, stride_c, stride_l, K, F, group_channels, groups, used,
-                       eps, momentum, rho, inv_count, POOL: tl.constexpr,
-                       PUSH: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr):
+def cbn_statistics_kernel(x_ptr, running_mean_ptr, running_var_ptr, pushes_ptr, flags_ptr,
+                          saved_ptr, partial_ptr, mean_ptr, sqmean_ptr, valid_ptr, dmean_ptr,
+                          dsqmean_ptr, theta_ring_ptr, theta_ptr, patch_ptr, dnu_ptr, N, C, L,
+                          stride_c, CHUNKS, K, F, group_channels, window, eps_bits,
+                          momentum_bits, rho_bits, POOL: tl.constexpr, PUSH: tl.constexpr,
+                          COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
     ACC: tl.constexpr = saved_ptr.dtype.element_ty
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mu_t, var_t = shifted_moments(x_ptr, c, cmask, N, L, stride_n, stride_c, stride_l,
-                                  inv_count, ACC, BLOCK_C, BLOCK_L)
+    c, cmask = channels(BLOCK_C, C)
+    eps = as_float(eps_bits, ACC)
+    momentum = as_float(momentum_bits, ACC)
+    rho = as_float(rho_bits, ACC)
+    count_x = element_count(N, L, ACC)
+    mu_t, var_t = moments(x_ptr, partial_ptr, c, cmask, C, stride_c, count_x, CHUNKS, ACC,
+                          BLOCK_C, BLOCK_K)
 
     # The ring: rows (slot, channel) of this program's channels; the mean
     # derivative's rows are per group (F numbers), weight-shaped ones per channel.
     pushes = tl.load(pushes_ptr)
     slot = pushes % K
+    used = tl.minimum(tl.minimum(pushes, window), K)  # newest slots in the window
     rows = c.to(tl.int64)[:, None] * F
     group_rows = (c // group_channels).to(tl.int64)[:, None] * F
     count = tl.full([BLOCK_C], 1.0, ACC)
@@ -101,14 +75,15 @@ def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
                 mu_dot = tl.zeros([BLOCK_C, BLOCK_F], dtype=ACC)
                 nu_dot = tl.zeros([BLOCK_C, BLOCK_F], dtype=ACC)
                 ring = tl.cast(tau, tl.int64) * C * F
+                group_ring = tl.cast(tau, tl.int64) * (C // group_channels) * F
                 for start in range(0, F, BLOCK_F):
                     f = start + tl.arange(0, BLOCK_F)[None, :]
                     fmask = cmask[:, None] & (f < F)
                     delta = (tl.load(theta_ptr + rows + f, mask=fmask, other=0.0).to(ACC)
                              - tl.load(theta_ring_ptr + ring + rows + f, mask=fmask,
                                        other=0.0).to(ACC))
-                    dmu = tl.load(dmean_ptr + tl.cast(tau, tl.int64) * groups * F + group_rows + f,
-                                  mask=fmask, other=0.0).to(ACC)
+                    dmu = tl.load(dmean_ptr + group_ring + group_rows + f, mask=fmask,
+                                  other=0.0).to(ACC)
                     dnu = tl.load(dsqmean_ptr + ring + rows + f, mask=fmask, other=0.0).to(ACC)
                     mu_dot += delta * dmu
                     nu_dot += delta * dnu
@@ -129,10 +104,10 @@ def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     note_nonfinite(flags_ptr, finite, cmask)
     running_mean = tl.load(running_mean_ptr + c, mask=cmask, other=0.0).to(ACC)
     running_var = tl.load(running_var_ptr + c, mask=cmask, other=1.0).to(ACC)
-    elements = N * L
     tl.store(running_mean_ptr + c, tl.where(finite, running_mean + momentum * (
         mu_t - running_mean), running_mean).to(running_mean_ptr.dtype.element_ty), mask=cmask)
-    unbiased = var_t * elements / tl.maximum(elements - 1, 1)
+    elements = tl.cast(N, tl.int64) * L
+    unbiased = var_t * count_x / tl.maximum(elements - 1, 1).to(tl.float64).to(ACC)
     tl.store(running_var_ptr + c, tl.where(finite & (elements > 1), running_var + momentum * (
         unbiased - running_var), running_var).to(running_var_ptr.dtype.element_ty), mask=cmask)
 
@@ -147,9 +122,8 @@ def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
                 f = start + tl.arange(0, BLOCK_F)[None, :]
                 fmask = cmask[:, None] & (f < F)
                 theta = tl.load(theta_ptr + rows + f, mask=fmask, other=0.0).to(ACC)
-                dnu = tl.load(dnu_ptr + rows + f, mask=fmask, other=0.0).to(ACC) * inv_count * 2.0
-                dmu = tl.load(patch_ptr + group_rows + f, mask=fmask, other=0.0).to(ACC) * (
-                    inv_count)
+                dnu = tl.load(dnu_ptr + rows + f, mask=fmask, other=0.0).to(ACC) * 2.0 / count_x
+                dmu = tl.load(patch_ptr + group_rows + f, mask=fmask, other=0.0).to(ACC) / count_x
                 check += dnu + theta + dmu
                 tl.store(theta_ring_ptr + ring + rows + f, tl.where(isfinite(theta), theta, 0.0)
                          .to(theta_ring_ptr.dtype.element_ty), mask=fmask)
@@ -169,56 +143,75 @@ def cbn_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, run
     tl.store(saved_ptr + 2 * C + c, tl.full([BLOCK_C], 1.0, ACC), mask=cmask)
     tl.store(saved_ptr + 3 * C + c, tl.zeros([BLOCK_C], dtype=ACC), mask=cmask)
     tl.store(saved_ptr + 4 * C + c, 1.0 / count, mask=cmask)
+
+
+@triton.jit
+def cbn_output_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, saved_ptr, pushes_ptr, dmean_ptr,
+                      patch_ptr, N, C, L, stride_n, stride_c, stride_l, y_stride_n, y_stride_c,
+                      y_stride_l, TILES_PER_CHUNK, K, GF, PUSH: tl.constexpr,
+                      COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                      BLOCK_F: tl.constexpr):
+    """y = weight (x - mu) inv_std + bias over this program's chunk; the first
+    program, with PUSH, then writes the slot's mean derivative (GF = groups x
+    F numbers, when COMPENSATE) and advances the push counter."""
+    ACC: tl.constexpr = saved_ptr.dtype.element_ty
+    c, cmask = channels(BLOCK_C, C)
+    mu = tl.load(saved_ptr + c, mask=cmask, other=0.0)
+    inv_std = tl.load(saved_ptr + C + c, mask=cmask, other=0.0)
     weight = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(ACC)
     bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(ACC)
     scale = weight * inv_std
-    write_affine(x_ptr, y_ptr, scale[:, None], (bias - mu * scale)[:, None],
-                 c.to(tl.int64)[:, None] * stride_c, cmask, N, L, stride_n, stride_l, ACC,
-                 BLOCK_L)
-
-    # The last program, once every program has read the ring: the push
-    # counter and the slot's mean derivative (shared by the programs of a group).
+    write_affine(x_ptr, y_ptr, scale[:, None], (bias - mu * scale)[:, None], c, cmask, N, L,
+                 stride_n, stride_c, stride_l, y_stride_n, y_stride_c, y_stride_l,
+                 TILES_PER_CHUNK, ACC, BLOCK_L)
     if PUSH:
-        last = last_to_arrive(flags_ptr)
-        tl.store(pushes_ptr, pushes + 1, mask=last)
+        first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+        pushes = tl.load(pushes_ptr)
         if COMPENSATE:
-            ring = slot.to(tl.int64) * groups * F
-            for start in range(0, groups * F, BLOCK_F):
+            count_x = element_count(N, L, ACC)
+            ring = (pushes % K).to(tl.int64) * GF
+            for start in range(0, GF, BLOCK_F):
                 f = start + tl.arange(0, BLOCK_F)
-                fmask = (f < groups * F) & last
-                dmu = tl.load(patch_ptr + f, mask=fmask, other=0.0).to(ACC) * inv_count
+                fmask = (f < GF) & first
+                dmu = tl.load(patch_ptr + f, mask=fmask, other=0.0).to(ACC) / count_x
                 tl.store(dmean_ptr + ring + f, tl.where(isfinite(dmu), dmu, 0.0)
                          .to(dmean_ptr.dtype.element_ty), mask=fmask)
+        tl.store(pushes_ptr, pushes + 1, mask=first)
 
 
 def patch_sums(conv, conv_input, dtype):
     """S_mu (C_in * kh * kw,) in ``dtype`` of the conv described by ``conv``
-    (a ConvCall: numeric zero padding) on ``conv_input`` (N, C_in, H, W),
-    see :func:`mmnorm.layers.conv_statistics.conv_statistic_derivative_sums`.
-    One launch."""
+    (a ConvCall: numeric zero padding) on ``conv_input`` (N, C_in, H, W), see
+    :func:`mmnorm.layers.conv_statistics.mean_derivative_sum`: the weight
+    gradient of a one-output-channel, ungrouped conv for an output gradient
+    of ones (two device kernels: the ones and the convolution)."""
     n, c_in, h, w = conv_input.shape
     kh, kw = conv.kernel_size
     (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
     h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = conv_input.new_empty(c_in * kh * kw, dtype=dtype)
-    launch(patch_sum_kernel, (c_in,), conv_input, out, n, h, w, *conv_input.stride(), h_out,
-           w_out, ph, pw, sh, sw, dh, dw, KH=kh, KW=kw, KK=triton.next_power_of_2(kh * kw),
-           BLOCK_L=KERNEL_POSITIONS)
-    return out
+    ones = conv_input.new_ones((n, 1, h_out, w_out), dtype=dtype)
+    shape_only = conv_input.new_empty((1, c_in, kh, kw), dtype=dtype)
+    count_device_kernels(2)
+    return convolution_backward(ones, conv_input.to(dtype), shape_only, None, conv.stride,
+                                conv.padding, conv.dilation, False, [0, 0], 1,
+                                (False, True, False))[1].view(-1)
 
 
 def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, theta,
-            patch, dnu, groups, used, eps, momentum, rho, pool, push, cdtype):
+            patch, dnu, groups, window, eps, momentum, rho, pool, push, cdtype):
     """(y, saved) for x (N, C, *): y of x's dtype laid out like x, ``saved`` =
     [mu, inv_std, 1, 0, 1 / count] (5C, ``cdtype``) for the shared backward.
     ``ring``: the six history buffers (mean, sqmean, valid, dmean, dsqmean,
     weight); theta (C, F) contiguous, patch (groups * F,) and dnu (C, F) the
-    derivative sums when the step pushes with compensation (else None).
-    Updates the running statistics, the ring, the push counter and ``flags``
-    in place; one launch."""
-    x, (n, c, length), strides = channel_view(x)
-    y = torch.empty_like(x)
+    derivative sums when the step pushes with compensation (else None);
+    ``window``: how many of the newest stored steps may be pooled. Updates
+    the running statistics, the ring, the push counter and ``flags`` in
+    place; three launches."""
+    view = channel_view(x)
+    x, (n, c, length), strides = view
+    plan = split((n, c, length), strides, target_programs(x.device))
+    y, y_strides = output_like(x)
     saved = x.new_empty(5 * c, dtype=cdtype)
     compensate = theta is not None
     mean, sqmean, valid, dmean, dsqmean, theta_ring = ring
@@ -230,13 +223,18 @@ def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, the
     if mean.dim() != 2:
         mean = sqmean = saved
         valid = pushes
-    block_c, block_l = tile(c, length, strides)
-    launch(cbn_forward_kernel, (triton.cdiv(c, block_c),), x, y, weight, bias, running_mean,
-           running_var, pushes, flags, saved, mean, sqmean, valid, dmean, dsqmean,
-           theta_ring, theta, patch, dnu, n, c, length, *strides, k, features, c // groups,
-           groups, used, eps, momentum, rho, 1.0 / max(n * length, 1), POOL=pool, PUSH=push,
-           COMPENSATE=compensate, BLOCK_C=block_c, BLOCK_L=block_l,
-           BLOCK_F=weight_tile(block_c))
+    partial, _ = sum_partials(view, None, None, plan, MOMENTS, cdtype)
+    blocks = plan.grid(c)[0]
+    block_f = weight_tile(plan.block_c)
+    launch(cbn_statistics_kernel, (blocks,), x, running_mean, running_var, pushes, flags, saved,
+           partial, mean, sqmean, valid, dmean, dsqmean, theta_ring, theta, patch, dnu, n, c,
+           length, strides[1], plan.chunks, k, features, c // groups, window, float_bits(eps),
+           float_bits(momentum), float_bits(rho), POOL=pool, PUSH=push, COMPENSATE=compensate,
+           BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, BLOCK_F=block_f)
+    launch(cbn_output_kernel, plan.grid(c), x, y, weight, bias, saved, pushes, dmean, patch, n,
+           c, length, *strides, *y_strides, plan.tiles_per_chunk, k, groups * features,
+           PUSH=push, COMPENSATE=compensate, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l,
+           BLOCK_F=block_f)
     return y, saved
 
 
@@ -244,23 +242,25 @@ def variants():
     """(kernel, argument types, constants) of every kernel variant the layer
     launches (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
     from ._triton_shared import dtypes_and_tiles, signature
-    for (x, param, buffer, stats), (block_c, block_l) in dtypes_and_tiles():
+    for (x, param, buffer, stats), plan in dtypes_and_tiles():
         pointers = dict(x_ptr=x, y_ptr=x, weight_ptr=param, bias_ptr=param,
                         running_mean_ptr=buffer, running_var_ptr=buffer, pushes_ptr='i64',
-                        flags_ptr='i32', saved_ptr=stats, mean_ptr=buffer, sqmean_ptr=buffer,
-                        valid_ptr='i64', dmean_ptr=buffer, dsqmean_ptr=buffer,
-                        theta_ring_ptr=buffer, theta_ptr=param, patch_ptr=stats, dnu_ptr=stats)
+                        flags_ptr='i32', saved_ptr=stats, partial_ptr=stats, mean_ptr=buffer,
+                        sqmean_ptr=buffer, valid_ptr='i64', dmean_ptr=buffer,
+                        dsqmean_ptr=buffer, theta_ring_ptr=buffer, theta_ptr=param,
+                        patch_ptr=stats, dnu_ptr=stats)
+        block_f = weight_tile(plan.block_c)
         for pool, push, compensate in ((False, False, False), (False, True, False),
                                        (True, True, False), (False, True, True),
                                        (True, True, True)):
-            constants = dict(POOL=pool, PUSH=push, COMPENSATE=compensate, BLOCK_C=block_c,
-                             BLOCK_L=block_l, BLOCK_F=weight_tile(block_c))
-            yield (cbn_forward_kernel, signature(cbn_forward_kernel, pointers, constants),
+            flags = dict(POOL=pool, PUSH=push, COMPENSATE=compensate, BLOCK_C=plan.block_c,
+                         BLOCK_F=block_f)
+            constants = dict(flags, BLOCK_K=plan.block_k)
+            yield (cbn_statistics_kernel, signature(cbn_statistics_kernel, pointers, constants),
                    constants)
-        if block_c == 1:  # the patch sums: one tile, 1 x 1 and 3 x 3 kernels
-            for kh in (1, 3):
-                constants = dict(KH=kh, KW=kh, KK=triton.next_power_of_2(kh * kh),
-                                 BLOCK_L=KERNEL_POSITIONS)
-                pointers = dict(x_ptr=x, out_ptr=stats)
-                yield (patch_sum_kernel, signature(patch_sum_kernel, pointers, constants),
-                       constants)
+            if pool:
+                continue  # the output kernel does not depend on POOL
+            constants = dict(flags, BLOCK_L=plan.block_l)
+            del constants['POOL']
+            yield (cbn_output_kernel, signature(cbn_output_kernel, pointers, constants),
+                   constants)

@@ -44,7 +44,7 @@ from mmengine.registry import MODELS
 
 from .._torch import native_batch_norm_backward, without_autocast
 from ._dist import union_moments
-from ._kernels import (fused, keep_for_normalized_backward, kernel_module,
+from ._kernels import (keep_for_normalized_backward, kernel_module,
                        normalized_gradients)
 from ._ops import Operator, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, check_number
@@ -166,6 +166,8 @@ class BRN(SmallBatchNorm):
     the running statistics keep their values.
     """
 
+    FUSED_STEP = True
+
     def __init__(self, num_features, eps=1e-5, momentum=0.01, rmax=3.0, dmax=5.0,
                  warmup_iters=5000, rmax_iters=40000, dmax_iters=25000, sync_stats=False):
         super().__init__(num_features, eps, momentum, sync_stats)
@@ -188,7 +190,7 @@ class BRN(SmallBatchNorm):
         return 1 + (self.rmax - 1) * r_ramp, self.dmax * d_ramp
 
     def _train_forward(self, x, sync):
-        if not sync and fused(x):
+        if self._fused_now:
             return fused_train_step(x, self.weight, self.bias, self.running_mean,
                                     self.running_var, self.num_batches_tracked, self.step_flags,
                                     self.eps, self.momentum, self.rmax, self.dmax,

@@ -50,7 +50,7 @@ from mmengine.registry import MODELS
 
 from .._torch import native_batch_norm, native_batch_norm_backward, version, without_autocast
 from ._dist import all_reduce_sum, union_moments
-from ._kernels import fused, keep_for_normalized_backward, kernel_module, normalized_gradients
+from ._kernels import keep_for_normalized_backward, kernel_module, normalized_gradients
 from ._ops import Eager, fused_operator, fused_step
 from ._state import SmallBatchNorm, StateChange, check_number
 from .conv_statistics import (ConvCall, conv_statistic_derivative_sums,
@@ -175,6 +175,7 @@ class CBN(SmallBatchNorm):
             its own, as in the paper.
     """
 
+    FUSED_STEP = True
     STATISTIC_BUFFERS = ('running_mean', 'running_var') + tuple(
         key for key in _HISTORY if key != 'history_valid')
 
@@ -313,13 +314,12 @@ class CBN(SmallBatchNorm):
         """Allocate the ring with ``shapes`` (name -> shape without k) or check
         that it has them."""
         k = self.buffer_num
-        empty = self._host_count('history_pushes') == 0
         for key, shape in shapes.items():
             want = (k,) + tuple(shape)
             have = getattr(self, key)
             if tuple(have.shape) == want:
                 continue
-            if not empty and have.numel() > 0:
+            if have.numel() > 0 and self._host_count('history_pushes') > 0:
                 layer = self.describe()
                 raise RuntimeError(
                     f'{layer}: the stored history {key} has shape {tuple(have.shape)}, but this '
@@ -400,10 +400,21 @@ class CBN(SmallBatchNorm):
         return _TRAIN_STEP(self, x, sync)
 
     def _check_step(self, x, sync):
-        super()._check_step(x, sync)
         self.burnin_iters()
         if self._compensates(x):
             self._feeding_conv(x)
+        super()._check_step(x, sync)
+
+    def fused_variant(self, x):
+        t = self._host_count('num_batches_tracked') + 1  # this step's
+        push = torch.is_grad_enabled() and x.requires_grad and self.window_size(t) > 0
+        return super().fused_variant(x) + (push, push and self.rho != 0)
+
+    def copy_for_trial(self):
+        twin = super().copy_for_trial()
+        for name in list(self._host):  # the counters known on the host stay known
+            twin._host_knows(name, self._host_count(name))
+        return twin
 
     def _compensates(self, x):
         """True when the step on ``x`` moves past statistics with the feeding
@@ -419,7 +430,7 @@ class CBN(SmallBatchNorm):
         t = self._host_count('num_batches_tracked')
         window = self.window_size(t, burnin) if with_grad else 0
         dtype = self.stats_dtype(x)
-        if not sync and fused(x):
+        if self._fused_now:
             return self._fused_step(x, window, conv, conv_input, theta, dtype)
 
         pooled = (None, None, None)  # the past means and variances to pool, and keep
@@ -447,13 +458,14 @@ class CBN(SmallBatchNorm):
 
     def _fused_step(self, x, window, conv, conv_input, theta, dtype):
         """The training step on the fused kernels (see :func:`fused_train_step`):
-        the same numbers as the ATen path, the push counter written on the device."""
+        the same numbers as the ATen path; the push counter is read and
+        written on the device only."""
         push = window > 0
         compensate = push and self.rho != 0
         if push:
             self._ensure_history(self._history_shapes(conv, conv_input, theta))
-        pushes = self._host_count('history_pushes')
-        pool = push and pushes > 0
+        # POOL: the ring exists (with no push yet, no slot is in the window)
+        pool = push and self.history_mean.dim() == 2
         square_sum = call = None
         if not compensate:
             theta = conv_input = None
@@ -466,11 +478,10 @@ class CBN(SmallBatchNorm):
         y = fused_train_step(x, self.weight, self.bias, self.running_mean, self.running_var,
                              self.history_pushes, self.step_flags,
                              *(getattr(self, key) for key in _HISTORY), theta, conv_input,
-                             square_sum, call, conv.groups if compensate else 1,
-                             min(window, pushes, self.buffer_num), self.eps, self.momentum,
-                             self.rho, pool, push)
+                             square_sum, call, conv.groups if compensate else 1, window,
+                             self.eps, self.momentum, self.rho, pool, push)
         if push:
-            self._host_knows('history_pushes', pushes + 1)
+            self._host.pop('history_pushes', None)  # advanced on the device
         return y
 
     def _history_shapes(self, conv, conv_input, theta):
@@ -597,10 +608,10 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    history_dsqmean: torch.Tensor, history_weight: torch.Tensor,
                    theta: Optional[torch.Tensor], conv_input: Optional[torch.Tensor],
                    square_sum: Optional[torch.Tensor], call: Optional[List[int]], groups: int,
-                   used: int, eps: float, momentum: float, rho: float, pool: bool,
+                   window: int, eps: float, momentum: float, rho: float, pool: bool,
                    push: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The training step's forward: the patch sums (one launch, when
-    compensating) and one kernel for the rest; (y, what the backward needs)."""
+    """The training step's forward: the patch sums (when compensating) and
+    three launches for the rest; (y, what the backward needs)."""
     triton_cbn = kernel_module('cbn')
     dtype = SmallBatchNorm.stats_dtype(x)
     patch = None
@@ -612,8 +623,8 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     ring = (history_mean, history_sqmean, history_valid, history_dmean, history_dsqmean,
             history_weight)
     return triton_cbn.forward(x, weight, bias, running_mean, running_var, pushes, flags,
-                              ring, theta, patch, square_sum, groups, used, eps, momentum, rho,
-                              pool, push, dtype)
+                              ring, theta, patch, square_sum, groups, window, eps, momentum,
+                              rho, pool, push, dtype)
 
 
 def _fused_forward_fake(x, weight, bias, *rest):
@@ -625,15 +636,17 @@ fused_train_step = fused_step(
                    ('running_mean', 'running_var', 'pushes', 'flags') + _HISTORY),
     functools.partial(keep_for_normalized_backward, pooled=True), normalized_gradients)
 fused_train_step.__doc__ = """CBN's training step on the fused kernels: the output y of x
-(N, C, H, W), one ``mmnorm::cbn_fused_forward`` operator (two Triton launches
-when it compensates, else one), and its backward, one
+(N, C, H, W), one ``mmnorm::cbn_fused_forward`` operator (three Triton
+launches, and the patch sums' convolution when it compensates), and its
+backward, one
 ``mmnorm::normalized_backward``. The conv's weight gradient for grad_output = x
 (``square_sum``) comes in from one ATen ``convolution_backward``. Arguments:
 x, weight, bias, the running statistics, the push counter,
 step_flags, the six ring buffers, theta (C, C_in/groups, kh, kw, contiguous),
 the conv's input and square_sum (or None without compensation), the conv's
-stride, padding, dilation and kernel size (8 ints), groups, how many newest
-slots are in the window, eps, momentum, rho, pool, push."""
+stride, padding, dilation and kernel size (8 ints), groups, the window (how
+many of the newest stored steps may be pooled), eps, momentum, rho, pool,
+push."""
 
 
 def _train_step(layer, x, sync):

@@ -42,7 +42,7 @@ from typing import Tuple
 import torch
 from mmengine.registry import MODELS
 from ._dist import union_mean
-from ._kernels import fused, kernel_module
+from ._kernels import kernel_module
 from .._torch import (any_autocast_enabled, autocast_output_dtype, autocast_state, compiling,
                       native_batch_norm_backward, without_autocast)
 from ._ops import Operator, fused_operator, fused_step, with_backward
@@ -353,6 +353,7 @@ class MABN(SmallBatchNorm):
 
     STATISTIC_BUFFERS = ('running_var', 'buffer_x2', 'buffer_gz')
     SUBTRACTS_MEAN = False
+    FUSED_STEP = FUSED_SYNC = True
 
     def __init__(self, num_features, eps=1e-5, momentum=0.98, buffer_size=16, warmup_iters=100,
                  renorm_start_iter=1000, rmax=5.0, sync_stats=False):
@@ -389,7 +390,7 @@ class MABN(SmallBatchNorm):
     # -------------------------------------------------------------- training
     def _train_forward(self, x, sync):
         out_dtype = autocast_output_dtype(x)
-        if fused(x):
+        if self._fused_now:
             return fused_train_step(x, self.weight, self.bias, self.running_var, self.buffer_x2,
                                     self.buffer_gz, self.num_batches_tracked, self.step_flags,
                                     self.eps, self.momentum, self.warmup_iters,
