@@ -195,7 +195,7 @@ def patch_sums(conv, conv_input, dtype):
     count_device_kernels(2)
     return convolution_backward(ones, conv_input.to(dtype), shape_only, None, conv.stride,
                                 conv.padding, conv.dilation, False, [0, 0], 1,
-                                (False, True, False))[1].view(-1)
+                                (False, True, False))[1].reshape(-1)
 
 
 def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, theta,
