@@ -76,13 +76,13 @@ def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, mom
     the running statistics and ``flags`` in place (``counter`` holds this
     step's t); two launches."""
     view = channel_view(x)
-    x, (n, c, length), strides = view
-    plan = split((n, c, length), strides, target_programs(x.device))
-    y, y_strides = output_like(x)
+    (n, c, length), strides = view.shape, view.strides
+    plan = split(view.shape, strides, target_programs(x.device))
+    y, y_strides = output_like(view, x)
     saved = x.new_empty(4 * c, dtype=cdtype)
     partial, old = sum_partials(view, None, None, plan, MOMENTS, cdtype,
                                 state=(running_mean, running_var))
-    launch(brn_forward_kernel, plan.grid(c), x, y, weight, bias, running_mean, running_var,
+    launch(brn_forward_kernel, plan.grid(c), view.tensor, y, weight, bias, running_mean, running_var,
            counter, flags, saved, partial, old, n, c, length, *strides, *y_strides, plan.chunks,
            plan.tiles_per_chunk, warmup_iters, rmax_iters, dmax_iters, float_bits(eps),
            float_bits(momentum), float_bits(rmax), float_bits(dmax), BLOCK_C=plan.block_c,

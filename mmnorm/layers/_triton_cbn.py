@@ -209,9 +209,9 @@ def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, the
     the running statistics, the ring, the push counter and ``flags`` in
     place; three launches."""
     view = channel_view(x)
-    x, (n, c, length), strides = view
-    plan = split((n, c, length), strides, target_programs(x.device))
-    y, y_strides = output_like(x)
+    (n, c, length), strides = view.shape, view.strides
+    plan = split(view.shape, strides, target_programs(x.device))
+    y, y_strides = output_like(view, x)
     saved = x.new_empty(5 * c, dtype=cdtype)
     compensate = theta is not None
     mean, sqmean, valid, dmean, dsqmean, theta_ring = ring
@@ -226,12 +226,12 @@ def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, the
     partial, _ = sum_partials(view, None, None, plan, MOMENTS, cdtype)
     blocks = plan.grid(c)[0]
     block_f = weight_tile(plan.block_c)
-    launch(cbn_statistics_kernel, (blocks,), x, running_mean, running_var, pushes, flags, saved,
+    launch(cbn_statistics_kernel, (blocks,), view.tensor, running_mean, running_var, pushes, flags, saved,
            partial, mean, sqmean, valid, dmean, dsqmean, theta_ring, theta, patch, dnu, n, c,
            length, strides[1], plan.chunks, k, features, c // groups, window, float_bits(eps),
            float_bits(momentum), float_bits(rho), POOL=pool, PUSH=push, COMPENSATE=compensate,
            BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, BLOCK_F=block_f)
-    launch(cbn_output_kernel, plan.grid(c), x, y, weight, bias, saved, pushes, dmean, patch, n,
+    launch(cbn_output_kernel, plan.grid(c), view.tensor, y, weight, bias, saved, pushes, dmean, patch, n,
            c, length, *strides, *y_strides, plan.tiles_per_chunk, k, groups * features,
            PUSH=push, COMPENSATE=compensate, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l,
            BLOCK_F=block_f)

@@ -141,15 +141,15 @@ def forward(x, weight, bias, running_var, buffer_x2, counter, flags, eps, moment
     :func:`backward`. Updates ``running_var``, ``buffer_x2`` and ``flags`` in
     place; two launches (and an all-reduce between them with ``sync``)."""
     view = channel_view(x)
-    x, (n, c, length), strides = view
-    plan = split((n, c, length), strides, target_programs(x.device))
-    y, y_strides = output_like(x, out_dtype)
+    (n, c, length), strides = view.shape, view.strides
+    plan = split(view.shape, strides, target_programs(x.device))
+    y, y_strides = output_like(view, x, out_dtype)
     saved = x.new_empty(2 * c + 2, dtype=cdtype)
     partial, old = sum_partials(view, None, None, plan, SQUARES, cdtype, state=(running_var,))
     union = total_count = saved  # placeholders unless sync
     if sync:
         union, total_count = union_mean(partial[:, 0].sum(0), n * length)
-    launch(mabn_forward_kernel, plan.grid(c), x, y, weight, bias, running_var, buffer_x2,
+    launch(mabn_forward_kernel, plan.grid(c), view.tensor, y, weight, bias, running_var, buffer_x2,
            counter, flags, saved, partial, old, union, total_count, n, c, length, *strides,
            *y_strides, plan.chunks, plan.tiles_per_chunk, buffer_x2.size(0), warmup_iters,
            renorm_after, float_bits(eps), float_bits(momentum), float_bits(rmax),
@@ -161,18 +161,20 @@ def backward(dy, x, weight, saved, buffer_gz, flags, bias_dtype, sync, need_dx):
     """(dx, dweight, dbias) of :func:`forward` for the incoming ``dy``, dx
     laid out like x (empty unless ``need_dx``); writes psi_t into
     ``buffer_gz`` at the forward's row. Two launches."""
-    view, dy_view = channel_view(x), channel_view(dy)
-    x, (n, c, length), strides = view
-    plan = split((n, c, length), strides, target_programs(x.device))
+    view = channel_view(x)
+    dy_view = channel_view(dy, view.order)
+    (n, c, length), strides = view.shape, view.strides
+    plan = split(view.shape, strides, target_programs(x.device))
     partial, _ = sum_partials(view, dy_view, None, plan, PRODUCTS, saved.dtype)
-    dx, dx_strides = output_like(x) if need_dx else (x.new_empty(0), strides)
+    dx, dx_strides = output_like(view, x) if need_dx else (x.new_empty(0), strides)
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight, dtype=bias_dtype)
     union = total_count = saved
     if sync:
         union, total_count = union_mean(partial[:, 0].sum(0), n * length)
-    launch(mabn_backward_kernel, plan.grid(c), dy_view[0], x, dx, weight, saved, buffer_gz, flags,
-           dweight, dbias, partial, union, total_count, n, c, length, *strides, *dy_view[2],
+    launch(mabn_backward_kernel, plan.grid(c), dy_view.tensor, view.tensor, dx, weight, saved,
+           buffer_gz, flags, dweight, dbias, partial, union, total_count, n, c, length, *strides,
+           *dy_view.strides,
            *dx_strides, plan.chunks, plan.tiles_per_chunk, buffer_gz.size(0), FROM_UNION=sync,
            NEED_DX=need_dx, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, BLOCK_K=plan.block_k)
     return dx, dweight, dbias

@@ -55,26 +55,53 @@ def as_float(bits, ACC: tl.constexpr):
     return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
 
 
-def channel_view(x):
-    """``x`` (N, C, *) seen as (N, C, L), L the product of the trailing dims:
-    ``(x, (N, C, L), (stride_n, stride_c, stride_l))``. Any strides of N and C
-    are kept (slices, expanded batches); trailing dims that do not collapse
-    into one stride are first made contiguous."""
-    rest = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size != 1]
+class ChannelView(NamedTuple):
+    """A tensor (N, C, *) as the kernels read it: (N, C, L) with one stride
+    per dim. ``tensor`` is what to pass (the trailing dims permuted by
+    ``order``, or a copy of it where they do not collapse into one stride)."""
+    tensor: torch.Tensor
+    shape: tuple    # (N, C, L)
+    strides: tuple  # (stride_n, stride_c, stride_l)
+    order: tuple    # the trailing dims, outermost first
+
+
+def _collapsed(t):
+    """(N, C, L) strides of ``t`` if its trailing dims collapse into one, else None."""
+    rest = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
     if any(outer[1] != inner[1] * inner[0] for outer, inner in zip(rest, rest[1:])):
-        x = x.contiguous()
-        rest = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size != 1]
-    length = math.prod(x.shape[2:])
-    stride_l = rest[-1][1] if rest else 1
-    return x, (x.size(0), x.size(1), length), (x.stride(0), x.stride(1), stride_l)
+        return None
+    return t.stride(0), t.stride(1), rest[-1][1] if rest else 1
 
 
-def output_like(x, dtype=None):
-    """An output for ``x`` (as given by :func:`channel_view`) laid out as
-    ``empty_like`` lays it, and its (N, C, L) strides: a dense tensor, so its
-    trailing dims collapse too."""
-    out = torch.empty_like(x, dtype=dtype)
-    return out, channel_view(out)[2]
+def channel_view(t, order=None):
+    """``t`` (N, C, *) seen as (N, C, L), L the product of the trailing dims
+    taken in ``order`` (default: by ``t``'s strides, largest first, so a
+    permuted layout needs no copy). Any strides of N and C are kept (slices,
+    expanded batches); trailing dims that do not collapse are copied first.
+    The reductions and elementwise passes do not depend on the order of the
+    positions, only on x, y, dy and dx using the same one."""
+    if order is None:
+        order = tuple(sorted(range(2, t.dim()), key=lambda d: -t.stride(d)))
+    permuted = t.permute(0, 1, *order)
+    strides = _collapsed(permuted)
+    if strides is None:
+        permuted = permuted.contiguous()
+        strides = _collapsed(permuted)
+    shape = (t.size(0), t.size(1), math.prod(t.shape[2:]))
+    return ChannelView(permuted, shape, strides, order)
+
+
+def output_like(view, like, dtype=None):
+    """(out, its (N, C, L) strides): an output for the input ``like`` (N, C,
+    *) laid out as ``empty_like`` lays it, read in ``view``'s order; where
+    that order does not collapse, dense in it instead."""
+    out = torch.empty_like(like, dtype=dtype)
+    strides = _collapsed(out.permute(0, 1, *view.order))
+    if strides is None:
+        dense = torch.empty(view.tensor.shape, dtype=out.dtype, device=out.device)
+        out = dense.permute(0, 1, *(view.order.index(d) + 2 for d in range(2, like.dim())))
+        strides = _collapsed(dense)
+    return out, strides
 
 
 def tile(channels, length, strides):
@@ -288,14 +315,15 @@ def note_nonfinite(flags_ptr, finite, channel_mask):
 
 def sum_partials(x, dy, mean, plan, sums, dtype, state=()):
     """The first launch of a direction: (partial (chunks, 2, C), old (2, C))
-    in ``dtype`` for :func:`partial_sums_kernel` over ``x`` (and ``dy`` on its
-    own strides, ``mean`` (C,) for CENTERED). ``state``: up to two (C,)
+    in ``dtype`` for :func:`partial_sums_kernel` over the :class:`ChannelView`
+    ``x`` (and ``dy``, ``mean`` (C,) for CENTERED). ``state``: up to two (C,)
     buffers copied into ``old``."""
-    x, (n, c, length), strides = x
+    (n, c, length), strides = x.shape, x.strides
+    x = x.tensor
     partial = x.new_empty((plan.chunks, 2, c), dtype=dtype)
     old = x.new_empty((2, c) if state else (0,), dtype=dtype)
     first, second = (tuple(state) + (old, old))[:2]
-    dy_tensor, dy_strides = (dy[0], dy[2]) if dy is not None else (x, strides)
+    dy_tensor, dy_strides = (dy.tensor, dy.strides) if dy is not None else (x, strides)
     launch(partial_sums_kernel, plan.grid(c), x, dy_tensor, x if mean is None else mean,
            partial, first, second, old, n, c, length, *strides, *dy_strides,
            plan.tiles_per_chunk, SUMS=sums.value, SNAPSHOT=len(state), BLOCK_C=plan.block_c,
@@ -349,16 +377,17 @@ def normalized_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, par
 def normalized_backward(dy, x, weight, saved, bias_dtype, need_dx, pooled):
     """(dx, dweight, dbias) of :func:`normalized_backward_kernel`; dx laid out
     like x, empty unless ``need_dx``. Two launches."""
-    x_view = channel_view(x)
-    dy_view = channel_view(dy)
-    x, (n, c, length), strides = x_view
-    plan = split((n, c, length), strides, target_programs(x.device))
-    partial, _ = sum_partials(x_view, dy_view, saved, plan, CENTERED, saved.dtype)
-    dx, dx_strides = output_like(x) if need_dx else (x.new_empty(0), strides)
+    view = channel_view(x)
+    dy_view = channel_view(dy, view.order)
+    (n, c, length), strides = view.shape, view.strides
+    plan = split(view.shape, strides, target_programs(x.device))
+    partial, _ = sum_partials(view, dy_view, saved, plan, CENTERED, saved.dtype)
+    dx, dx_strides = output_like(view, x) if need_dx else (x.new_empty(0), strides)
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight, dtype=bias_dtype)
-    launch(normalized_backward_kernel, plan.grid(c), dy_view[0], x, dx, weight, saved, partial,
-           dweight, dbias, n, c, length, *strides, *dy_view[2], *dx_strides, plan.chunks,
+    launch(normalized_backward_kernel, plan.grid(c), dy_view.tensor, view.tensor, dx, weight,
+           saved, partial, dweight, dbias, n, c, length, *strides, *dy_view.strides,
+           *dx_strides, plan.chunks,
            plan.tiles_per_chunk, POOLED=pooled, NEED_DX=need_dx, BLOCK_C=plan.block_c,
            BLOCK_L=plan.block_l, BLOCK_K=plan.block_k)
     return dx, dweight, dbias

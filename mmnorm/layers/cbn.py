@@ -310,6 +310,29 @@ class CBN(SmallBatchNorm):
     def _history_dtype(self):
         return torch.promote_types(self.running_mean.dtype, torch.float32)
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ... with the ring's shapes and layout kept.
+
+        After the first push, history_dmean is rank 4 and history_dsqmean and
+        history_weight rank 5. ``Module.to(memory_format=...)`` gives every
+        rank-4/5 tensor that format: channels_last raises on rank 5,
+        channels_last_3d on rank 4, and a permuted layout would break the
+        fused kernels, which read these buffers as contiguous rows. So ``fn``
+        sees them as contiguous rank-3 (k, C, F) views, and they get their
+        shapes back after (the state dict keeps its rank-4/5 shapes)."""
+        flat = {}
+        for key in _HISTORY:
+            buffer = self._buffers.get(key)
+            if buffer is not None and buffer.dim() > 3:
+                flat[key] = (buffer, buffer.reshape(buffer.shape[0], buffer.shape[1], -1))
+                self._buffers[key] = flat[key][1]
+        try:
+            return super()._apply(fn, recurse)  # statistics stay >= float32 there
+        finally:
+            for key, (old, view) in flat.items():
+                new = self._buffers[key]
+                self._buffers[key] = old if new is view else new.reshape(old.shape)
+
     def _ensure_history(self, shapes):
         """Allocate the ring with ``shapes`` (name -> shape without k) or check
         that it has them."""

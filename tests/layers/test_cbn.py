@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import NO_CPU_FLOAT16_AUTOCAST, exit_without_teardown
+from conftest import NO_CPU_FLOAT16_AUTOCAST, NO_CPU_FLOAT16_CONV, exit_without_teardown
 
 from mmnorm.layers.cbn import CBN
 from mmnorm.layers.conv_statistics import conv_statistic_derivatives, expand_mean_derivative
@@ -644,6 +644,69 @@ def test_state_dict_round_trip_continues_bit_for_bit_in_a_fresh_layer():
         assert torch.equal(a, b)
     for key, value in model.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[key]), key
+
+
+# Module conversions: the ring (rank 4 and 5 after a push) keeps its values,
+# shapes and contiguous layout. Applied to the whole model unless the lambda
+# says otherwise: Conv2d's rank-4 weight itself refuses channels_last_3d.
+CONVERSIONS = {
+    'channels_last': lambda model: model.to(memory_format=torch.channels_last),
+    'channels_last_3d': lambda model: model[1].to(memory_format=torch.channels_last_3d),
+    'half': lambda model: model.half(),
+    'double': lambda model: model.double(),
+    'float': lambda model: model.float(),
+    'cpu': lambda model: model.to('cpu'),
+    'double_channels_last': lambda model: model.to(torch.float64,
+                                                   memory_format=torch.channels_last),
+}
+
+
+def _trained_cbn_model():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), CBN(8, buffer_num=3, burnin=0))
+    for _ in range(2):  # two pushes into the ring
+        train_step(model, torch.randn(2, 3, 6, 6), torch.randn(2, 8, 6, 6))
+    return model
+
+
+@pytest.mark.parametrize('conversion', sorted(CONVERSIONS))
+def test_module_conversions_keep_the_history(conversion):
+    model = _trained_cbn_model()
+    twin = copy.deepcopy(model)  # not converted: the reference for the next step
+    before = {key: value.clone() for key, value in model[1].named_buffers()
+              if key.startswith('history')}
+    assert before['history_dsqmean'].dim() == 5 and before['history_dmean'].dim() == 4
+    CONVERSIONS[conversion](model)
+    dtype = model[0].weight.dtype
+    for key, old in before.items():
+        new = getattr(model[1], key)
+        # History stays >= float32 (STATISTIC_BUFFERS): float32 under .half().
+        want = torch.promote_types(dtype, torch.float32) if old.is_floating_point() \
+            else old.dtype
+        assert new.dtype == want, key
+        assert new.shape == old.shape and new.is_contiguous(), key
+        assert torch.equal(new, old.to(want)), key
+    if dtype == torch.float16 and NO_CPU_FLOAT16_CONV:
+        # The buffers are checked; the extra step needs a float16 conv on the CPU.
+        pytest.skip(NO_CPU_FLOAT16_CONV)
+    x, g = torch.randn(2, 3, 6, 6), torch.randn(2, 8, 6, 6)
+    y = train_step(model, x.to(dtype), g.to(dtype))
+    assert y.dtype == dtype and model[1].history_pushes.item() == 3
+    tolerance = 1e-2 if dtype == torch.float16 else 1e-4
+    torch.testing.assert_close(y.float(), train_step(twin, x, g), rtol=tolerance,
+                               atol=tolerance)
+    for key in before:
+        assert getattr(model[1], key).is_contiguous(), key
+
+
+def test_channels_last_keeps_the_state_dict():
+    model = _trained_cbn_model()
+    saved = copy.deepcopy(model.state_dict())
+    model.to(memory_format=torch.channels_last)
+    after = model.state_dict()
+    assert list(after) == list(saved)
+    for key, value in saved.items():
+        assert after[key].shape == value.shape and torch.equal(after[key], value), key
 
 
 def test_batch_norm_checkpoint_loads_with_empty_history_and_reset_counter(monkeypatch):
