@@ -1,5 +1,6 @@
 """tools/gpu_check.sh --smoke: the GPU check's code path on tiny shapes, here on
 the CPU, installing mmengine from a folder of wheels as on a bare GPU machine."""
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,20 @@ def wheels(tmp_path_factory):
     return folder
 
 
+def cuda_test_outcomes(log):
+    """{'passed': 39, 'skipped': 8, ...} from the last line of pytest's summary
+    in the CUDA tests' step of the check's log ('39 passed, 8 skipped, 81
+    warnings in 53.09s')."""
+    step = log[log.index('] CUDA tests (at most'):log.index('] CUDA tests: exit')]
+    summaries = re.findall(r'^=*\s*((?:\d+ [a-z]+(?:, )?)+) in [\d.]+s', step, re.MULTILINE)
+    assert summaries, f'no pytest summary in the CUDA tests\' step:\n{step[-4000:]}'
+    outcomes = {}
+    for count, outcome in re.findall(r'(\d+) ([a-z]+)', summaries[-1]):
+        outcome = {'warning': 'warnings', 'error': 'errors'}.get(outcome, outcome)
+        outcomes[outcome] = int(count)
+    return outcomes
+
+
 @pytest.mark.end_to_end
 def test_smoke_installs_from_wheels_and_runs_every_step(wheels, tmp_path):
     names = sorted(path.name.split('-')[0] for path in wheels.glob('*.whl'))
@@ -36,6 +51,11 @@ def test_smoke_installs_from_wheels_and_runs_every_step(wheels, tmp_path):
     assert done.returncode == 0, log[-4000:]
     assert f'installing {sorted(wheels.glob("mmengine-*.whl"))[0].name} into' in log
     assert 'CUDA tests: exit 0' in log and 'layer benchmark: exit 0' in log
+    outcomes = cuda_test_outcomes(log)
+    ran = sum(count for outcome, count in outcomes.items()
+              if outcome not in ('warnings', 'deselected'))
+    # On the CPU (MMNORM_CUDA_TESTS_ON_CPU=1) the tests run: they may not all skip.
+    assert outcomes.get('passed', 0) > 0 and outcomes.get('skipped', 0) < ran, outcomes
     layers = (out_dir / 'gpu_layer_benchmark.md').read_text()
     for text in ('| MABN | BN |', '| BRN | BN |', '| WSConv | Conv |', 'bfloat16', 'channels_last'):
         assert text in layers

@@ -145,8 +145,8 @@ def split(shape, strides, programs):
     n, c, length = shape
     block_c, block_l = tile(c, length, strides)
     tiles = max(n * triton.cdiv(length, block_l), 1)
-    chunks = min(tiles, triton.cdiv(programs, triton.cdiv(c, block_c)))
-    per_chunk = triton.cdiv(tiles, chunks)
+    wanted = min(tiles, triton.cdiv(programs, triton.cdiv(c, block_c)))
+    per_chunk = tiles // wanted  # (rounded down: at least ``wanted`` chunks)
     return Split(block_c, block_l, triton.cdiv(tiles, per_chunk), per_chunk)
 
 

@@ -278,8 +278,8 @@ def test_cbn_gradual_burnin_longer_than_the_ring():
     # burnin=12 > k=3: the window grows 0 -> 3 and the age check drops old slots
     model = conv_cbn(buffer_num=3, burnin=12, two_stage=False)
     run_cbn_both(model, cbn_batches(model, steps=15), FLOAT32)
-    run_cbn_both(conv_cbn(buffer_num=3, burnin=12, two_stage=False, dtype=F64),
-                 cbn_batches(model, steps=15, dtype=F64), dict(rtol=1e-10, atol=1e-10))
+    model = conv_cbn(buffer_num=3, burnin=12, two_stage=False, dtype=F64)
+    run_cbn_both(model, cbn_batches(model, steps=15, dtype=F64), dict(rtol=1e-10, atol=1e-10))
 
 
 # ---------------------------------------------------- no host read, ever
