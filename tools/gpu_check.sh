@@ -90,7 +90,7 @@ if [ $SMOKE = 1 ]; then
     # Without a GPU the CUDA tests' code runs on the CPU (MMNORM_CUDA_TESTS_ON_CPU=1), all of it
     # (47 tests, about 1 min on 2 cores; else every test would skip). The layers take the ATen path
     # there: the fused kernels under Triton's interpreter are tests/layers/test_fused.py's (the
-    # CUDA tests that way take 5 min). -rs: each skip's reason goes to the log.
+    # CUDA tests that way take over 5 min here). -rs: each skip's reason goes to the log.
     ON_CPU=0
     [ "$DEVICE" = cpu ] && ON_CPU=1
     step 'CUDA tests' 300 - env MMNORM_CUDA_TESTS_ON_CPU=$ON_CPU \
