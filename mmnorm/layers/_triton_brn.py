@@ -82,9 +82,9 @@ def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, mom
     saved = x.new_empty(4 * c, dtype=cdtype)
     partial, old = sum_partials(view, None, None, plan, MOMENTS, cdtype,
                                 state=(running_mean, running_var))
-    launch(brn_forward_kernel, plan.grid(c), view.tensor, y, weight, bias, running_mean, running_var,
-           counter, flags, saved, partial, old, n, c, length, *strides, *y_strides, plan.chunks,
-           plan.tiles_per_chunk, warmup_iters, rmax_iters, dmax_iters, float_bits(eps),
+    launch(brn_forward_kernel, plan.grid(c), view.tensor, y, weight, bias, running_mean,
+           running_var, counter, flags, saved, partial, old, n, c, length, *strides, *y_strides,
+           plan.chunks, plan.tiles_per_chunk, warmup_iters, rmax_iters, dmax_iters, float_bits(eps),
            float_bits(momentum), float_bits(rmax), float_bits(dmax), BLOCK_C=plan.block_c,
            BLOCK_L=plan.block_l, BLOCK_K=plan.block_k)
     return y, saved

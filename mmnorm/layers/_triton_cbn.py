@@ -19,7 +19,6 @@ the c pooled steps (d_t = 0), mu = mu_t + sum(d) / c and sigma2 = (sum(var_i)
 + sum(d^2)) / c - (sum(d) / c)^2, clamped at 0; the same number as the
 pooled form of :func:`mmnorm.layers.cbn.pooled_statistics`.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -226,13 +225,13 @@ def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, the
     partial, _ = sum_partials(view, None, None, plan, MOMENTS, cdtype)
     blocks = plan.grid(c)[0]
     block_f = weight_tile(plan.block_c)
-    launch(cbn_statistics_kernel, (blocks,), view.tensor, running_mean, running_var, pushes, flags, saved,
-           partial, mean, sqmean, valid, dmean, dsqmean, theta_ring, theta, patch, dnu, n, c,
-           length, strides[1], plan.chunks, k, features, c // groups, window, float_bits(eps),
-           float_bits(momentum), float_bits(rho), POOL=pool, PUSH=push, COMPENSATE=compensate,
+    launch(cbn_statistics_kernel, (blocks,), view.tensor, running_mean, running_var, pushes,
+           flags, saved, partial, mean, sqmean, valid, dmean, dsqmean, theta_ring, theta, patch,
+           dnu, n, c, length, strides[1], plan.chunks, k, features, c // groups, window,
+           float_bits(eps), float_bits(momentum), float_bits(rho), POOL=pool, PUSH=push, COMPENSATE=compensate,
            BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, BLOCK_F=block_f)
-    launch(cbn_output_kernel, plan.grid(c), view.tensor, y, weight, bias, saved, pushes, dmean, patch, n,
-           c, length, *strides, *y_strides, plan.tiles_per_chunk, k, groups * features,
+    launch(cbn_output_kernel, plan.grid(c), view.tensor, y, weight, bias, saved, pushes, dmean,
+           patch, n, c, length, *strides, *y_strides, plan.tiles_per_chunk, k, groups * features,
            PUSH=push, COMPENSATE=compensate, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l,
            BLOCK_F=block_f)
     return y, saved

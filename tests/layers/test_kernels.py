@@ -52,3 +52,19 @@ def test_without_an_mmengine_logger_python_logging_gets_it(monkeypatch, caplog):
     finally:
         _kernels.select()
     assert [r.getMessage() for r in caplog.records if r.name == 'mmnorm'] == [reason]
+
+
+def test_every_planted_bug_of_the_mutation_check_is_still_in_the_kernels():
+    # tools/mutation_check.py plants each bug by replacing an exact snippet: a
+    # kernel change that drops one must update the list (and the list its tests)
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location('mutation_check',
+                                                  root / 'tools' / 'mutation_check.py')
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert len(check.BUGS) >= 19
+    for name, (file, snippet, replacement) in check.BUGS.items():
+        text = (root / 'mmnorm' / 'layers' / file).read_text()
+        assert text.count(snippet) == 1 and snippet != replacement, name
