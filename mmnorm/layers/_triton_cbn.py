@@ -228,8 +228,8 @@ def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, the
     launch(cbn_statistics_kernel, (blocks,), view.tensor, running_mean, running_var, pushes,
            flags, saved, partial, mean, sqmean, valid, dmean, dsqmean, theta_ring, theta, patch,
            dnu, n, c, length, strides[1], plan.chunks, k, features, c // groups, window,
-           float_bits(eps), float_bits(momentum), float_bits(rho), POOL=pool, PUSH=push, COMPENSATE=compensate,
-           BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, BLOCK_F=block_f)
+           float_bits(eps), float_bits(momentum), float_bits(rho), POOL=pool, PUSH=push,
+           COMPENSATE=compensate, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, BLOCK_F=block_f)
     launch(cbn_output_kernel, plan.grid(c), view.tensor, y, weight, bias, saved, pushes, dmean,
            patch, n, c, length, *strides, *y_strides, plan.tiles_per_chunk, k, groups * features,
            PUSH=push, COMPENSATE=compensate, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l,
