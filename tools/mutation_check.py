@@ -92,7 +92,7 @@ def run(name, workers):
                               env=env, capture_output=True, text=True)
         failed = [line for line in done.stdout.splitlines() if line.startswith('FAILED')]
         lines = done.stdout.strip().splitlines()
-        return done.returncode == 1, time.time() - start, (failed or lines[-1:] or ['?'])[0]
+        return bool(failed), time.time() - start, (failed or lines[-1:] or ['?'])[0]
 
 
 def main():
