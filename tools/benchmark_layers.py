@@ -3,7 +3,7 @@
     python tools/benchmark_layers.py [--scale 0.5] [--repeats 5] [--threads N]
         [--layers MABN BRN ...] [--out docs/layer_benchmark.md]
     python tools/benchmark_layers.py --device cuda --scale 1 --dtype float32 bfloat16 \\
-        --memory-format contiguous channels_last [--compile]
+        --memory-format contiguous channels_last [--shapes detection] [--compile]
     python tools/benchmark_layers.py --plot-from docs/layer_benchmark.md
 
 What is measured, at which shapes and how: docs/benchmarks.md (code: mmnorm/benchmark/layers.py).
@@ -24,6 +24,9 @@ def parse_args(argv):
     p.add_argument('--scale', type=float, default=0.5,
                    help='image sides x scale, RoI counts x scale^2 (1: 800x1333, 512/128 '
                    'RoIs; 0.5 takes a few minutes on 2 cores)')
+    p.add_argument('--shapes', choices=list(layers.SHAPE_SETS), default='default',
+                   help='default: res2 stage, FPN P3, box head, mask head; detection: also the '
+                   'stem (2x64x400x672 at --scale 1) and the res5 stage (2x2048x25x42)')
     p.add_argument('--repeats', type=int, default=5,
                    help='at least this many timed samples per module and mode (median)')
     p.add_argument('--min-time', type=float,

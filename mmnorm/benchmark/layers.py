@@ -1,10 +1,13 @@
 """Speed and memory of mmnorm's layers, each next to its baseline (ROWS), at
-four Mask R-CNN shapes, per dtype and memory format: what
-tools/benchmark_layers.py measures and writes (how: docs/benchmarks.md)."""
+four Mask R-CNN shapes (six with ``--shapes detection``), per dtype and memory
+format: what tools/benchmark_layers.py measures and writes (how:
+docs/benchmarks.md)."""
 import contextlib
 import functools
 import itertools
+import math
 import os
+import sys
 import time
 from collections import namedtuple
 from collections.abc import Callable
@@ -15,6 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..layers import BRN, CBN, MABN, CenConv, WSConv
+from ..layers import _kernels
 from ..layers._kernels import LAUNCHES
 from ..studies.results import markdown_table
 from ..surgery.compile import keep_cbn_convs_eager
@@ -35,14 +39,30 @@ PLOTTED = ('fwd+bwd', 'eval')
 Shape = namedtuple('Shape', 'name size conv_in kernel')
 
 
-def make_shapes(scale):
-    """Returns the four shapes (docs/benchmarks.md) of 2 images of IMAGE, the
-    sides times ``scale``, the RoI counts times its square."""
+#: The shapes of each ``--shapes`` choice, by name: 'default' the four of
+#: docs/benchmarks.md; 'detection' adds the stem's output and the res5 stage
+#: (2048 channels), the detector's other activations a norm sees.
+SHAPE_SETS = {
+    'default': ('res2 stage', 'FPN P3', 'box head', 'mask head'),
+    'detection': ('res2 stage', 'stem', 'FPN P3', 'res5 stage', 'box head', 'mask head'),
+}
+
+
+def make_shapes(scale, which='default'):
+    """Returns the shapes of SHAPE_SETS[``which``] for 2 images of IMAGE, the
+    sides times ``scale``, the RoI counts times its square (docs/benchmarks.md).
+    The conv in front of each norm keeps H and W (padding kernel // 2): the
+    stem's is its 7x7 conv from the 3 image channels, res2's and res5's the
+    bottleneck's last 1x1 conv, the others 3x3 convs from 256 channels."""
     h, w = common.padded_size(IMAGE, scale)
-    return [Shape('res2 stage', (2, 256, h // 4, w // 4), 64, 1),
-            Shape('FPN P3', (2, 256, h // 8, w // 8), 256, 3),
-            Shape('box head', (common.scaled_count(512, scale), 256, 7, 7), 256, 3),
-            Shape('mask head', (common.scaled_count(128, scale), 256, 14, 14), 256, 3)]
+    shapes = [Shape('res2 stage', (2, 256, h // 4, w // 4), 64, 1),
+              Shape('stem', (2, 64, h // 2, w // 2), 3, 7),
+              Shape('FPN P3', (2, 256, h // 8, w // 8), 256, 3),
+              Shape('res5 stage', (2, 2048, h // 32, w // 32), 512, 1),
+              Shape('box head', (common.scaled_count(512, scale), 256, 7, 7), 256, 3),
+              Shape('mask head', (common.scaled_count(128, scale), 256, 14, 14), 256, 3)]
+    by_name = {shape.name: shape for shape in shapes}
+    return [by_name[name] for name in SHAPE_SETS[which]]
 
 
 class FrozenBN(nn.BatchNorm2d):
@@ -215,11 +235,50 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ops_per_step(module, x, grad_for, context):
+#: The modules whose ``launch`` :func:`launch_grids` wraps
+TRITON_MODULES = tuple(f'{_kernels.__package__}._triton_{name}' for name in _kernels.KERNEL_MODULES)
+
+
+@contextlib.contextmanager
+def launch_grids(grids=None):
+    """Yields a list (``grids``, if given) that gets the grid (a tuple) of
+    every Triton launch meanwhile: the ``launch`` name of each
+    ``mmnorm.layers._triton_*`` module imported so far (the modules import
+    it by name from ``mmnorm.layers._kernels``) is wrapped, and restored
+    after. A module is imported at its layers' first fused step, before any
+    measured one (the warm-up, the first-use check)."""
+    grids = [] if grids is None else grids
+    modules = [sys.modules[name] for name in TRITON_MODULES if name in sys.modules]
+    originals = [module.launch for module in modules]
+
+    def wrap(launch):
+        def recorded(kernel, grid, *args, **constants):
+            grids.append(tuple(grid))
+            return launch(kernel, grid, *args, **constants)
+        return recorded
+
+    for module, launch in zip(modules, originals):
+        module.launch = wrap(launch)
+    try:
+        yield grids
+    finally:
+        for module, launch in zip(modules, originals):
+            module.launch = launch
+
+
+def fewest_programs(grids):
+    """Returns the smallest number of programs of the launches' ``grids``
+    (the product of a grid's sizes), or None for no launch."""
+    return min((math.prod(grid) for grid in grids), default=None)
+
+
+def ops_per_step(module, x, grad_for, context, grids=None):
     """Returns the operators and Triton launches of the :func:`train_step` of
     ``module`` (see :class:`OpCounter`): (forward, backward), read at the
-    step's synchronisation points."""
-    with OpCounter() as counter:
+    step's synchronisation points. The grid of each Triton launch of the step
+    is appended to the list ``grids``, if given (:func:`launch_grids`)."""
+    recording = launch_grids(grids) if grids is not None else contextlib.nullcontext()
+    with OpCounter() as counter, recording:
         marks = []
         train_step(module, x, grad_for, lambda: marks.append(counter.count), context)
     start, middle, end = marks
@@ -341,7 +400,9 @@ def measure(row, shape, args, device, dtype='float32', memory_format='contiguous
         for module in modules:
             common.check_history_full(module)
         memory = [memory_bytes(module, x, grad_for, device, context) for module in modules]
-        ops = [ops_per_step(module, x, grad_for, context) for module in modules]
+        grids = [[], []]
+        ops = [ops_per_step(module, x, grad_for, context, launched)
+               for module, launched in zip(modules, grids)]
         if args.compile:
             result.compiled, result.compile_note = compiled_times(modules, train, args)
         for module in modules:
@@ -350,7 +411,8 @@ def measure(row, shape, args, device, dtype='float32', memory_format='contiguous
                                     [args.warmup] * 2, args.repeats, args.min_time)
         for i, side in enumerate((result.layer, result.baseline)):
             side.update({'fwd': trains[i][0], 'fwd+bwd': trains[i][1], 'eval': evals[i][0],
-                         'memory': memory[i], 'ops': ops[i], 'history': history_bytes(modules[i]),
+                         'memory': memory[i], 'ops': ops[i], 'programs': fewest_programs(grids[i]),
+                         'history': history_bytes(modules[i]),
                          'buffers': sum(b.nbytes for b in modules[i].buffers())})
     # One failing layer (e.g. cbn.py mid-edit) must not stop the run: it becomes a row.
     except Exception as exc:  # noqa: BLE001
@@ -359,6 +421,8 @@ def measure(row, shape, args, device, dtype='float32', memory_format='contiguous
 
 
 OPS_COLUMN = 'ops + launches fwd+bwd (layer / base)'
+#: The fewest programs a Triton launch of one training step starts ('-': no launch)
+PROGRAMS_COLUMN = 'min programs per launch (layer / base)'
 COMPILED_COLUMNS = ('compiled fwd+bwd ms (layer / base)', 'layer compiled / eager x',
                     'compiled fwd+bwd x')
 
@@ -374,12 +438,19 @@ def compiled_cells(result):
             fmt_ratio(ratio(layer, result.layer['fwd+bwd'])), fmt_ratio(ratio(layer, base))]
 
 
+def programs_cell(sides):
+    """Returns the PROGRAMS_COLUMN cell of (layer, baseline) measurements:
+    each side's fewest programs per launch or '-', one '-' if neither launched."""
+    cells = ['-' if side['programs'] is None else str(side['programs']) for side in sides]
+    return ' / '.join(cells) if cells != ['-', '-'] else '-'
+
+
 def table(results, device, compiled=False):
     """Returns the main table's lines: one row per result (with
     COMPILED_COLUMNS if ``compiled``)."""
     memory = 'peak memory' if device.type == 'cuda' else 'saved for backward + output'
     header = ['layer', 'baseline', 'shape', 'dtype', 'memory format', 'fwd ms (layer / base)',
-              'fwd x', 'fwd+bwd ms (layer / base)', 'fwd+bwd x', OPS_COLUMN,
+              'fwd x', 'fwd+bwd ms (layer / base)', 'fwd+bwd x', OPS_COLUMN, PROGRAMS_COLUMN,
               'eval ms (layer / base)', 'eval x', f'{memory} MB (layer / base)', 'memory x',
               'buffers MB (layer / base)', 'CBN history MB (layer / base)',
               *(COMPILED_COLUMNS if compiled else ())]
@@ -398,6 +469,7 @@ def table(results, device, compiled=False):
                 cells.append(fmt_ratio(ratio(r.layer[metric], r.baseline[metric])))
             if metric == 'fwd+bwd':
                 cells.append(' / '.join('{}+{}'.format(*side['ops']) for side in sides))
+                cells.append(programs_cell(sides))
         history = [fmt_mb(side['history']) if side['history'] else '-' for side in sides]
         cells.append(' / '.join(history) if history != ['-', '-'] else '-')
         rows.append(cells + (compiled_cells(r) if compiled else []))
@@ -431,7 +503,9 @@ def report(results, args, argv, device, shapes, load):
           f'{s.size[1]}' for s in shapes],
         '',
         'Ratios are layer / baseline at the same shape, measured alternately in this run; '
-        'how each column is measured: docs/benchmarks.md. dtype bfloat16: the forwards under '
+        'how each column is measured: docs/benchmarks.md. Min programs per launch: the '
+        'smallest grid (programs) of the Triton launches of one training step, - where the '
+        'step launched none (the ATen path). dtype bfloat16: the forwards under '
         f'torch.autocast(\'{device.type}\', dtype=torch.bfloat16).'
         + (f' Compiled: torch.compile(module, backend=\'{args.compile_backend}\'), at least '
            f'{max(args.warmup, COMPILE_WARMUP)} warm-up calls, more until a call compiles '
@@ -473,7 +547,8 @@ def run(args, argv):
         return common.redraw(args.plot_from, plot)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, load, shapes = torch.device(args.device), common.load_average(), make_shapes(args.scale)
+    device, load = torch.device(args.device), common.load_average()
+    shapes = make_shapes(args.scale, args.shapes)
     rows = [row for row in ROWS if not args.layers or row.key in args.layers]
     results, start = [], time.perf_counter()
     for dtype, memory_format, row, shape in itertools.product(args.dtype, args.memory_format,

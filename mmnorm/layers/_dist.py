@@ -64,7 +64,12 @@ class _UnionMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, former_mean, former_var, former_total):
+        if former_mean is not None:  # a replay: the moments of an earlier call, no all-gather
+            mean, var, total = former_mean.clone(), former_var.clone(), former_total.clone()
+            ctx.save_for_backward(x, mean, total.clamp_min(1))
+            ctx.mark_non_differentiable(total)
+            return mean, var, total
         dims = [0] + list(range(2, x.dim()))
         channels = x.size(1)
         count = x.numel() // channels
@@ -92,12 +97,14 @@ class _UnionMoments(torch.autograd.Function):
         grads = all_reduce_sum(torch.cat([grad_mean, grad_var]))
         shape = (1, -1) + (1,) * (x.dim() - 2)
         dx = (x - mean.view(shape)) * (grads[channels:] * (2 / scale)).view(shape)
-        return dx + (grads[:channels] / scale).view(shape)
+        return dx + (grads[:channels] / scale).view(shape), None, None, None
 
 
-def union_moments(x):
+def union_moments(x, former=None):
     """(mean, biased variance, total count) of the union for x (N, C, *) in a
     float dtype: (C,), (C,) differentiable in x (see :class:`_UnionMoments`),
     and a 0-dim tensor (not differentiable). Where the union is empty, mean and
-    variance are 0 and the count is 0."""
-    return _UnionMoments.apply(x)
+    variance are 0 and the count is 0. ``former``: the (mean, variance, count)
+    of an earlier call on the same input, replayed (activation checkpointing's
+    recompute) without the all-gather; the backward is a collective as ever."""
+    return _UnionMoments.apply(x, *(former if former is not None else (None, None, None)))

@@ -241,6 +241,18 @@ def keep_for_normalized_backward(ctx, inputs, saved, pooled):
     ctx.bias_dtype, ctx.pooled = inputs[2].dtype, pooled
 
 
+def normalized_replay(inputs, saved):
+    """The output of a fused forward (inputs x, weight, bias, ...) that saved
+    ``saved`` = [mean, inv_std, r, d] (+ [share]): weight * (r * (x - mean) *
+    inv_std + d) + bias in the statistics dtype, in x's dtype (its replay)."""
+    x, weight, bias = inputs[:3]
+    mean, inv_std, r, d = saved[:4 * x.size(1)].view(4, -1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = weight.to(saved.dtype) * r * inv_std
+    shift = bias.to(saved.dtype) + weight.to(saved.dtype) * d - mean * scale
+    return torch.addcmul(shift.view(shape), x.to(saved.dtype), scale.view(shape)).to(x.dtype)
+
+
 def normalized_gradients(ctx, dy):
     """The gradients of every input of the fused forward (None but for x,
     weight and bias), one ``mmnorm::normalized_backward`` operator."""

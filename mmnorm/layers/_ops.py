@@ -86,26 +86,37 @@ def fused_operator(name, impl, fake, mutates):
     return op
 
 
-def fused_step(forward, keep, gradients):
+def fused_step(forward, keep, gradients, replay):
     """A differentiable call of ``forward(*inputs) -> (output, saved)``, a
     :func:`fused_operator` that updates buffers (which ``custom_op`` cannot
     give an autograd formula): ``keep(ctx, inputs, saved)`` stores what
     ``gradients(ctx, grad_output)`` needs, which returns one gradient (or
-    None) per input. Traced whole by torch.compile."""
+    None) per input. Traced whole by torch.compile.
+
+    ``call(*inputs, former=None)`` returns (output, saved); with ``former``,
+    the ``saved`` of an earlier call, it is that call replayed (a forward
+    recomputed by activation checkpointing): ``replay(inputs, former)`` makes
+    the output from the saved statistics, nothing is updated, and the backward
+    is the earlier call's."""
 
     class Function(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, *inputs):
-            output, saved = forward(*inputs)
+        def forward(ctx, *args):
+            inputs, former = args[:-1], args[-1]
+            if former is None:
+                output, saved = forward(*inputs)
+            else:
+                output, saved = replay(inputs, former), former.clone()
             keep(ctx, inputs, saved)
-            return output
+            ctx.mark_non_differentiable(saved)
+            return output, saved
 
         @staticmethod
-        def backward(ctx, grad_output):
+        def backward(ctx, grad_output, _grad_saved):
             return gradients(ctx, grad_output)
 
-    def call(*inputs):
-        return Function.apply(*inputs)
+    def call(*inputs, former=None):
+        return Function.apply(*inputs, former)
 
     return call
 

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from .._torch import autocast_output_dtype
+from .._torch import autocast_output_dtype, compiling
 from ._dist import sync_world
 from ._first_use import takes_fused
 from ._kernels import announce
@@ -117,11 +117,18 @@ class SmallBatchNorm(_BatchNorm):
         self.register_buffer('step_flags', torch.zeros(1, dtype=torch.int32), persistent=False)
         self._warned_nonfinite = False
         self._fused_now = False  # this step takes the fused kernels (set by _check_step)
+        self._replays = {}  # what recent steps computed, for their recomputed forwards
         announce()  # which implementation the training steps take (logged once)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state['_replays'] = {}  # a copy replays nothing of this layer's steps
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._warned_nonfinite = False  # a copy warns for itself
+        self.__dict__.setdefault('_replays', {})
 
     def _apply(self, fn, recurse=True):
         # Statistics buffers stay at least float32: ``.half()`` or
@@ -189,10 +196,44 @@ class SmallBatchNorm(_BatchNorm):
             shape = self.channel_shape(x)
             return x * self.weight.view(shape) + self.bias.view(shape)
         if self.training:
+            record = self._replay_record(x) if recomputing() else None
+            if record is not None:
+                return self._replay(x, record)
             self._check_step(x, sync)
             self._advance_step()
             return self._train_forward(x, sync)
         return self._eval_forward(x)
+
+    # -------------------------------------------------- recomputed forwards
+    # Activation checkpointing (torch.utils.checkpoint, MMDetection's
+    # with_cp) runs a forward again during the backward. That forward is a
+    # replay of a step already taken: it must compute what the step computed
+    # and change no state. Every training step keeps what it computed
+    # (_keep_for_replay); a training forward during a backward pass takes the
+    # newest record of its input's shape (docs/layer_state.md, "Activation
+    # checkpointing").
+    REPLAYS_KEPT = 16  # records per input shape
+
+    @staticmethod
+    def _replay_key(x):
+        return tuple(x.shape), x.dtype, x.device
+
+    def _keep_for_replay(self, x, record):
+        """Keep ``record`` (what :meth:`_replay` needs) of this step on ``x``."""
+        if compiling():  # a compiled graph recomputes inside itself
+            return
+        kept = self._replays.setdefault(self._replay_key(x), [])
+        kept.append(record)
+        del kept[:-self.REPLAYS_KEPT]
+
+    def _replay_record(self, x):
+        kept = self._replays.get(self._replay_key(x))
+        return kept.pop() if kept else None
+
+    def _replay(self, x, record):
+        """The output of the step that kept ``record``, recomputed from ``x``
+        with the statistics it used; no state changes."""
+        raise NotImplementedError
 
     def _check_step(self, x, sync):
         """Raise, before any state changes, if the training step on ``x``
@@ -311,6 +352,14 @@ def _note_parent(parent, name, child):
 
 
 register_module_module_registration_hook(_note_parent)
+
+
+def recomputing():
+    """True inside a backward pass, where a training forward is activation
+    checkpointing's recompute of a step already taken (torch >= 2.1 tells;
+    on torch 2.0 every forward is a step)."""
+    graph_task = getattr(torch._C, '_current_graph_task_id', None)
+    return graph_task is not None and not compiling() and graph_task() != -1
 
 
 def registered(base):

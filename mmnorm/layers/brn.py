@@ -44,7 +44,7 @@ from mmengine.registry import MODELS
 
 from .._torch import native_batch_norm_backward, without_autocast
 from ._dist import union_moments
-from ._kernels import (keep_for_normalized_backward, kernel_module,
+from ._kernels import (keep_for_normalized_backward, normalized_replay, kernel_module,
                        normalized_gradients)
 from ._ops import Operator, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, check_number
@@ -125,9 +125,10 @@ def _fused_forward_fake(x, weight, bias, running_mean, running_var, counter, fla
 fused_train_step = fused_step(
     fused_operator('brn_fused_forward', _fused_forward, _fused_forward_fake,
                    ('running_mean', 'running_var', 'flags')),
-    functools.partial(keep_for_normalized_backward, pooled=False), normalized_gradients)
-fused_train_step.__doc__ = """BRN's training step on the fused kernels: the output y of x
-(N, C, *), one ``mmnorm::brn_fused_forward`` operator (one Triton launch), and
+    functools.partial(keep_for_normalized_backward, pooled=False), normalized_gradients,
+    normalized_replay)
+fused_train_step.__doc__ = """BRN's training step on the fused kernels: (the output y of x
+(N, C, *), the saved statistics), one ``mmnorm::brn_fused_forward`` operator (one Triton launch), and
 its backward, one ``mmnorm::normalized_backward``. Arguments: x, weight, bias,
 running_mean, running_var, the step counter, step_flags, eps, momentum, rmax,
 dmax, warmup_iters, rmax_iters, dmax_iters."""
@@ -191,31 +192,56 @@ class BRN(SmallBatchNorm):
 
     def _train_forward(self, x, sync):
         if self._fused_now:
-            return fused_train_step(x, self.weight, self.bias, self.running_mean,
-                                    self.running_var, self.num_batches_tracked, self.step_flags,
-                                    self.eps, self.momentum, self.rmax, self.dmax,
-                                    self.warmup_iters, self.rmax_iters, self.dmax_iters)
+            y, saved = self._fused_call(x)
+            self._keep_for_replay(x, ('fused', saved))
+            return y
         dtype = self.stats_dtype(x)
         with without_autocast(x.device.type):
             if sync:
-                return self._union_forward(x.to(dtype)).to(x.dtype)
+                return self._union_forward(x.to(dtype), keep=x).to(x.dtype)
             xs = x.to(dtype)
             with torch.no_grad():
                 mean, inv_std = batch_statistics(xs, self.eps)
                 r, d = self._correct_and_update(mean, inv_std.reciprocal())
-            y = renormalized_batch_norm(xs, self.weight.to(dtype), self.bias.to(dtype), mean,
-                                        inv_std, r, d)
-            return y.to(x.dtype)
+            self._keep_for_replay(x, ('aten', mean, inv_std, r, d))
+            return self._aten_output(xs, mean, inv_std, r, d).to(x.dtype)
 
-    def _union_forward(self, x):
+    def _aten_output(self, xs, mean, inv_std, r, d):
+        dtype = xs.dtype
+        return renormalized_batch_norm(xs, self.weight.to(dtype), self.bias.to(dtype), mean,
+                                       inv_std, r, d)
+
+    def _fused_call(self, x, former=None):
+        return fused_train_step(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                self.num_batches_tracked, self.step_flags, self.eps,
+                                self.momentum, self.rmax, self.dmax, self.warmup_iters,
+                                self.rmax_iters, self.dmax_iters, former=former)
+
+    def _replay(self, x, record):
+        if record[0] == 'fused':
+            return self._fused_call(x, former=record[1])[0]
+        dtype = self.stats_dtype(x)
+        with without_autocast(x.device.type):
+            if record[0] == 'sync':
+                return self._union_forward(x.to(dtype), former=record[1:]).to(x.dtype)
+            return self._aten_output(x.to(dtype), *record[1:]).to(x.dtype)
+
+    def _union_forward(self, x, keep=None, former=None):
         """The training step with mu_B, sigma_B of all processes' inputs; x is
         in the statistics dtype. Same equations as :data:`renormalized_batch_norm`,
         written with autograd ops: r and d are constants, the gradient flows
-        through mu_B and sigma_B into every process's input."""
-        mean, var, total = union_moments(x)
+        through mu_B and sigma_B into every process's input. ``keep``: the
+        layer's input, under which the step is kept for its replay; ``former``:
+        a kept step's (moments, r, d), replayed without all-gathering again."""
+        if former is None:
+            mean, var, total = union_moments(x)
+            with torch.no_grad():
+                r, d = self._correct_and_update(mean, (var + self.eps).sqrt(), total > 0)
+            self._keep_for_replay(keep, ('sync', (mean.detach(), var.detach(), total), r, d))
+        else:
+            moments, r, d = former
+            mean, var, _ = union_moments(x, former=moments)
         std = (var + self.eps).sqrt()
-        with torch.no_grad():
-            r, d = self._correct_and_update(mean, std, total > 0)
         shape = self.channel_shape(x)
         weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
         scale = (weight * r / std).view(shape)

@@ -50,7 +50,8 @@ from mmengine.registry import MODELS
 
 from .._torch import native_batch_norm, native_batch_norm_backward, version, without_autocast
 from ._dist import all_reduce_sum, union_moments
-from ._kernels import keep_for_normalized_backward, kernel_module, normalized_gradients
+from ._kernels import (keep_for_normalized_backward, kernel_module, normalized_gradients,
+                       normalized_replay)
 from ._ops import Eager, fused_operator, fused_step
 from ._state import SmallBatchNorm, StateChange, check_number
 from .conv_statistics import (ConvCall, conv_statistic_derivative_sums,
@@ -204,6 +205,7 @@ class CBN(SmallBatchNorm):
         self._host = {}
         self._last_conv_weight = None
         _TRAIN_STEP.prepare()
+        _REPLAY.prepare()
 
     @classmethod
     def needs_feeding_conv(cls, cfg):
@@ -219,6 +221,7 @@ class CBN(SmallBatchNorm):
     def __setstate__(self, state):
         super().__setstate__(state)
         _TRAIN_STEP.prepare()  # a layer unpickled in a fresh process
+        _REPLAY.prepare()
 
     def train(self, mode=True):
         self._host = {}  # re-read the counters: they may have been written through .data
@@ -466,9 +469,11 @@ class CBN(SmallBatchNorm):
         union_count = None
         if sync:
             y, mu_t, var_t, union_count = self._union_normalize(x, dtype, *pooled)
+            self._keep_for_replay(x, ('sync', pooled, (mu_t, var_t, union_count)))
         else:
             y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, *pooled,
                                                        self.eps)
+            self._keep_for_replay(x, ('aten', pooled))
         with torch.no_grad():
             finite = _finite(mu_t) & _finite(var_t)
             finite = self.warn_if_nonfinite(finite)
@@ -498,14 +503,28 @@ class CBN(SmallBatchNorm):
             # Rows of F = C_in / groups * kh * kw numbers per output channel.
             theta, square_sum = theta.contiguous(), square_sum.contiguous()
             call = [*conv.stride, *conv.padding, *conv.dilation, *conv.kernel_size]
-        y = fused_train_step(x, self.weight, self.bias, self.running_mean, self.running_var,
-                             self.history_pushes, self.step_flags,
-                             *(getattr(self, key) for key in _HISTORY), theta, conv_input,
-                             square_sum, call, conv.groups if compensate else 1, window,
-                             self.eps, self.momentum, self.rho, pool, push)
+        y, saved = fused_train_step(x, self.weight, self.bias, self.running_mean,
+                                    self.running_var, self.history_pushes, self.step_flags,
+                                    *(getattr(self, key) for key in _HISTORY), theta, conv_input,
+                                    square_sum, call, conv.groups if compensate else 1, window,
+                                    self.eps, self.momentum, self.rho, pool, push)
         if push:
             self._host.pop('history_pushes', None)  # advanced on the device
+        self._keep_for_replay(x, ('fused', saved))
         return y
+
+    def _replay(self, x, record):
+        return _REPLAY(self, x, record)
+
+    def _replay_step(self, x, record):
+        kind, *rest = record
+        if kind == 'fused':  # (x, weight, bias: what the fused backward keeps)
+            return fused_train_step(x, self.weight, self.bias, *(None,) * 21,
+                                    former=rest[0])[0]
+        if kind == 'sync':
+            pooled, moments = rest
+            return self._union_normalize(x, self.stats_dtype(x), *pooled, former=moments)[0]
+        return _CrossIterationNorm.apply(x, self.weight, self.bias, *rest[0], self.eps)[0]
 
     def _history_shapes(self, conv, conv_input, theta):
         """The ring's shapes (name -> shape without k) for a push."""
@@ -516,7 +535,7 @@ class CBN(SmallBatchNorm):
                           history_dsqmean=theta.shape, history_weight=theta.shape)
         return shapes
 
-    def _union_normalize(self, x, dtype, past_mu, past_var, keep):
+    def _union_normalize(self, x, dtype, past_mu, past_var, keep, former=None):
         """The output for ``sync_stats``: mu_t and var_t are the union's
         (:func:`mmnorm.layers._dist.union_moments`), pooled with the kept past
         entries (or None) as in :class:`_CrossIterationNorm`, whose equations this
@@ -657,9 +676,10 @@ def _fused_forward_fake(x, weight, bias, *rest):
 fused_train_step = fused_step(
     fused_operator('cbn_fused_forward', _fused_forward, _fused_forward_fake,
                    ('running_mean', 'running_var', 'pushes', 'flags') + _HISTORY),
-    functools.partial(keep_for_normalized_backward, pooled=True), normalized_gradients)
-fused_train_step.__doc__ = """CBN's training step on the fused kernels: the output y of x
-(N, C, H, W), one ``mmnorm::cbn_fused_forward`` operator (three Triton
+    functools.partial(keep_for_normalized_backward, pooled=True), normalized_gradients,
+    normalized_replay)
+fused_train_step.__doc__ = """CBN's training step on the fused kernels: (the output y of x
+(N, C, H, W), the saved statistics), one ``mmnorm::cbn_fused_forward`` operator (three Triton
 launches, and the patch sums' convolution when it compensates), and its
 backward, one
 ``mmnorm::normalized_backward``. The conv's weight gradient for grad_output = x
@@ -680,3 +700,11 @@ def _train_step(layer, x, sync):
 
 
 _TRAIN_STEP = Eager(_train_step)
+
+
+def _replay_step(layer, x, record):
+    with without_autocast(x.device.type):
+        return layer._replay_step(x, record)
+
+
+_REPLAY = Eager(_replay_step)

@@ -246,14 +246,22 @@ def _fused_gradients(ctx, dy):
     return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * (len(need) - 3)
 
 
+def _fused_replay(inputs, saved):
+    """The output of the fused forward that saved ``saved`` (its replay)."""
+    x, weight, bias = inputs[:3]
+    channels = x.size(1)
+    return _train_output(x, weight, bias, saved[:channels], saved[channels:2 * channels], None,
+                         None, None, inputs[13], None, False)
+
+
 _FUSED_BACKWARD = fused_operator('mabn_fused_backward', _fused_backward, _fused_backward_fake,
                                  ('buffer_gz', 'flags'))
 fused_train_step = fused_step(
     fused_operator('mabn_fused_forward', _fused_forward, _fused_forward_fake,
                    ('running_var', 'buffer_x2', 'flags')),
-    _keep_for_fused_backward, _fused_gradients)
-fused_train_step.__doc__ = """MABN's training step on the fused kernels: the output y of
-``x`` (N, C, *), one ``mmnorm::mabn_fused_forward`` operator (one Triton
+    _keep_for_fused_backward, _fused_gradients, _fused_replay)
+fused_train_step.__doc__ = """MABN's training step on the fused kernels: (the output y of
+``x`` (N, C, *), the saved statistics), one ``mmnorm::mabn_fused_forward`` operator (one Triton
 launch; two and an all-reduce with ``sync``), and its backward, one
 ``mmnorm::mabn_fused_backward``. Arguments: x, weight, bias, running_var,
 buffer_x2, buffer_gz, the step counter, step_flags, eps, momentum,
@@ -391,10 +399,9 @@ class MABN(SmallBatchNorm):
     def _train_forward(self, x, sync):
         out_dtype = autocast_output_dtype(x)
         if self._fused_now:
-            return fused_train_step(x, self.weight, self.bias, self.running_var, self.buffer_x2,
-                                    self.buffer_gz, self.num_batches_tracked, self.step_flags,
-                                    self.eps, self.momentum, self.warmup_iters,
-                                    self.renorm_after, self.rmax, out_dtype, sync)
+            y, saved = self._fused_call(x, out_dtype, sync)
+            self._keep_for_replay(x, (saved, out_dtype, sync))
+            return y
         cdtype = self.stats_dtype(x)
         with without_autocast(x.device.type):
             with torch.no_grad():
@@ -423,6 +430,22 @@ class MABN(SmallBatchNorm):
                     update = update & present
                 self.update_where_finite(self.running_var, new_running, update)
                 inv_std = std.reciprocal()
+            self._keep_for_replay(x, (inv_std, r, row, early, out_dtype, sync))
+            return train_step(x, self.weight, self.bias, inv_std, r, self.buffer_gz, row, early,
+                              out_dtype, self.step_flags, sync)
+
+    def _fused_call(self, x, out_dtype, sync, former=None):
+        return fused_train_step(x, self.weight, self.bias, self.running_var, self.buffer_x2,
+                                self.buffer_gz, self.num_batches_tracked, self.step_flags,
+                                self.eps, self.momentum, self.warmup_iters, self.renorm_after,
+                                self.rmax, out_dtype, sync, former=former)
+
+    def _replay(self, x, record):
+        if len(record) == 3:  # a fused step's
+            saved, out_dtype, sync = record
+            return self._fused_call(x, out_dtype, sync, former=saved)[0]
+        inv_std, r, row, early, out_dtype, sync = record
+        with without_autocast(x.device.type):
             return train_step(x, self.weight, self.bias, inv_std, r, self.buffer_gz, row, early,
                               out_dtype, self.step_flags, sync)
 
