@@ -93,6 +93,9 @@ class SmallBatchNorm(_BatchNorm):
     # weight * x / sqrt(running_var + eps) + bias (convert, fuse, PreciseBN
     # and the plain MMDetection pair read it).
     SUBTRACTS_MEAN = True
+    # The buffers an averaged model (mmengine's EMA) averages; the others
+    # (counters, windows, rings) it copies (mmnorm.engine.averaged_models).
+    AVERAGED_BUFFERS = ('running_mean', 'running_var')
     # Whether the layer has a fused training step (read through _fused_now,
     # which _check_step sets), and whether it runs with sync_stats too.
     FUSED_STEP = False
@@ -322,6 +325,29 @@ class SmallBatchNorm(_BatchNorm):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.report_nonfinite()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    # ------------------------------------------------------ averaged models
+    def take_buffer_shapes(self, source):
+        """Give every buffer the shape of ``source``'s (the same layer in the
+        model an averaged copy follows), in place: a buffer allocated at the
+        first step (CBN's ring) exists in the copy too. Returns whether a
+        shape changed."""
+        theirs = dict(source.named_buffers(recurse=False))
+        changed = False
+        for name, buffer in list(self.named_buffers(recurse=False)):
+            other = theirs.get(name)
+            if other is not None and other.shape != buffer.shape:
+                self._buffers[name] = torch.zeros_like(other, device=buffer.device)
+                changed = True
+        return changed
+
+    def copy_unaveraged_buffers(self, source):
+        """Copy ``source``'s buffers but AVERAGED_BUFFERS into this layer's."""
+        theirs = dict(source.named_buffers(recurse=False))
+        with torch.no_grad():
+            for name, buffer in self.named_buffers(recurse=False):
+                if name not in self.AVERAGED_BUFFERS and name in theirs:
+                    buffer.copy_(theirs[name].to(buffer.device))
 
     # ------------------------------------------------------ state-dict loads
     def convert_state(self, state_dict, prefix):

@@ -42,6 +42,7 @@ loading a BatchNorm state dict, "DDP" (``sync_stats``), "Averaging buffers"
 import functools
 import inspect
 import math
+import warnings
 import weakref
 from typing import List, Optional, Tuple
 
@@ -204,6 +205,7 @@ class CBN(SmallBatchNorm):
         self.register_buffer('history_pushes', torch.tensor(0, dtype=torch.long))
         self._host = {}
         self._last_conv_weight = None
+        self._warned_reentrant = False
         _TRAIN_STEP.prepare()
         _REPLAY.prepare()
 
@@ -220,6 +222,7 @@ class CBN(SmallBatchNorm):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault('_warned_reentrant', False)
         _TRAIN_STEP.prepare()  # a layer unpickled in a fresh process
         _REPLAY.prepare()
 
@@ -351,7 +354,18 @@ class CBN(SmallBatchNorm):
                     f'{layer}: the stored history {key} has shape {tuple(have.shape)}, but this '
                     f'step needs {want}; the conv that feeds the layer changed shape (or '
                     'buffer_num changed)')
-            setattr(self, key, _history_buffer(key, want, self._history_dtype(),
+            self._shape_history(key, want)
+
+    def _shape_history(self, key, shape):
+        """Zeros of ``shape`` in the ring buffer ``key``, in place where it can
+        be: the tensor stays the object that others hold (an averaged model's
+        list of buffers, see "Averaging buffers" in docs/cbn.md)."""
+        buffer = getattr(self, key)
+        if buffer._base is None and buffer.device.type != 'meta':
+            with torch.no_grad():
+                buffer.resize_(shape).zero_()
+        else:
+            setattr(self, key, _history_buffer(key, shape, self._history_dtype(),
                                                self.running_mean.device))
 
     def _ages(self, device):
@@ -469,11 +483,11 @@ class CBN(SmallBatchNorm):
         union_count = None
         if sync:
             y, mu_t, var_t, union_count = self._union_normalize(x, dtype, *pooled)
-            self._keep_for_replay(x, ('sync', pooled, (mu_t, var_t, union_count)))
+            self._keep_for_replay(x, ('sync', with_grad, pooled, (mu_t, var_t, union_count)))
         else:
             y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, *pooled,
                                                        self.eps)
-            self._keep_for_replay(x, ('aten', pooled))
+            self._keep_for_replay(x, ('aten', with_grad, pooled))
         with torch.no_grad():
             finite = _finite(mu_t) & _finite(var_t)
             finite = self.warn_if_nonfinite(finite)
@@ -510,14 +524,24 @@ class CBN(SmallBatchNorm):
                                     self.eps, self.momentum, self.rho, pool, push)
         if push:
             self._host.pop('history_pushes', None)  # advanced on the device
-        self._keep_for_replay(x, ('fused', saved))
+        self._keep_for_replay(x, ('fused', torch.is_grad_enabled() and x.requires_grad, saved))
         return y
 
     def _replay(self, x, record):
         return _REPLAY(self, x, record)
 
     def _replay_step(self, x, record):
-        kind, *rest = record
+        kind, with_grad, *rest = record
+        if not with_grad and x.requires_grad and not self._warned_reentrant:
+            self._warned_reentrant = True
+            warnings.warn(
+                f'{self.describe()}: a forward recomputed with gradients replays a step taken '
+                'without them: reentrant activation checkpointing (torch.utils.checkpoint with '
+                'use_reentrant=True, MMDetection\'s with_cp) runs the first forward under '
+                'no_grad, where CBN cannot read its conv, so those steps are plain BN steps '
+                '(no pooling, no history). Use use_reentrant=False, or with_cp=False for the '
+                'blocks that hold a CBN (docs/layer_state.md, "Activation checkpointing")',
+                RuntimeWarning, stacklevel=2)
         if kind == 'fused':  # (x, weight, bias: what the fused backward keeps)
             return fused_train_step(x, self.weight, self.bias, *(None,) * 21,
                                     former=rest[0])[0]
@@ -636,8 +660,7 @@ class CBN(SmallBatchNorm):
         for key in _HISTORY:
             incoming = state_dict.get(prefix + key)
             if isinstance(incoming, torch.Tensor) and incoming.shape != getattr(self, key).shape:
-                setattr(self, key, _history_buffer(key, incoming.shape, self._history_dtype(),
-                                                   self.running_mean.device))
+                self._shape_history(key, incoming.shape)
         return changes
 
 
