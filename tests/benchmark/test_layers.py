@@ -14,8 +14,12 @@ from torch import nn
 from conftest import REPO, load_tool, write_exe
 
 from mmnorm.benchmark import common, layers
+from mmnorm.layers import _kernels
 
 SHAPES = ('res2 stage', 'FPN P3', 'box head', 'mask head')
+DETECTION_SHAPES = {'res2 stage': (2, 256, 200, 336), 'stem': (2, 64, 400, 672),
+                    'FPN P3': (2, 256, 100, 168), 'res5 stage': (2, 2048, 25, 42),
+                    'box head': (512, 256, 7, 7), 'mask head': (128, 256, 14, 14)}
 PAIRED_COLUMNS = ('fwd ms (layer / base)', 'fwd+bwd ms (layer / base)', 'eval ms (layer / base)',
                   'saved for backward + output MB (layer / base)')
 RATIO_COLUMNS = ('fwd x', 'fwd+bwd x', 'eval x', 'memory x')
@@ -47,8 +51,11 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
 
     table, = common.markdown_tables(markdown)  # measured ratios only: no aims table
     for column in ('layer', 'baseline', 'shape', 'dtype', 'memory format',
-                   'buffers MB (layer / base)', HISTORY, *PAIRED_COLUMNS, *RATIO_COLUMNS):
+                   'buffers MB (layer / base)', HISTORY, layers.OPS_COLUMN,
+                   layers.PROGRAMS_COLUMN, *PAIRED_COLUMNS, *RATIO_COLUMNS):
         assert column in table[0]
+    header = list(table[0])  # the programs beside the operators and launches
+    assert header.index(layers.PROGRAMS_COLUMN) == header.index(layers.OPS_COLUMN) + 1
     assert COMPILED not in table[0]  # only with --compile
     assert 'aim' not in table[0] and not re.search(r'\b(aim|met|MISSED)\b', markdown)
     assert [(r['layer'], r['baseline']) for r in table] == (
@@ -64,6 +71,12 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
         assert row[HISTORY] == '-'  # no CBN in these rows
         layer_ops, base_ops = (side.split('+') for side in row[layers.OPS_COLUMN].split(' / '))
         assert all(int(n) > 0 for n in layer_ops + base_ops), row
+        # BatchNorm2d, WSConv and Conv2d launch no Triton kernel; MABN only on the fused path
+        # (on the CPU: MMNORM_KERNELS=triton under TRITON_INTERPRET=1)
+        if row['layer'] == 'MABN' and _kernels.fused(torch.empty(0)):
+            assert re.fullmatch(r'[1-9]\d* / -', row[layers.PROGRAMS_COLUMN]), row
+        else:
+            assert row[layers.PROGRAMS_COLUMN] == '-', row
 
     # --plot-from reads the ratios back from the written table and redraws the plot.
     points = layers.points_from_markdown(markdown)
@@ -101,6 +114,66 @@ def test_ops_per_step_counts_each_dispatched_operation():
             return super().forward(x) + 1
 
     assert count(PlusOne(4))[0] == one[0] + 1
+
+
+class FakeKernel:
+    """Stands for a Triton kernel: ``kernel[grid](*args)`` does nothing."""
+    __name__ = 'fake_kernel'
+
+    def __getitem__(self, grid):
+        return lambda *args, **constants: None
+
+
+NO_TRITON = _kernels.triton_problem()
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=f'the Triton modules need Triton: {NO_TRITON}')
+def test_launch_grids_records_and_restores_every_module():
+    """launch_grids wraps the ``launch`` name of each mmnorm.layers._triton_*
+    module imported so far: every launch's grid is recorded (the kernel still
+    launched, counted in LAUNCHES) and the names are restored after, also on
+    an error."""
+    modules = [_kernels.kernel_module(name) for name in _kernels.KERNEL_MODULES]
+    assert [m.__name__ for m in modules] == list(layers.TRITON_MODULES)
+    originals = [m.launch for m in modules]
+    x = torch.zeros(1)
+    before = _kernels.LAUNCHES.count
+    with layers.launch_grids() as grids:
+        for i, module in enumerate(modules):
+            module.launch(FakeKernel(), (i + 2, 3), x)
+    assert grids == [(2, 3), (3, 3), (4, 3), (5, 3)]
+    assert _kernels.LAUNCHES.count == before + 4
+    assert [m.launch for m in modules] == originals
+    with pytest.raises(ZeroDivisionError), layers.launch_grids(grids):
+        modules[0].launch(FakeKernel(), (7,), x)
+        raise ZeroDivisionError
+    assert grids[-1] == (7,) and [m.launch for m in modules] == originals
+    assert layers.fewest_programs(grids) == 6 and layers.fewest_programs([]) is None
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=f'the Triton modules need Triton: {NO_TRITON}')
+def test_programs_column_gives_the_smallest_grid_of_a_step():
+    """A layer whose step launches grids of 3 x 5 and 2 x 4 programs (through
+    the shared kernels' ``launch``) gets 8 in the programs column, its
+    BatchNorm2d baseline none ('-'); a row with no launch on either side '-'."""
+    shared = _kernels.kernel_module('shared')
+
+    class Launching(nn.BatchNorm2d):
+        def forward(self, x):
+            shared.launch(FakeKernel(), (3, 5), x)
+            shared.launch(FakeKernel(), (2, 4), x)
+            return super().forward(x)
+
+    args = SimpleNamespace(warmup=0, repeats=1, min_time=0, compile=False)
+    shape = layers.make_shapes(0.05)[2]
+    row = layers.Row('Launching', 'BN', lambda shape: Launching(shape.size[1]), layers.bn)
+    result = layers.measure(row, shape, args, torch.device('cpu'))
+    assert not result.error
+    assert (result.layer['programs'], result.baseline['programs']) == (8, None)
+    plain = layers.measure(layers.Row('BN', 'BN', layers.bn, layers.bn), shape, args,
+                           torch.device('cpu'))
+    table, = common.markdown_tables('\n'.join(layers.table([result, plain], torch.device('cpu'))))
+    assert [r[layers.PROGRAMS_COLUMN] for r in table] == ['8 / -', '-']
 
 
 @pytest.mark.end_to_end
@@ -212,6 +285,7 @@ def test_help_shows_defaults(tool, capsys, monkeypatch):
         tool.parse_args(['--help'])
     text = ' '.join(capsys.readouterr().out.split())
     for default in ('(default: 0.5)', '(default: 5)', '(default: 2)', "(default: ['float32'])",
+                    '(default: default)',
                     "(default: ['contiguous'])", '(default: inductor)', '(default: False)',
                     '(default: 1.0 on the CPU, 0.05 on CUDA)'):
         assert default in text, default
@@ -318,6 +392,24 @@ def test_shapes_scale():
                     'box head': (512, 256, 7, 7), 'mask head': (128, 256, 14, 14)}
     half = {s.name: s.size for s in layers.make_shapes(0.5)}
     assert half['box head'] == (128, 256, 7, 7) and half['res2 stage'][:2] == (2, 256)
+    detection = layers.make_shapes(1.0, 'detection')
+    assert {s.name: s.size for s in detection} == DETECTION_SHAPES
+    assert [s.name for s in detection] == list(DETECTION_SHAPES)
+    convs = {s.name: (s.conv_in, s.kernel) for s in detection}
+    assert convs['stem'] == (3, 7) and convs['res5 stage'] == (512, 1)
+    assert [s.size for s in detection if s.name in full] == list(full.values())
+
+
+def test_detection_shapes_option(tool):
+    """--shapes detection: a row per layer at each of the six shapes."""
+    assert tool.parse_args([]).shapes == 'default'
+    markdown = tool.main(TINY + ['--layers', 'BRN', '--shapes', 'detection'])
+    table, = common.markdown_tables(markdown)
+    assert [r['shape'].rsplit(' ', 1)[0] for r in table] == list(DETECTION_SHAPES)
+    assert all(min(numbers(r['fwd+bwd ms (layer / base)'])) > 0 for r in table)
+    assert '- res5 stage: norm input (2, 2048, 2, 3); conv 1x1 512 -> 2048' in markdown
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--shapes', 'all'])
 
 
 def test_failing_layer_becomes_a_row(tool, monkeypatch):

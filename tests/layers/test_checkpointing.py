@@ -1,0 +1,181 @@
+"""The layers under activation checkpointing (torch.utils.checkpoint, MMDetection's
+with_cp): a forward recomputed during the backward replays its step, so a
+checkpointed model trains exactly as the same model without checkpointing
+(docs/layer_state.md, "Activation checkpointing")."""
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmnorm import BRN, CBN, MABN, CenConv, WSConv
+from mmnorm.layers import _kernels
+
+F64 = torch.float64
+STEPS = 6
+# Settings that cross every phase in 6 steps: MABN's window (2) fills and r
+# leaves 1 after 3; BRN's bounds open from 1 to 3; CBN's window grows over a
+# gradual burn-in of 3 steps, then pools and compensates with a moving conv.
+NORMS = {
+    'MABN': lambda: MABN(6, buffer_size=2, warmup_iters=2, renorm_start_iter=3),
+    'BRN': lambda: BRN(6, warmup_iters=1, rmax_iters=3, dmax_iters=3),
+    'CBN': lambda: CBN(6, buffer_num=2, burnin=3, two_stage=False),
+    'BatchNorm2d': lambda: nn.BatchNorm2d(6),
+}
+CONVS = {'conv': nn.Conv2d, 'CenConv': CenConv, 'WSConv': WSConv}
+LAYERS = [('conv', 'MABN'), ('CenConv', 'MABN'), ('conv', 'BRN'), ('WSConv', 'BRN'),
+          ('conv', 'CBN')]
+FUSED = _kernels.triton_problem() is None and __import__('os').environ.get(
+    'TRITON_INTERPRET') == '1'
+
+
+def block(conv, norm, dtype=F64):
+    torch.manual_seed(0)
+    return nn.Sequential(CONVS[conv](3, 6, 3, padding=1), NORMS[norm](), nn.ReLU()).to(dtype)
+
+
+@contextlib.contextmanager
+def path(name):
+    _kernels.select(name)
+    try:
+        yield
+    finally:
+        _kernels.select()
+
+
+def train_both(conv, norm, reentrant, steps=STEPS, dtype=F64, autocast=None):
+    """Train a block and a checkpointed copy on the same batches with SGD;
+    returns (plain, checkpointed, worst relative gradient gap, loss gaps)."""
+    plain = block(conv, norm, dtype)
+    checkpointed = copy.deepcopy(plain)
+    gen = torch.Generator().manual_seed(1)
+    worst, losses = 0.0, []
+    for _ in range(steps):
+        x = torch.randn(2, 3, 5, 5, generator=gen, dtype=dtype).requires_grad_()
+        results = []
+        for model, wrap in ((plain, False), (checkpointed, True)):
+            model.zero_grad()
+            context = (torch.autocast('cpu', dtype=autocast) if autocast
+                       else contextlib.nullcontext())
+            with context:
+                y = checkpoint(model, x, use_reentrant=reentrant) if wrap else model(x)
+            loss = y.float().square().mean() if autocast else y.square().mean()
+            loss.backward()
+            results.append(float(loss))
+        losses.append(abs(results[0] - results[1]))
+        for p, q in zip(plain.parameters(), checkpointed.parameters()):
+            worst = max(worst, float((p.grad - q.grad).abs().max() / p.grad.abs().max()))
+        with torch.no_grad():
+            for p, q in zip(plain.parameters(), checkpointed.parameters()):
+                p.sub_(0.1 * p.grad)
+                q.copy_(p)
+    return plain, checkpointed, worst, losses
+
+
+def assert_same_buffers(plain, checkpointed, rtol):
+    for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers()):
+        assert a.shape == b.shape, name
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=rtol, atol=rtol, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+MODES = [pytest.param(True, id='reentrant'), pytest.param(False, id='non_reentrant')]
+PATHS = ['aten', pytest.param('triton', marks=pytest.mark.skipif(
+    not FUSED, reason='the fused path on the CPU needs Triton and TRITON_INTERPRET=1'))]
+
+
+@pytest.mark.parametrize('kernels', PATHS)
+@pytest.mark.parametrize('reentrant', MODES)
+@pytest.mark.parametrize('conv, norm', LAYERS, ids=[f'{c}+{n}' for c, n in LAYERS])
+def test_checkpointed_training_equals_plain_training(conv, norm, reentrant, kernels):
+    if norm == 'CBN' and reentrant:
+        pytest.skip('reentrant checkpointing makes CBN steps plain BN steps, with a warning '
+                    '(test_cbn_under_reentrant_checkpointing_warns)')
+    with path(kernels):
+        plain, checkpointed, worst, losses = train_both(conv, norm, reentrant)
+    assert worst <= 1e-10 and max(losses) <= 1e-10, (worst, losses)
+    assert_same_buffers(plain, checkpointed, 1e-10)
+    assert int(checkpointed[1].num_batches_tracked) == STEPS  # one step per step
+
+
+def test_batch_norm_updates_twice_under_checkpointing():
+    # PyTorch's own layer, for the table in docs/layer_state.md: the
+    # recomputed forward is a second step (gradients exact, statistics not).
+    for reentrant in (True, False):
+        plain, checkpointed, worst, _ = train_both('conv', 'BatchNorm2d', reentrant)
+        assert worst <= 1e-10
+        assert int(checkpointed[1].num_batches_tracked) == 2 * STEPS
+        assert not torch.allclose(plain[1].running_var, checkpointed[1].running_var)
+
+
+def test_cbn_under_reentrant_checkpointing_warns_once():
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter('always')
+        _, checkpointed, _, _ = train_both('conv', 'CBN', True)
+    found = [r for r in records if 'reentrant activation checkpointing' in str(r.message)]
+    assert len(found) == 1 and str(found[0].message).startswith('CBN')
+    assert int(checkpointed[1].num_batches_tracked) == STEPS
+
+
+@pytest.mark.parametrize('norm', ['MABN', 'BRN'])
+def test_checkpointed_training_under_autocast(norm):
+    plain, checkpointed, worst, losses = train_both('conv', norm, False, dtype=torch.float32,
+                                                    autocast=torch.bfloat16)
+    assert worst <= 1e-6 and max(losses) <= 1e-6, (worst, losses)
+    assert_same_buffers(plain, checkpointed, 1e-6)
+
+
+def test_a_forward_without_gradients_is_still_a_step():
+    layer = block('conv', 'MABN')
+    with torch.no_grad():
+        for _ in range(3):
+            layer(torch.randn(2, 3, 5, 5, dtype=F64))
+    assert int(layer[1].num_batches_tracked) == 3
+
+
+def test_replays_are_matched_by_input_shape():
+    # a shared head: one layer called on two levels of different sizes, each
+    # call checkpointed; the backward replays them in reverse order
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), MABN(6, buffer_size=2, warmup_iters=1,
+                                                             renorm_start_iter=1)).double()
+    twin = copy.deepcopy(head)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        levels = [torch.randn(2, 3, s, s, generator=gen, dtype=F64) for s in (8, 4)]
+        sum(head(x).square().mean() for x in levels).backward()
+        sum(checkpoint(twin, x, use_reentrant=False).square().mean() for x in levels).backward()
+    for p, q in zip(head.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert_same_buffers(head, twin, 1e-10)
+
+
+@pytest.mark.parametrize('depth, extra', [(18, {}), (50, dict(groups=4, base_width=4))],
+                         ids=['ResNet-18', 'ResNeXt-50'])
+@pytest.mark.parametrize('norm', ['MABN', 'BRN'])
+def test_mmdet_backbones_with_cp_train_exactly(depth, extra, norm):
+    backbones = pytest.importorskip('mmdet.models.backbones')
+    cls = backbones.ResNeXt if extra else backbones.ResNet
+    cfg = dict(depth=depth, num_stages=2, strides=(1, 2), dilations=(1, 1), out_indices=(1,),
+               norm_eval=False, frozen_stages=-1,
+               norm_cfg=dict(type=norm, requires_grad=True), **extra)
+    torch.manual_seed(0)
+    plain, checkpointed = cls(**cfg).double(), cls(**cfg, with_cp=True).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    plain.train()  # (mmdet's ResNet.train returns None)
+    checkpointed.train()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(1, 3, 32, 32, generator=gen, dtype=F64, requires_grad=True)
+        for model in (plain, checkpointed):
+            model.zero_grad()
+            model(x)[0].square().mean().backward()
+        for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_buffers(plain, checkpointed, 1e-10)
