@@ -35,9 +35,13 @@ def layer_pairs(averaged, source):
 def update_parameters(self, model):
     """``BaseAveragedModel.update_parameters`` with mmnorm's layers."""
     pairs = list(layer_pairs(self.module, model))
-    if any([averaged.take_buffer_shapes(source) for averaged, source in pairs]):
-        if self.update_buffers:  # the list mmengine made in __init__, with the new shapes
-            self.avg_parameters = self.module.state_dict()
+    for averaged, source in pairs:
+        averaged.take_buffer_shapes(source)
+    if self.update_buffers:  # the tensors mmengine listed in __init__, renewed where replaced
+        current = self.module.state_dict()
+        if any(current[key].data_ptr() != value.data_ptr() or current[key].shape != value.shape
+               for key, value in self.avg_parameters.items()):
+            self.avg_parameters = current
     _UPDATE(self, model)
     for averaged, source in pairs:
         averaged.copy_unaveraged_buffers(source)

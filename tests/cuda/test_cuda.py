@@ -151,15 +151,16 @@ class Step:
     grads: dict
 
 
-def train_step(model, optimizer, x, dy, memory_format=None, forward=None):
-    """Forward (through ``forward``, e.g. the compiled ``model``, if given),
+def train_step(model, optimizer, x, dy, memory_format=None, forward=None, view=None):
+    """Forward (through ``forward``, e.g. the compiled ``model``, if given) of
+    ``x`` (or of ``view(x)``: a slice of it; dx is then x's gradient),
     backward of sum(y * dy), then the optimizer's step (if any). Nothing here
     reads a device value on the host."""
     x = x.detach().clone()
     if memory_format is not None:
         x = x.contiguous(memory_format=memory_format)
     x.requires_grad_()
-    y = (forward or model)(x)
+    y = (forward or model)(x if view is None else view(x))
     y.backward(dy.to(y.dtype))
     step = Step(y.detach(), x.grad,
                 {name: p.grad.detach().clone() for name, p in model.named_parameters()})
@@ -610,3 +611,213 @@ def test_fused_launches_per_step(device):
     from mmnorm.layers import _kernels
     if _kernels.fused(x):  # (the ATen path, on the CPU or with an old Triton, takes dozens)
         assert counts['MABN'] <= 8 and counts['BRN'] <= 8 and counts['conv + CBN'] <= 16, counts
+
+
+# ------------------------- 9. the fused kernels: many programs, any input
+# The fused path against the ATen path as in 8, where a GPU can differ from
+# the small tests above: thousands of channels (hundreds of programs per
+# launch), grouped convs, views of larger tensors, float64 (a scalar rounded
+# to float32 shows at 1e-8), a preset flag buffer and a device that is not the
+# current one. Short schedules, so that a few steps cross every phase: MABN
+# takes batch statistics while t <= 2 (the window of 2) and renormalises from
+# t = 3; BRN's bounds open at t = 2 and are fully open at t = 3; CBN's window
+# of 2 past steps is full at t = 3 and wraps at t = 4.
+SHORT_CFG = dict(MABN=dict(buffer_size=2, warmup_iters=1, renorm_start_iter=2),
+                 BRN=dict(warmup_iters=1, rmax_iters=3, dmax_iters=2),
+                 CBN=dict(buffer_num=2, rho=1.0))
+SHORT_STEPS = 4
+WIDE, WIDE_STEPS = 2048, 3  # as the res5 stage; 3 steps: Triton's interpreter takes a minute
+FP64_VS_FP64 = 1e-12
+NEEDS_TWO_GPUS = 'needs 2 GPUs (a layer on cuda:1 while cuda:0 is current)'
+
+
+def bare(kind, channels=C, **cfg):
+    """The norm ``kind`` alone (no conv before it), its affine parameters
+    away from (1, 0) as in :func:`build`."""
+    torch.manual_seed(0)
+    norm = dict(MABN=MABN, BRN=BRN, CBN=CBN)[kind](channels, **cfg)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    return norm
+
+
+def draws(step, shape, out_shape=None, dtype=F32):
+    """(x of ``shape``, dy of ``out_shape`` or ``shape``) of ``step`` in
+    ``dtype`` on the CPU: drawn in float64, rounded."""
+    gen = torch.Generator().manual_seed(20_000 + step)
+    x = torch.randn(shape, generator=gen, dtype=F64) * 1.5 + 0.5
+    dy = torch.randn(out_shape or shape, generator=gen, dtype=F64)
+    return x.to(dtype), dy.to(dtype)
+
+
+@contextmanager
+def aten_path():
+    """Every layer takes the ATen path meanwhile; afterwards the path of
+    MMNORM_KERNELS again."""
+    from mmnorm.layers import _kernels
+    _kernels.select('aten')
+    try:
+        yield
+    finally:
+        _kernels.select()
+
+
+def needs_fused(device):
+    """Skip unless the layers' training steps on ``device`` take the fused
+    kernels (on CUDA, where Triton can run them, they must); then import the
+    kernels' modules, so that every launch is recorded from the first step."""
+    from mmnorm.layers import _kernels
+    probe = torch.empty(0, device=device)
+    if device.type == 'cuda' and _kernels.triton_problem() is None:
+        assert _kernels.fused(probe), f'the fused kernels failed: {_kernels.FAILED_DEVICES}'
+    else:
+        try:
+            takes_fused = _kernels.fused(probe)
+        except RuntimeError as error:
+            pytest.skip(str(error))
+        if not takes_fused:
+            pytest.skip(f'the fused kernels do not run on {device.type} here '
+                        f'({_kernels._REASON[0]}); on the CPU '
+                        "MMNORM_KERNELS=triton TRITON_INTERPRET=1 runs them in Triton's "
+                        'interpreter')
+    for name in _kernels.KERNEL_MODULES:
+        _kernels.kernel_module(name)
+
+
+def fused_against_aten(model, data, tol, what, memory_format=None, view=None):
+    """Train ``model`` on the fused path and a copy on the ATen path with SGD
+    over ``data`` [(x, dy)], comparing every step and the state at the end.
+    Returns the grids of the fused twin's Triton launches (one at least)."""
+    from mmnorm.benchmark.layers import launch_grids
+    aten = copy.deepcopy(model)
+    optimizers = sgd(model), sgd(aten)
+    grids = []
+    for step, (x, dy) in enumerate(data):
+        with launch_grids(grids):
+            got = train_step(model, optimizers[0], x, dy, memory_format, view=view)
+        with aten_path():
+            want = train_step(aten, optimizers[1], x, dy, memory_format, view=view)
+        assert_steps_close(got, want, tol, f'{what}, step {step}')
+    assert_states_close(model.state_dict(), aten.state_dict(), tol, f'{what}, state at the end')
+    assert grids, f'{what}: no Triton launch'
+    return grids
+
+
+@pytest.mark.parametrize('memory_format', [None, torch.channels_last],
+                         ids=['contiguous', 'channels_last'])
+@pytest.mark.parametrize('kind', ['MABN', 'BRN'])
+def test_fused_kernels_at_2048_channels_match_the_aten_path(kind, memory_format, device,
+                                                            no_tf32):
+    from mmnorm.benchmark.layers import fewest_programs
+    needs_fused(device)
+    shape = (2, WIDE, 5, 7)
+    data = [tuple(t.to(device) for t in draws(step, shape)) for step in range(WIDE_STEPS)]
+    norm = bare(kind, WIDE, **SHORT_CFG[kind]).to(device)
+    grids = fused_against_aten(norm, data, FP32_VS_FP32, f'{kind}({WIDE}) fused',
+                               memory_format)
+    # a program per 32 channels at most: 64 programs per launch at least
+    assert fewest_programs(grids) >= WIDE // 32, grids
+
+
+@pytest.mark.parametrize('memory_format', [None, torch.channels_last],
+                         ids=['contiguous', 'channels_last'])
+def test_fused_grouped_conv_cbn_matches_the_aten_path(memory_format, device, no_tf32):
+    needs_fused(device)
+    torch.manual_seed(0)
+    channels, groups = 64, 4
+    model = nn.Sequential(nn.Conv2d(8, channels, 3, padding=1, groups=groups),
+                          CBN(channels, **SHORT_CFG['CBN'])).to(device)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    first = model[0].weight.detach().clone()
+    data = [tuple(t.to(device) for t in draws(step, (2, 8, 6, 6), (2, channels, 6, 6)))
+            for step in range(SHORT_STEPS + 1)]
+    fused_against_aten(model, data, FP32_VS_FP32, f'conv (groups={groups}) + CBN fused',
+                       memory_format)
+    # SGD moved the conv's weight: the past statistics were compensated
+    assert not torch.allclose(model[0].weight, first)
+
+
+VIEWS = {  # base shape, its memory format, the view the layer gets
+    'channel_slice': ((2, C + 4, 6, 6), None, lambda base: base[:, :C]),
+    'channel_slice_channels_last': ((2, C + 4, 6, 6), torch.channels_last,
+                                    lambda base: base[:, 2:C + 2]),
+    'batch_slice': ((5, C, 6, 6), None, lambda base: base[::2]),
+}
+
+
+@pytest.mark.parametrize('case', VIEWS)
+@pytest.mark.parametrize('kind', NORMS)
+def test_fused_kernels_on_views_of_larger_tensors_match_the_aten_path(kind, case, device,
+                                                                      no_tf32):
+    needs_fused(device)
+    base_shape, memory_format, view = VIEWS[case]
+    probe = view(torch.empty(base_shape).contiguous(memory_format=memory_format or
+                                                    torch.contiguous_format))
+    assert not probe.is_contiguous() and not probe.is_contiguous(
+        memory_format=torch.channels_last)
+    # CBN with no conv before it: rho = 0 (nothing to compensate)
+    cfg = dict(SHORT_CFG[kind], **(dict(rho=0.0) if kind == 'CBN' else {}))
+    data = [tuple(t.to(device) for t in draws(step, base_shape, probe.shape))
+            for step in range(SHORT_STEPS)]
+    fused_against_aten(bare(kind, **cfg).to(device), data, FP32_VS_FP32,
+                       f'{kind} fused on a {case}', memory_format, view)
+
+
+@pytest.mark.parametrize('kind', NORMS)
+def test_fused_kernels_in_float64_match_the_aten_path_to_1e_12(kind, device):
+    needs_fused(device)
+    model = build(kind, **SHORT_CFG[kind]).double().to(device)
+    data = [tuple(t.to(device, F64) for t in batch(step)) for step in range(SHORT_STEPS)]
+    fused_against_aten(model, data, FP64_VS_FP64, f'{kind} fused in float64')
+
+
+PRESET_FLAGS = (1, -1)  # the non-finite flag set; every bit of the int32 set
+
+
+def parameters_and_buffers(model, leave_out='step_flags'):
+    """Every parameter and buffer of ``model`` but ``leave_out``, read without
+    a state dict (which reads the flag)."""
+    return {name: value.detach() for name, value in
+            [*model.named_parameters(), *model.named_buffers()]
+            if name.rsplit('.', 1)[-1] != leave_out}
+
+
+@pytest.mark.parametrize('kind', NORMS)
+def test_preset_step_flags_change_no_output_and_no_other_buffer(kind, device, no_tf32):
+    # the flag is only ever set, never read to decide anything in a step:
+    # whatever it holds before training, the steps are those of a fresh layer
+    fresh = build(kind, **SHORT_CFG[kind]).to(device)
+    runs = {}
+    for value in (0, *PRESET_FLAGS):
+        model = copy.deepcopy(fresh)
+        model[1].step_flags.fill_(value)
+        runs[value] = model, train(model, sgd(model), range(SHORT_STEPS), device)
+    reference, want = runs[0]
+    for value in PRESET_FLAGS:
+        model, got = runs[value]
+        for step, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_steps_close(a, b, FP32_VS_FP32, f'{kind}, step_flags {value}, step {step}')
+        assert_states_close(parameters_and_buffers(model), parameters_and_buffers(reference),
+                            FP32_VS_FP32, f'{kind}, step_flags {value}, at the end')
+        assert int(model[1].num_batches_tracked) == SHORT_STEPS
+
+
+@pytest.mark.parametrize('kind', NORMS)
+def test_fused_kernels_on_a_device_that_is_not_current(kind, device, no_tf32):
+    if device.type != 'cuda':
+        pytest.skip(f'{NEEDS_TWO_GPUS}: this run is on the CPU')
+    count = torch.cuda.device_count()
+    if count < 2:
+        pytest.skip(f'{NEEDS_TWO_GPUS}: this machine has {count}')
+    other = torch.device('cuda', 1)
+    needs_fused(other)
+    with torch.cuda.device(0):
+        model = build(kind, **SHORT_CFG[kind]).to(other)
+        data = [tuple(t.to(other) for t in batch(step)) for step in range(SHORT_STEPS)]
+        fused_against_aten(model, data, FP32_VS_FP32, f'{kind} fused on {other}')
+        assert torch.cuda.current_device() == 0
+    for name, value in [*model.named_parameters(), *model.named_buffers()]:
+        assert value.device == other, name
