@@ -24,10 +24,10 @@ ON_TRAINED_WORKER = pytest.mark.xdist_group('tools_trained')
 ON_DIST_WORKER = pytest.mark.xdist_group('tools_dist')
 
 
-def train(work_dir, data, *args, max_iters=2, env=None, check=True):
+def train(work_dir, data, *args, max_iters=2, env=None, check=True, options=()):
     return run([sys.executable, REPO / 'tools' / 'train.py', CONFIG,
                 '--work-dir', work_dir, *args, '--cfg-options',
-                *data.cfg_options(), f'train_cfg.max_iters={max_iters}'],
+                *data.cfg_options(), f'train_cfg.max_iters={max_iters}', *options],
                env=env, check=check)
 
 
@@ -256,3 +256,27 @@ def test_slurm_train_two_cpu_tasks(tiny_coco_session, tmp_path):
     assert 'Distributed launcher: slurm' in out
     assert 'OMP_NUM_THREADS was not set: using 1 thread(s) per process' in out
     assert load_ckpt(work_dir / 'iter_2.pth')['meta']['iter'] == 2
+
+
+@pytest.mark.every_stack
+def test_train_with_cp_gives_the_losses_and_buffers_of_the_run_without(trained,
+                                                                       tiny_coco_session,
+                                                                       tmp_path):
+    # MMDetection's with_cp (reentrant activation checkpointing in every
+    # backbone block) on BRN layers: the recomputed forwards replay their
+    # steps, so the run is the run without it, and nothing warns
+    work_dir, out = trained
+    proc = train(tmp_path, tiny_coco_session, options=['model.backbone.with_cp=True'])
+    assert 'RuntimeWarning' not in proc.stdout
+    losses = [line.split('loss: ')[1].split()[0] for line in out.splitlines()
+              if 'Iter(train)' in line and 'loss: ' in line]
+    with_cp = [line.split('loss: ')[1].split()[0] for line in proc.stdout.splitlines()
+               if 'Iter(train)' in line and 'loss: ' in line]
+    assert losses and with_cp == losses
+    plain, checkpointed = (load_ckpt(d / 'iter_2.pth')['state_dict'] for d in (work_dir, tmp_path))
+    for key, value in plain.items():
+        if not value.is_floating_point():
+            assert bool((checkpointed[key] == value).all()), key
+        else:
+            assert float((checkpointed[key] - value).abs().max()) <= 1e-5 * max(
+                1.0, float(value.abs().max())), key
