@@ -565,9 +565,10 @@ class CBN(SmallBatchNorm):
         entries (or None) as in :class:`_CrossIterationNorm`, whose equations this
         writes with autograd ops so that the gradient reaches every process's
         input through mu_t and var_t. Returns (y, mu_t, var_t, union count), the
-        statistics detached."""
+        statistics detached. ``former``: a kept step's (mu_t, var_t, count),
+        replayed without all-gathering again."""
         xs = x.to(dtype)
-        mu_t, var_t, count = union_moments(xs)
+        mu_t, var_t, count = union_moments(xs, former)
         mu, sigma2 = mu_t, var_t
         if keep is not None:
             mu, sigma2, _ = pooled_statistics(mu_t, var_t, past_mu, past_var, keep)

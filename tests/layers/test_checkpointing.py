@@ -179,3 +179,51 @@ def test_mmdet_backbones_with_cp_train_exactly(depth, extra, norm):
             if p.grad is not None:
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
     assert_same_buffers(plain, checkpointed, 1e-10)
+
+
+@pytest.fixture
+def one_process_sync(monkeypatch, tmp_path):
+    """sync_stats taken in one gloo process (the collectives then change
+    nothing), counting the collectives called."""
+    import torch.distributed as dist
+
+    from mmnorm.layers import _state
+    if not dist.is_available():
+        pytest.skip('torch.distributed is not available')
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
+                            world_size=1)
+    calls = []
+    for name in ('all_reduce', 'all_gather'):
+        original = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _f=original, _n=name, **k: (
+            calls.append(_n), _f(*a, **k))[1])
+    monkeypatch.setattr(_state, 'sync_world', lambda: True)
+    try:
+        yield calls
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('norm', ['MABN', 'BRN', 'CBN'])
+def test_a_replay_takes_no_collective(norm, one_process_sync):
+    calls = one_process_sync
+    layers = {'MABN': lambda: MABN(6, buffer_size=2, warmup_iters=2, sync_stats=True),
+              'BRN': lambda: BRN(6, warmup_iters=1, rmax_iters=3, dmax_iters=3, sync_stats=True),
+              'CBN': lambda: CBN(6, buffer_num=2, burnin=0, sync_stats=True)}
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), layers[norm]()).double()
+    checkpointed = copy.deepcopy(plain)
+    gen = torch.Generator().manual_seed(4)
+    counts = []
+    for _ in range(3):
+        x = torch.randn(2, 3, 5, 5, generator=gen, dtype=F64)
+        for model, wrap in ((plain, False), (checkpointed, True)):
+            model.zero_grad()
+            del calls[:]
+            y = checkpoint(model, x, use_reentrant=False) if wrap else model(x)
+            y.square().mean().backward()
+            counts.append(len(calls))
+        for p, q in zip(plain.parameters(), checkpointed.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert counts[0::2] == counts[1::2] and counts[0] > 0, counts
+    assert_same_buffers(plain, checkpointed, 1e-10)
