@@ -359,9 +359,7 @@ class SmallBatchNorm(_BatchNorm):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         for change in self.convert_state(state_dict, prefix):
-            from mmengine.logging import print_log
-            print_log(f'{type(self).__name__} {prefix.rstrip(".") or "<root>"}: {change.note}',
-                      logger='current')
+            _log_conversion(self, prefix, change, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -378,6 +376,29 @@ def _note_parent(parent, name, child):
 
 
 register_module_module_registration_hook(_note_parent)
+
+
+# The load being logged (its error list, shared by every module of one
+# load_state_dict call) and the layer classes it has announced.
+_LOAD = [None, set()]
+
+
+def _log_conversion(layer, prefix, change, load):
+    """Log a state-dict conversion: the first of each layer class in a load at
+    INFO level, the others at DEBUG, so a checkpoint converts in a few lines."""
+    import logging
+
+    from mmengine.logging import print_log
+    if _LOAD[0] is not load:
+        _LOAD[:] = [load, set()]
+    name = type(layer).__name__
+    first = name not in _LOAD[1]
+    _LOAD[1].add(name)
+    where = prefix.rstrip('.') or '<root>'
+    note = f'{name} {where}: {change.note}'
+    if first:
+        note += f' (the other {name} layers of this checkpoint likewise, logged at DEBUG level)'
+    print_log(note, logger='current', level=logging.INFO if first else logging.DEBUG)
 
 
 def recomputing():

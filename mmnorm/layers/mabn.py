@@ -48,6 +48,32 @@ from .._torch import (any_autocast_enabled, autocast_output_dtype, autocast_stat
 from ._ops import Operator, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, StateChange, check_number, note_nonfinite
 
+BN_EPS = 1e-5  # BatchNorm's eps where a checkpoint does not say (PyTorch's default)
+
+
+def bn_to_mabn(weight, bias, mean, var, bn_eps, mabn_eps):
+    """BatchNorm's inference statistics, as MABN's.
+
+    BatchNorm at inference is ``weight * (x - mean) / sqrt(var + bn_eps) +
+    bias``; MABN's is ``weight' * x / sqrt(running_var' + mabn_eps) + bias'``
+    with ``running_var'`` the running second moment. With, per channel,
+
+        running_var' = var + mean^2
+        weight'      = weight * sqrt(running_var' + mabn_eps) / sqrt(var + bn_eps)
+        bias'        = bias - weight * mean / sqrt(var + bn_eps)
+
+    the two are the same function of x. All arguments are (C,) tensors except
+    the two eps; computed in float64, returned as (weight', bias',
+    running_var') in the dtypes of weight, bias and var.
+    """
+    w, b, m, v = (t.double() for t in (weight, bias, mean, var))
+    second_moment = v + m.square()
+    bn_std = (v + bn_eps).sqrt()
+    return ((w * (second_moment + mabn_eps).sqrt() / bn_std).to(weight.dtype),
+            (b - w * m / bn_std).to(bias.dtype),
+            second_moment.to(var.dtype))
+
+
 def scaled_grad_and_sums(dy, x, scale, need_scaled):
     """For ``dy`` and ``x`` of shape (N, C, *) (same dtype) and a (C,) ``scale``:
     ``(dy * scale, sum(dy * x), sum(dy))``, sums per channel over every dim but
@@ -491,8 +517,10 @@ class MABN(SmallBatchNorm):
         place, and return one :class:`StateChange` per conversion (its note is
         logged by the base class).
 
-        * ``running_mean`` (BatchNorm): MABN has no mean; removed and reported
-          as unused.
+        * ``running_mean`` (BatchNorm): with BatchNorm's weight, bias and
+          running_var, folded by :func:`bn_to_mabn` (BatchNorm's eps taken as
+          PyTorch's default, ``BN_EPS``), so the loaded layer computes what the
+          BatchNorm computed, as ``mmnorm.convert`` does; otherwise dropped.
         * ``running_var`` of shape (1, C, 1, 1) (original code): reshaped to (C,).
         * ``iters`` (original code's counter, same meaning as t): renamed to
           ``num_batches_tracked``.
@@ -502,10 +530,7 @@ class MABN(SmallBatchNorm):
           large t would put the layer straight into the moving-average phase,
           averaging zeros. From t = 0 the layer uses batch statistics while the
           window refills and warm-up and the renormalisation delay run again,
-          which is what fine-tuning from an ImageNet BN checkpoint needs. BN's
-          ``running_var`` (a centred variance) is kept as the starting point of
-          MABN's running second moment; with momentum 0.98 it is forgotten
-          long before r leaves 1.
+          which is what fine-tuning from an ImageNet BN checkpoint needs.
 
         A state dict with no key of this layer at all is left alone, so that
         missing keys are reported as usual.
@@ -517,10 +542,22 @@ class MABN(SmallBatchNorm):
         changes = []
         key = prefix + 'running_mean'
         if key in state_dict:
-            state_dict.pop(key)
-            changes.append(StateChange(
-                'running_mean is unused (MABN normalises the second moment without centring); '
-                'dropped', dropped=('running_mean',)))
+            mean = state_dict.pop(key)
+            names = [prefix + name for name in ('weight', 'bias', 'running_var')]
+            if all(isinstance(state_dict.get(name), torch.Tensor) for name in names) and all(
+                    state_dict[name].shape == mean.shape for name in names):
+                weight, bias, var = (state_dict[name] for name in names)
+                state_dict.update(zip(names, bn_to_mabn(weight, bias, mean, var, BN_EPS,
+                                                        self.eps)))
+                changes.append(StateChange(
+                    'BatchNorm statistics: running_mean folded into weight, bias and the second '
+                    f'moment running_var (bn_to_mabn, BatchNorm eps {BN_EPS}), so the layer '
+                    'computes what the BatchNorm did (a CenConv in front still changes it)',
+                    changed=('weight', 'bias', 'running_var'), dropped=('running_mean',)))
+            else:
+                changes.append(StateChange(
+                    'running_mean is unused (MABN normalises the second moment without '
+                    'centring); dropped', dropped=('running_mean',)))
         key = prefix + 'running_var'
         value = state_dict.get(key)
         if (isinstance(value, torch.Tensor) and value.dim() != 1
@@ -549,8 +586,7 @@ class MABN(SmallBatchNorm):
                        f'num_batches_tracked = {_show(old)} is reset to 0')
             note = (f'{" and ".join(absent)} not in the checkpoint: the moving-average window '
                     f'starts empty (zeros) and {counter}, so batch statistics are used while the '
-                    'window refills and warm-up and the renormalisation delay start over; the '
-                    'checkpoint\'s running_var is kept as the initial running second moment')
+                    'window refills and warm-up and the renormalisation delay start over')
             reset = ('num_batches_tracked',)
             changes.append(StateChange(note, added=tuple(absent) + (reset if old is None else ()),
                                        changed=() if old is None else reset))

@@ -47,7 +47,7 @@ from .._torch import CAN_ALLOW_CLASSES
 from ..engine.checkpoint_check import checkpoint_problem
 from ..layers import MABN, CenConv, norm_types
 from ..layers._state import SmallBatchNorm
-from .convert import bn_to_mabn
+from ..layers.mabn import bn_to_mabn
 
 __all__ = ['LAYOUTS', 'ConversionError', 'ConversionReport', 'build_target',
            'build_with_mmdet', 'convert_checkpoint', 'convert_state_dict', 'read_source']

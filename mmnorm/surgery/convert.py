@@ -49,6 +49,7 @@ from torch import nn
 from ..engine.config_check import unknown_option
 from ..layers import conv_types
 from ..layers._state import SmallBatchNorm
+from ..layers.mabn import bn_to_mabn
 from .fuse import conv_norm_pairs, rebuild_conv
 from .norms import known_norm
 from .report import SurgeryReport
@@ -57,29 +58,6 @@ __all__ = ['bn_to_mabn', 'convert']
 
 _MABN_RECIPE_NORM = dict(type='MABN')
 _MABN_RECIPE_CONV = dict(type='CenConv')
-
-
-def bn_to_mabn(weight, bias, mean, var, bn_eps, mabn_eps):
-    """BatchNorm's inference statistics, as MABN's.
-
-    BatchNorm at inference is ``weight * (x - mean) / sqrt(var + bn_eps) +
-    bias``; MABN's is ``weight' * x / sqrt(running_var' + mabn_eps) + bias'``
-    with ``running_var'`` the running second moment. With, per channel,
-
-        running_var' = var + mean^2
-        weight'      = weight * sqrt(running_var' + mabn_eps) / sqrt(var + bn_eps)
-        bias'        = bias - weight * mean / sqrt(var + bn_eps)
-
-    the two are the same function of x. All arguments are (C,) tensors except
-    the two eps; computed in float64, returned as (weight', bias',
-    running_var') in the dtypes of weight, bias and var.
-    """
-    w, b, m, v = (t.double() for t in (weight, bias, mean, var))
-    second_moment = v + m.square()
-    bn_std = (v + bn_eps).sqrt()
-    return ((w * (second_moment + mabn_eps).sqrt() / bn_std).to(weight.dtype),
-            (b - w * m / bn_std).to(bias.dtype),
-            second_moment.to(var.dtype))
 
 
 def _layer_class(argument, cfg):

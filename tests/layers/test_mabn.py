@@ -615,8 +615,11 @@ def bn_checkpoint(channels=C, steps=5):
 
 
 def test_load_batchnorm_checkpoint(log_messages):
+    torch.manual_seed(0)
     state = bn_checkpoint()
     assert int(state['1.num_batches_tracked']) == 5
+    bn_model = torch.nn.Sequential(torch.nn.Conv2d(2, C, 3), torch.nn.BatchNorm2d(C))
+    bn_model.load_state_dict(state)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, C, 3), MABN(C, **SMALL))
     with torch.no_grad():  # state the load must replace
         model[1].buffer_x2.fill_(7)
@@ -624,27 +627,40 @@ def test_load_batchnorm_checkpoint(log_messages):
     result = model.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     layer = model[1]
-    assert torch.equal(layer.weight, state['1.weight'])
-    assert torch.equal(layer.bias, state['1.bias'])
-    assert layer.running_var.shape == (C,)
-    assert torch.equal(layer.running_var, state['1.running_var'])
+    # the BN's function is kept: weight, bias and second moment from bn_to_mabn
+    x = torch.randn(3, 2, 8, 8) * 2 + 1
+    torch.testing.assert_close(model.eval()(x), bn_model.eval()(x), rtol=1e-5, atol=1e-5)
+    mean, var = state['1.running_mean'].double(), state['1.running_var'].double()
+    torch.testing.assert_close(layer.running_var.double(), var + mean.square())
+    torch.testing.assert_close(layer.bias.double(), state['1.bias'].double() - state[
+        '1.weight'].double() * mean / (var + 1e-5).sqrt())
     assert int(layer.num_batches_tracked) == 0
     assert not layer.buffer_x2.any() and not layer.buffer_gz.any()
     notes = [m for m in log_messages if m.startswith('MABN 1:')]
-    assert len(notes) == 2, log_messages
-    assert 'running_mean is unused' in notes[0]
-    assert 'buffer_x2 and buffer_gz not in the checkpoint' in notes[1]
-    assert 'num_batches_tracked = 5 is reset to 0' in notes[1]
+    assert 'running_mean folded into weight, bias and the second moment' in notes[0]
+    assert 'a CenConv in front still changes it' in notes[0]
+    assert 'the other MABN layers of this checkpoint likewise' in notes[0]
+    model.train()
     # fine-tuning starts in the batch-statistics phase and trains
     y, dx, _, _ = layer_step(layer, torch.randn(2, C, 4, 4), torch.randn(2, C, 4, 4))
     assert torch.isfinite(dx).all() and int(layer.num_batches_tracked) == 1
+
+
+def test_load_logs_one_line_per_layer_class(log_messages):
+    from mmengine.runner.checkpoint import load_state_dict
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, C, 3), MABN(C), MABN(C))
+    state = bn_checkpoint()
+    state.update({'2.' + k[2:]: v.clone() for k, v in state.items() if k.startswith('1.')})
+    load_state_dict(model, state, strict=True)
+    info = [m for m in log_messages if 'likewise' in m]
+    assert len(info) == 1 and info[0].startswith('MABN 1:')
 
 
 def test_load_batchnorm_checkpoint_with_mmengine_loader(log_messages):
     from mmengine.runner.checkpoint import load_state_dict
     model = torch.nn.Sequential(torch.nn.Conv2d(2, C, 3), MABN(C))
     load_state_dict(model, bn_checkpoint(), strict=True)  # raises on any missing/unexpected key
-    assert any('MABN 1: running_mean is unused' in m for m in log_messages)
+    assert any('MABN 1: BatchNorm statistics: running_mean folded' in m for m in log_messages)
 
 
 def test_checkpoint_without_the_layer_reports_missing_keys(log_messages):
@@ -851,3 +867,40 @@ def test_inference_zero_mean_follows_casts_and_moves():
             assert y.dtype == dtype
             torch.testing.assert_close(y.to(torch.float64), expected(xi), rtol=tol, atol=tol)
         assert layer.__dict__['_zeros'][0] is layer.running_var
+
+
+@pytest.mark.parametrize('layout', ['torchvision', 'mmdet_detector'])
+def test_bn_pretrained_backbone_keeps_its_function_in_mabn(layout, tmp_path):
+    # the most common start: a backbone init_cfg pointing at an ImageNet BN
+    # ResNet-50, loaded by mmengine into MABN layers (plain convs)
+    backbones = pytest.importorskip('mmdet.models.backbones')
+    torch.manual_seed(0)
+    bn = backbones.ResNet(depth=50, norm_eval=False)
+    with torch.no_grad():  # BN statistics and affine parameters of a trained network
+        for module in bn.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+    state = bn.state_dict()
+    if layout == 'torchvision':  # torchvision's names are the backbone's, plus the classifier
+        state = dict(state, **{'fc.weight': torch.zeros(1000, 2048), 'fc.bias': torch.zeros(1000)})
+        checkpoint, prefix = dict(state), None
+    else:  # a detector checkpoint: the backbone under 'backbone.'
+        checkpoint = {'state_dict': {f'backbone.{k}': v for k, v in state.items()}}
+        prefix = 'backbone.'
+    path = tmp_path / 'bn.pth'
+    torch.save(checkpoint, path)
+    init_cfg = dict(type='Pretrained', checkpoint=str(path))
+    if prefix:
+        init_cfg['prefix'] = prefix
+    mabn = backbones.ResNet(depth=50, norm_eval=False, norm_cfg=dict(type='MABN'),
+                            init_cfg=init_cfg)
+    mabn.init_weights()
+    x = torch.randn(1, 3, 64, 64)
+    bn.eval()
+    mabn.eval()
+    with torch.no_grad():
+        for want, got in zip(bn(x), mabn(x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
