@@ -3,7 +3,8 @@
 # MMDetection's row: 40.6 box AP / 36.6 mask AP (with mmcv's ConvWS).
 # The backbone file is the one MMDetection names open-mmlab://jhu/resnet50_gn_ws; it
 # is not downloaded at run time here: fetch it once (see README) to the path below.
-# mmengine's 'mmdet::' pattern (\w*::\w*/) rejects the '+' of 'gn+ws/', hence the detour via _base_/..
+# mmengine's 'mmdet::' pattern (\w*::\w*/) rejects the '+' of 'gn+ws/', hence the
+# detour via _base_/..
 _base_ = 'mmdet::_base_/../gn+ws/mask-rcnn_r50_fpn_gn-ws-all_2x_coco.py'
 custom_imports = dict(imports=['mmnorm'], allow_failed_imports=False)
 

@@ -20,8 +20,12 @@ from .compat import MINIMUM_TORCH, require_torch
 require_torch(MINIMUM_TORCH, 'mmnorm')
 
 from .datasets import fashion_mnist  # noqa: E402, F401  (registration)
-from .engine import (averaged_models, cbn_burnin_hook, precise_bn,  # noqa: E402, F401
-                     sync_bn)  # (registration)
+from .engine import (  # noqa: E402, F401
+                     averaged_models,
+                     cbn_burnin_hook,
+                     precise_bn,
+                     sync_bn,  # (registration)
+)
 from .layers import BRN, CBN, MABN, CenConv, WSConv  # noqa: E402
 from .studies import classifier  # noqa: E402, F401  (registration)
 from .surgery.convert import convert  # noqa: E402

@@ -2,10 +2,10 @@
 import importlib.util
 import json
 import os
-import sys
 import socket
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run, write_tiny_coco
 from mmengine.config import Config
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from conftest import REPO, run, write_tiny_coco
 
 CONFIGS = sorted(p.name for p in (REPO / 'configs').glob('mask_rcnn_*.py'))
 SCALE = '(96,96)'

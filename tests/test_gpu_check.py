@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tool_env
 
 from mmnorm._torch import CUSTOM_OPS
+
+from conftest import REPO, tool_env
 
 
 @pytest.fixture(scope='module')

@@ -11,8 +11,8 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmnorm
-from mmnorm.layers._state import SmallBatchNorm
 from mmnorm.engine.sync_bn import convert_sync_batchnorm
+from mmnorm.layers._state import SmallBatchNorm
 
 NORM_TYPES = ['BRN', 'CBN', 'MABN']
 

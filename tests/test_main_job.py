@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run
 from mmnorm.datasets.fashion_mnist import DEFAULT_DATA_ROOT
 from mmnorm.studies import pictures
+
+from conftest import REPO, run
 
 PANEL = 128 * pictures.SCALE
 CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Ankle boot')

@@ -7,8 +7,9 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from conftest import REPO, run
 from mmnorm.compat import TorchTooOldError, require_torch
+
+from conftest import REPO, run
 
 #: Versions MMDetection 3.x accepts (in) and does not (out), per package.
 ACCEPTED = {

@@ -13,9 +13,10 @@ import shutil
 import sys
 
 import pytest
-from conftest import REPO, free_port, run, tool_env, write_exe
 
 from mmnorm.compat import torch_version
+
+from conftest import REPO, free_port, run, tool_env, write_exe
 
 pytestmark = pytest.mark.end_to_end
 CONFIG = REPO / 'tests' / 'configs' / 'tiny_mask_rcnn.py'

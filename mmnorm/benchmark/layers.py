@@ -17,8 +17,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..layers import BRN, CBN, MABN, CenConv, WSConv
-from ..layers import _kernels
+from ..layers import BRN, CBN, MABN, CenConv, WSConv, _kernels
 from ..layers._kernels import LAUNCHES
 from ..studies.results import markdown_table
 from ..surgery.compile import keep_cbn_convs_eager

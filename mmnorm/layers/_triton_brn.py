@@ -12,9 +12,22 @@ import triton
 import triton.language as tl
 
 from ._kernels import launch
-from ._triton_shared import (MOMENTS, as_float, channel_view, channels, element_count,
-                             float_bits, isfinite, moments, note_nonfinite, output_like, split,
-                             sum_partials, target_programs, write_affine)
+from ._triton_shared import (
+    MOMENTS,
+    as_float,
+    channel_view,
+    channels,
+    element_count,
+    float_bits,
+    isfinite,
+    moments,
+    note_nonfinite,
+    output_like,
+    split,
+    sum_partials,
+    target_programs,
+    write_affine,
+)
 
 
 @triton.jit

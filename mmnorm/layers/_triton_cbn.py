@@ -24,9 +24,23 @@ import triton.language as tl
 
 from .._torch import convolution_backward
 from ._kernels import count_device_kernels, launch
-from ._triton_shared import (MAX_TILE, MOMENTS, as_float, channel_view, channels, element_count,
-                             float_bits, isfinite, moments, note_nonfinite, output_like, split,
-                             sum_partials, target_programs, write_affine)
+from ._triton_shared import (
+    MAX_TILE,
+    MOMENTS,
+    as_float,
+    channel_view,
+    channels,
+    element_count,
+    float_bits,
+    isfinite,
+    moments,
+    note_nonfinite,
+    output_like,
+    split,
+    sum_partials,
+    target_programs,
+    write_affine,
+)
 
 MAX_BLOCK_F = 64  # weight elements per channel a program loads per loop step
 

@@ -21,10 +21,24 @@ import triton.language as tl
 
 from ._dist import union_mean
 from ._kernels import launch
-from ._triton_shared import (PRODUCTS, SQUARES, as_float, channel_view, channels,
-                             element_count, float_bits, isfinite, note_nonfinite, output_like,
-                             split, sum_partials, target_programs, total, write_affine,
-                             write_input_grad)
+from ._triton_shared import (
+    PRODUCTS,
+    SQUARES,
+    as_float,
+    channel_view,
+    channels,
+    element_count,
+    float_bits,
+    isfinite,
+    note_nonfinite,
+    output_like,
+    split,
+    sum_partials,
+    target_programs,
+    total,
+    write_affine,
+    write_input_grad,
+)
 
 
 @triton.jit

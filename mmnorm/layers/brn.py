@@ -44,8 +44,12 @@ from mmengine.registry import MODELS
 
 from .._torch import native_batch_norm_backward, without_autocast
 from ._dist import union_moments
-from ._kernels import (keep_for_normalized_backward, normalized_replay, kernel_module,
-                       normalized_gradients)
+from ._kernels import (
+    keep_for_normalized_backward,
+    kernel_module,
+    normalized_gradients,
+    normalized_replay,
+)
 from ._ops import Operator, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, check_number
 
@@ -128,10 +132,11 @@ fused_train_step = fused_step(
     functools.partial(keep_for_normalized_backward, pooled=False), normalized_gradients,
     normalized_replay)
 fused_train_step.__doc__ = """BRN's training step on the fused kernels: (the output y of x
-(N, C, *), the saved statistics), one ``mmnorm::brn_fused_forward`` operator (one Triton launch), and
-its backward, one ``mmnorm::normalized_backward``. Arguments: x, weight, bias,
-running_mean, running_var, the step counter, step_flags, eps, momentum, rmax,
-dmax, warmup_iters, rmax_iters, dmax_iters."""
+(N, C, *), the saved statistics), one ``mmnorm::brn_fused_forward`` operator
+(two Triton launches), and its backward, one ``mmnorm::normalized_backward``
+(two launches). Arguments: x, weight, bias, running_mean, running_var, the step
+counter, step_flags, eps, momentum, rmax, dmax, warmup_iters, rmax_iters,
+dmax_iters; ``former=saved`` replays an earlier call."""
 
 
 @MODELS.register_module()

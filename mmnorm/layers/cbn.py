@@ -51,13 +51,21 @@ from mmengine.registry import MODELS
 
 from .._torch import native_batch_norm, native_batch_norm_backward, version, without_autocast
 from ._dist import all_reduce_sum, union_moments
-from ._kernels import (keep_for_normalized_backward, kernel_module, normalized_gradients,
-                       normalized_replay)
+from ._kernels import (
+    keep_for_normalized_backward,
+    kernel_module,
+    normalized_gradients,
+    normalized_replay,
+)
 from ._ops import Eager, fused_operator, fused_step
 from ._state import SmallBatchNorm, StateChange, check_number
-from .conv_statistics import (ConvCall, conv_statistic_derivative_sums,
-                              conv_statistic_derivatives, feeding_convolution,
-                              square_derivative_sum)
+from .conv_statistics import (
+    ConvCall,
+    conv_statistic_derivative_sums,
+    conv_statistic_derivatives,
+    feeding_convolution,
+    square_derivative_sum,
+)
 
 __all__ = ['CBN']
 
@@ -703,17 +711,16 @@ fused_train_step = fused_step(
     functools.partial(keep_for_normalized_backward, pooled=True), normalized_gradients,
     normalized_replay)
 fused_train_step.__doc__ = """CBN's training step on the fused kernels: (the output y of x
-(N, C, H, W), the saved statistics), one ``mmnorm::cbn_fused_forward`` operator (three Triton
-launches, and the patch sums' convolution when it compensates), and its
-backward, one
-``mmnorm::normalized_backward``. The conv's weight gradient for grad_output = x
-(``square_sum``) comes in from one ATen ``convolution_backward``. Arguments:
-x, weight, bias, the running statistics, the push counter,
-step_flags, the six ring buffers, theta (C, C_in/groups, kh, kw, contiguous),
-the conv's input and square_sum (or None without compensation), the conv's
-stride, padding, dilation and kernel size (8 ints), groups, the window (how
-many of the newest stored steps may be pooled), eps, momentum, rho, pool,
-push."""
+(N, C, H, W), the saved statistics), one ``mmnorm::cbn_fused_forward`` operator
+(three Triton launches, and the patch sums' convolution when it compensates),
+and its backward, one ``mmnorm::normalized_backward`` (two launches). The
+conv's weight gradient for grad_output = x (``square_sum``) comes in from one
+ATen ``convolution_backward``. Arguments: x, weight, bias, the running
+statistics, the push counter, step_flags, the six ring buffers, theta (C,
+C_in/groups, kh, kw, contiguous), the conv's input and square_sum (or None
+without compensation), the conv's stride, padding, dilation and kernel size (8
+ints), groups, the window (how many of the newest stored steps may be pooled),
+eps, momentum, rho, pool, push; ``former=saved`` replays an earlier call."""
 
 
 def _train_step(layer, x, sync):

@@ -40,7 +40,6 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from .._torch import version
-
 from ._state import check_number, script_refusal
 
 

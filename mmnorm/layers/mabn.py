@@ -41,10 +41,17 @@ from typing import Tuple
 
 import torch
 from mmengine.registry import MODELS
+
+from .._torch import (
+    any_autocast_enabled,
+    autocast_output_dtype,
+    autocast_state,
+    compiling,
+    native_batch_norm_backward,
+    without_autocast,
+)
 from ._dist import union_mean
 from ._kernels import kernel_module
-from .._torch import (any_autocast_enabled, autocast_output_dtype, autocast_state, compiling,
-                      native_batch_norm_backward, without_autocast)
 from ._ops import Operator, fused_operator, fused_step, with_backward
 from ._state import SmallBatchNorm, StateChange, check_number, note_nonfinite
 
@@ -287,11 +294,12 @@ fused_train_step = fused_step(
                    ('running_var', 'buffer_x2', 'flags')),
     _keep_for_fused_backward, _fused_gradients, _fused_replay)
 fused_train_step.__doc__ = """MABN's training step on the fused kernels: (the output y of
-``x`` (N, C, *), the saved statistics), one ``mmnorm::mabn_fused_forward`` operator (one Triton
-launch; two and an all-reduce with ``sync``), and its backward, one
-``mmnorm::mabn_fused_backward``. Arguments: x, weight, bias, running_var,
-buffer_x2, buffer_gz, the step counter, step_flags, eps, momentum,
-warmup_iters, renorm_after, rmax, the output dtype, sync."""
+``x`` (N, C, *), the saved statistics), one ``mmnorm::mabn_fused_forward`` operator
+(two Triton launches, an all-reduce between them with ``sync``), and its
+backward, one ``mmnorm::mabn_fused_backward`` (the same). Arguments: x, weight,
+bias, running_var, buffer_x2, buffer_gz, the step counter, step_flags, eps,
+momentum, warmup_iters, renorm_after, rmax, the output dtype, sync;
+``former=saved`` replays an earlier call."""
 
 
 @MODELS.register_module('MABN')

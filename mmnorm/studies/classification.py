@@ -60,8 +60,9 @@ PAPER_ORDER = ('bn32', 'mabn2', 'brn2', 'bn2')
 
 
 def build_model(norm_cfg, conv_cfg):
-    import mmnorm  # noqa: F401  (registers the layers)
     from mmengine.registry import MODELS
+
+    import mmnorm  # noqa: F401  (registers the layers)
     backbone = dict(
         type='mmdet.ResNet', depth=18, in_channels=1, stem_channels=16, base_channels=16,
         num_stages=3, strides=(1, 2, 2), dilations=(1, 1, 1), out_indices=(2, ),
@@ -180,8 +181,9 @@ def ordering_verdict(summary):
 
 
 def write_report(summary, results, steps, seeds, test_images, out_dir):
-    from mmnorm.studies.results import markdown_table
     import matplotlib
+
+    from mmnorm.studies.results import markdown_table
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
 

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from conftest import REPO, load_tool, write_exe
 
 from mmnorm.benchmark import common, layers
 from mmnorm.layers import _kernels
+
+from conftest import REPO, load_tool, write_exe
 
 SHAPES = ('res2 stage', 'FPN P3', 'box head', 'mask head')
 DETECTION_SHAPES = {'res2 stage': (2, 256, 200, 336), 'stem': (2, 64, 400, 672),

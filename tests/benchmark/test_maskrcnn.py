@@ -17,11 +17,12 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import load_tool
 from torch import nn
 
 from mmnorm.benchmark import maskrcnn
 from mmnorm.benchmark.common import markdown_tables
+
+from conftest import load_tool
 
 
 def _torchvision_refusal():

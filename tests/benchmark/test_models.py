@@ -8,11 +8,12 @@ import re
 
 import pytest
 import torch
-from conftest import load_tool
 from test_layers import numbers
 
 from mmnorm.benchmark import models
 from mmnorm.benchmark.common import markdown_tables
+
+from conftest import load_tool
 
 TINY = ['--scale', '0.1', '--repeats', '1', '--warmup', '1', '--threads', '1']
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'

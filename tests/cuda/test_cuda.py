@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
-from conftest import NO_CPU_FLOAT16_AUTOCAST, exit_without_teardown, free_port
 
 from mmnorm.layers import BRN, CBN, MABN, CenConv, WSConv
+
+from conftest import NO_CPU_FLOAT16_AUTOCAST, exit_without_teardown, free_port
 
 pytestmark = pytest.mark.cuda
 

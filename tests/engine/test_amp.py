@@ -18,8 +18,8 @@ import torch
 from mmcv.ops import nms, roi_align
 from test_faults import load_ckpt, scene_data, train_demo  # noqa: F401  (scene_data: fixture)
 
-from mmnorm.engine import amp
 from mmnorm.compat import TorchTooOldError, torch_version
+from mmnorm.engine import amp
 
 AMP_ITERS = 12  # the MAX_ITERS of test_faults, whose schedules end by then
 CPU_GRAD_SCALER = torch_version() >= (2, 3)

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run
 from mmengine.model import ExponentialMovingAverage
 from torch import nn
 
 from mmnorm import BRN, CBN, MABN
+
+from conftest import REPO, run
 
 LAYERS = {'MABN': lambda: MABN(4), 'BRN': lambda: BRN(4),
           'CBN': lambda: CBN(4, buffer_num=2, burnin=0)}

@@ -8,8 +8,9 @@ import sys
 import pytest
 from mmengine.config import Config
 
-from conftest import REPO, run, tool_env
 from mmnorm.engine.config_check import ConfigError, check_layer_cfgs
+
+from conftest import REPO, run, tool_env
 
 MABN_CONFIG = REPO / 'configs' / 'demo' / 'mask_rcnn_r18_mabn.py'
 TINY_CONFIG = REPO / 'tests' / 'configs' / 'tiny_mask_rcnn.py'

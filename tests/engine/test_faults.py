@@ -23,10 +23,11 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TOOL_TIMEOUT, run, tool_env, write_tiny_coco
 
-from mmnorm.engine import checkpoint_check
 from mmnorm.datasets.scenes import CLASSES
+from mmnorm.engine import checkpoint_check
+
+from conftest import REPO, TOOL_TIMEOUT, run, tool_env, write_tiny_coco
 
 DEMO = REPO / 'configs' / 'demo'
 MAX_ITERS = 12

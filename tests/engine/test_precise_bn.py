@@ -148,6 +148,7 @@ def test_hook_is_registered_and_recomputes_before_validation_and_at_the_end():
 
 def _ddp_worker(rank, port, out_dir):
     import torch.distributed as dist
+
     from conftest import exit_without_teardown
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=2)
@@ -161,6 +162,7 @@ def _ddp_worker(rank, port, out_dir):
 
 def test_processes_average_their_statistics(tmp_path):
     import torch.multiprocessing as mp
+
     from conftest import free_port
     mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]

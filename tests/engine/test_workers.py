@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TOOL_TIMEOUT, tool_env, write_tiny_coco
 from torch.utils.data import Dataset
+
+from conftest import REPO, TOOL_TIMEOUT, tool_env, write_tiny_coco
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'),
                                 reason='workers are tied to their parent on Linux only')

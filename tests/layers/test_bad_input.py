@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from conftest import NO_CPU_FLOAT16_AUTOCAST, NO_CPU_FLOAT16_CONV
 
 from mmnorm.layers import BRN, CBN, MABN, CenConv, WSConv, conv_types, norm_types
+
+from conftest import NO_CPU_FLOAT16_AUTOCAST, NO_CPU_FLOAT16_CONV
 
 F64 = torch.float64
 C = 4

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import NO_CPU_FLOAT16_AUTOCAST, NO_CPU_FLOAT16_CONV, exit_without_teardown
 
 from mmnorm.layers.cbn import CBN
 from mmnorm.layers.conv_statistics import conv_statistic_derivatives, expand_mean_derivative
+
+from conftest import NO_CPU_FLOAT16_AUTOCAST, NO_CPU_FLOAT16_CONV, exit_without_teardown
 
 DIMS = (0, 2, 3)
 SHAPE = (1, -1, 1, 1)

@@ -446,8 +446,9 @@ def _sync_worker(rank, port, out_dir):
     import datetime
 
     import torch.distributed as dist
-    from conftest import exit_without_teardown
     from test_sync_stats import WORLD, _train_ddp, tensors
+
+    from conftest import exit_without_teardown
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
@@ -464,8 +465,10 @@ def test_sync_stats_on_the_fused_path_equals_one_process_on_the_union(tmp_path, 
     rank 1 with an empty batch at one step, against one process on the union
     of their inputs on the ATen path (tests/layers/test_sync_stats.py)."""
     import torch.multiprocessing as mp
+    from test_sync_stats import STEPS as SYNC_STEPS
+    from test_sync_stats import assert_states_close, train_on_union
+
     from conftest import free_port
-    from test_sync_stats import STEPS as SYNC_STEPS, assert_states_close, train_on_union
     monkeypatch.setenv(_kernels.KERNELS_ENV, 'triton')  # read by the spawned processes
     mp.spawn(_sync_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]

@@ -11,12 +11,25 @@ import warnings
 
 import pytest
 import torch
-from test_fused import (CBN_CONFIG, FLOAT32, FailOnHostRead, assert_same_state, batches,
-                        cbn_batches, conv_cbn, kernels, layer, run_both, run_cbn_both, step)
 from torch import nn
 
 from mmnorm import BRN, CBN, MABN
 from mmnorm.layers import _first_use, _kernels, _triton_shared
+
+from test_fused import (
+    CBN_CONFIG,
+    FLOAT32,
+    FailOnHostRead,
+    assert_same_state,
+    batches,
+    cbn_batches,
+    conv_cbn,
+    kernels,
+    layer,
+    run_both,
+    run_cbn_both,
+    step,
+)
 
 pytestmark = pytest.mark.skipif(_kernels.triton_problem() is not None,
                                 reason=f'the fused path needs Triton: {_kernels.triton_problem()}')

@@ -23,9 +23,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from conftest import exit_without_teardown
 
 from mmnorm.layers import BRN, CBN, MABN, CenConv
+
+from conftest import exit_without_teardown
 
 F64 = torch.float64
 WORLD = 2
@@ -171,6 +172,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope='module')
 def ddp_results(tmp_path_factory):
     import torch.multiprocessing as mp
+
     from conftest import free_port
     out_dir = tmp_path_factory.mktemp('sync_stats')
     mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD)

@@ -8,16 +8,21 @@ import os.path as osp
 import numpy as np
 import pytest
 import torch
-
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.registry import DATASETS, METRICS, MODELS
 from mmengine.runner import Runner
 
 import mmnorm  # noqa: F401
+from mmnorm.datasets.fashion_mnist import (
+    CLASSES,
+    DEFAULT_DATA_ROOT,
+    IMAGES_MAGIC,
+    FashionMNIST,
+    load_fashion_mnist,
+    read_idx,
+)
 from mmnorm.studies.classifier import ClassificationAccuracy, NormStudyClassifier
-from mmnorm.datasets.fashion_mnist import (CLASSES, DEFAULT_DATA_ROOT, IMAGES_MAGIC,
-                                  FashionMNIST, load_fashion_mnist, read_idx)
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = osp.join(ROOT, 'configs', 'fmnist', 'cls_r18_brn.py')

@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run, tool_env
 from mmnorm.datasets.fashion_mnist import DEFAULT_DATA_ROOT
+
+from conftest import REPO, run, tool_env
 
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(os.path.join(DEFAULT_DATA_ROOT, 'train-images-idx3-ubyte.gz')),

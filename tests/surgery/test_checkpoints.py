@@ -16,13 +16,20 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run
 from mmengine.config import Config
 
 from mmnorm.layers._state import SmallBatchNorm, StateChange
-from mmnorm.surgery.checkpoints import (ConversionError, ConversionReport, build_target,
-                                       convert_checkpoint, convert_state_dict, read_source)
+from mmnorm.surgery.checkpoints import (
+    ConversionError,
+    ConversionReport,
+    build_target,
+    convert_checkpoint,
+    convert_state_dict,
+    read_source,
+)
 from mmnorm.surgery.checkpoints import build_with_mmdet as build
+
+from conftest import REPO, run
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -11,16 +11,22 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import REPO, run, tool_env
+from test_plain_mmdet import binary_and_soft
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmnorm
 from mmnorm.surgery.deployed import load_deployed
-from mmnorm.surgery.fuse import (conv_norm_pairs, format_report, fuse, is_foldable_norm,
-                                 mmnorm_modules)
+from mmnorm.surgery.fuse import (
+    conv_norm_pairs,
+    format_report,
+    fuse,
+    is_foldable_norm,
+    mmnorm_modules,
+)
 from mmnorm.surgery.report import SurgeryReport
-from test_plain_mmdet import binary_and_soft
+
+from conftest import REPO, run, tool_env
 
 F64 = torch.float64
 C_IN, C_OUT = 4, 6

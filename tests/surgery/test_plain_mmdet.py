@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import REPO, load_tool, run, tool_env, write_tiny_coco
 
 DEMO = REPO / 'configs' / 'demo'
@@ -91,8 +92,9 @@ def trusting(monkeypatch):
 @pytest.mark.parametrize('method', METHODS)
 def test_plain_config_and_weights_compute_what_the_trained_model_computes(method, tmp_path,
                                                                          one_thread):
-    import mmnorm  # noqa: F401  (the demo configs' layers)
     from mmengine.config import Config
+
+    import mmnorm  # noqa: F401  (the demo configs' layers)
     from mmnorm.surgery.fuse import mmnorm_modules
     from mmnorm.surgery.plain_mmdet import check_plain_model, plain_config, plain_state_dict
     cfg = Config.fromfile(demo_config(method))
@@ -136,8 +138,9 @@ def test_plain_config_and_weights_compute_what_the_trained_model_computes(method
 
 
 def test_plain_config_rules():
-    import mmnorm  # noqa: F401
     from mmengine.config import Config
+
+    import mmnorm  # noqa: F401
     from mmnorm.surgery.plain_mmdet import DeployError, plain_config
     cfg = Config(dict(
         custom_imports=dict(imports=['mmnorm', 'mmdet.models'], allow_failed_imports=False),
@@ -189,8 +192,9 @@ def run_deploy(monkeypatch, *args):
 
 def test_deploy_tool_refuses_in_one_line_and_writes_all_or_nothing(tmp_path, monkeypatch,
                                                                     trusting):
-    import mmnorm  # noqa: F401
     from mmengine.config import Config
+
+    import mmnorm  # noqa: F401
     mabn = build(Config.fromfile(demo_config('mabn')).model)
     checkpoint = tmp_path / 'mabn.pth'
     torch.save(dict(state_dict=mabn.state_dict(), meta=dict()), checkpoint)
@@ -257,8 +261,9 @@ def test_plain_backbone_and_neck_run_in_onnxruntime(tmp_path, one_thread):
     onnx = pytest.importorskip('onnx', reason='onnx is not installed (requirements/tests.txt)')
     ort = pytest.importorskip('onnxruntime',
                               reason='onnxruntime is not installed (requirements/tests.txt)')
-    import mmnorm  # noqa: F401
     from mmengine.config import Config
+
+    import mmnorm  # noqa: F401
     from mmnorm.surgery.plain_mmdet import plain_config, plain_state_dict
     cfg = Config.fromfile(demo_config('mabn'))
     torch.manual_seed(0)
@@ -524,9 +529,10 @@ def test_plain_pair_predicts_what_the_trained_model_predicts(pairs, method, one_
     """On the first demo val scenes: boxes within 1e-3 px, scores within 1e-4,
     mask probabilities within 1/255 and binary masks equal away from the
     threshold (tests/surgery/test_fuse.py's comparison)."""
-    import mmnorm  # noqa: F401
     from mmengine.config import Config
     from test_fuse import assert_same_instances
+
+    import mmnorm  # noqa: F401
     cfg = Config.fromfile(demo_config(method))
     cfg.merge_from_dict(parse_options(pairs['options']))
     model = build(cfg.model)
