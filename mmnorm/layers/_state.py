@@ -27,9 +27,9 @@ See docs/layer_state.md for why the base class matters to MMDetection, what
 does to the buffers.
 """
 import copy
+import gc
 import inspect
 import warnings
-import weakref
 from numbers import Integral, Real
 from typing import NamedTuple, Tuple
 
@@ -37,7 +37,6 @@ import torch
 from mmengine.registry import MODELS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.module import register_module_module_registration_hook
 
 from .._torch import autocast_output_dtype, compiling
 from ._dist import sync_world
@@ -296,16 +295,16 @@ class SmallBatchNorm(_BatchNorm):
 
     def describe(self):
         """The layer in messages: its class and dotted name in the outermost
-        module it was registered under, like "CBN 'neck.lateral_convs.0.bn'"
-        (a DataParallel/DDP wrapper left out), or "CBN(256)" for a layer that
-        is not a submodule. Read from where modules were registered (see
-        :func:`_note_parent`), not from the call stack."""
+        module holding it, like "CBN 'neck.lateral_convs.0.bn'" (a
+        DataParallel/DDP wrapper left out), or "CBN(256)" for a layer that is
+        not a submodule. Found when a message needs it, from the modules that
+        hold this one (:func:`holder`); nothing is recorded beforehand."""
         names, node = [], self
-        while node in _PARENTS and len(names) < 1000:
-            parent, name = _PARENTS[node]
-            parent = parent()
-            if parent is None or parent._modules.get(name) is not node:
-                break  # the parent is gone, or the module was replaced there
+        while len(names) < 1000:
+            found = holder(node)
+            if found is None:
+                break
+            parent, name = found
             if name == 'module' and isinstance(parent, (nn.DataParallel,
                                                         nn.parallel.DistributedDataParallel)):
                 break
@@ -364,18 +363,24 @@ class SmallBatchNorm(_BatchNorm):
                                       unexpected_keys, error_msgs)
 
 
-# module -> (weak reference to the module it was last registered under, name there)
-_PARENTS = weakref.WeakKeyDictionary()
-
-
-def _note_parent(parent, name, child):
-    """Global registration hook: remember where ``child`` was registered, so
-    that a layer can name itself (:meth:`SmallBatchNorm.describe`)."""
-    if child is not None:
-        _PARENTS[child] = (weakref.ref(parent), name)
-
-
-register_module_module_registration_hook(_note_parent)
+def holder(module):
+    """(parent, name) of a module that holds ``module`` as its submodule
+    ``name``, or None: looked up among the objects that refer to it (Python's
+    garbage collector knows them), so it costs a scan of the process's objects
+    and is only for messages."""
+    for modules in gc.get_referrers(module):
+        if not isinstance(modules, dict):
+            continue
+        for owner in gc.get_referrers(modules):
+            candidates = [owner] if isinstance(owner, nn.Module) else (
+                [o for o in gc.get_referrers(owner) if isinstance(o, nn.Module)]
+                if isinstance(owner, dict) else [])
+            for parent in candidates:
+                if parent.__dict__.get('_modules') is modules:
+                    name = next((key for key, value in modules.items() if value is module), None)
+                    if name is not None:
+                        return parent, name
+    return None
 
 
 # The load being logged (its error list, shared by every module of one
