@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmnorm
 from mmnorm.engine.sync_bn import convert_sync_batchnorm
-from mmnorm.layers._state import SmallBatchNorm
+from mmnorm.layers.base import SmallBatchNorm
 
 NORM_TYPES = ['BRN', 'CBN', 'MABN']
 

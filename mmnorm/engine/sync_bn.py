@@ -25,7 +25,7 @@ from mmengine.model.utils import convert_sync_batchnorm as mmengine_convert_sync
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers._state import SmallBatchNorm
+from ..layers.base import SmallBatchNorm
 
 
 def _convert_keeping(module, implementation, kept):

@@ -1,8 +1,8 @@
 """The layers; importing this package registers them in mmengine's root MODELS."""
-from ._state import SmallBatchNorm, registered
+from .base import SmallBatchNorm, TransformedWeightConv, registered
 from .brn import BRN
 from .cbn import CBN
-from .conv import CenConv, WSConv, _TransformedWeightConv
+from .conv import CenConv, WSConv
 from .mabn import MABN
 
 __all__ = ['BRN', 'CBN', 'CenConv', 'MABN', 'WSConv', 'conv_types', 'norm_types']
@@ -17,4 +17,4 @@ def norm_types():
 def conv_types():
     """name -> class of every registered conv with a transformed weight:
     CenConv, WSConv and any a user registers."""
-    return registered(_TransformedWeightConv)
+    return registered(TransformedWeightConv)

@@ -3,7 +3,7 @@ state changes (see docs/kernels.md, "First use").
 
 A variant is what makes Triton compile other kernels or take other branches:
 the layer's class, the device, the dtypes, the layout, and what the layer adds
-(:meth:`~mmnorm.layers._state.SmallBatchNorm.fused_variant`). Before the first
+(:meth:`~mmnorm.layers.base.SmallBatchNorm.fused_variant`). Before the first
 training step of a variant, :func:`takes_fused` runs the fused step (forward
 and backward) on a copy of the layer:
 

@@ -51,7 +51,7 @@ from ._kernels import (
     normalized_replay,
 )
 from ._ops import Operator, fused_operator, fused_step, with_backward
-from ._state import SmallBatchNorm, check_number
+from .base import SmallBatchNorm, check_number
 
 
 def batch_statistics(x, eps):

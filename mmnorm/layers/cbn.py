@@ -58,7 +58,7 @@ from ._kernels import (
     normalized_replay,
 )
 from ._ops import Eager, fused_operator, fused_step
-from ._state import SmallBatchNorm, StateChange, check_number
+from .base import SmallBatchNorm, StateChange, check_number
 from .conv_statistics import (
     ConvCall,
     conv_statistic_derivative_sums,

@@ -37,66 +37,8 @@ import math
 
 import torch
 from mmengine.registry import MODELS
-from torch import nn
 
-from .._torch import version
-from ._state import check_number, script_refusal
-
-
-class _TransformedWeightConv(nn.Conv2d):
-    """nn.Conv2d that convolves with ``transform_weight(self.weight)``.
-
-    Subclasses implement ``transform_weight``; the constructor is nn.Conv2d's.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._eval_weight_cache = None
-
-    def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Map the raw weight (C_out, C_in / groups, kh, kw) to the used one."""
-        raise NotImplementedError
-
-    def transformed_weight(self) -> torch.Tensor:
-        """The weight the convolution uses (cached in eval mode, see module doc)."""
-        weight = self.weight
-        if self.training or (torch.is_grad_enabled() and weight.requires_grad):
-            return self.transform_weight(weight)
-        key = (weight.data_ptr(), version(weight), weight.device, weight.dtype,
-               torch.is_inference_mode_enabled())
-        cache = self._eval_weight_cache
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                # The detached raw weight keeps its storage alive, so a new
-                # weight cannot reuse the address that the key holds.
-                cache = (key, weight.detach(), self.transform_weight(weight))
-            self._eval_weight_cache = cache
-        return cache[2]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C_in, H, W) or (C_in, H, W) -> the convolution with the
-        transformed weight. torch's error for a bad input (wrong channel
-        count or rank) is re-raised with this layer's name in front."""
-        try:
-            return self._conv_forward(x, self.transformed_weight(), self.bias)
-        except RuntimeError as error:
-            raise RuntimeError(f'{type(self).__name__}: {error}') from error
-
-    def __prepare_scriptable__(self):
-        raise RuntimeError(script_refusal(self))
-
-    def train(self, mode: bool = True):
-        self._eval_weight_cache = None
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._eval_weight_cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state['_eval_weight_cache'] = None
-        return state
+from .base import TransformedWeightConv, check_number
 
 
 class _Centre(torch.autograd.Function):
@@ -115,7 +57,7 @@ class _Centre(torch.autograd.Function):
 
 
 @MODELS.register_module('CenConv')
-class CenConv(_TransformedWeightConv):
+class CenConv(TransformedWeightConv):
     """Conv2d with each output filter centred to zero mean (no scaling)."""
 
     def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -123,8 +65,10 @@ class CenConv(_TransformedWeightConv):
 
 
 @MODELS.register_module('WSConv')
-class WSConv(_TransformedWeightConv):
+class WSConv(TransformedWeightConv):
     """Conv2d with each output filter standardised; nn.Conv2d's arguments + eps."""
+
+    OPTIONS = ('eps',)
 
     def __init__(self, *args, eps: float = 1e-5, **kwargs):
         super().__init__(*args, **kwargs)

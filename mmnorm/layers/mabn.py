@@ -53,7 +53,7 @@ from .._torch import (
 from ._dist import union_mean
 from ._kernels import kernel_module
 from ._ops import Operator, fused_operator, fused_step, with_backward
-from ._state import SmallBatchNorm, StateChange, check_number, note_nonfinite
+from .base import SmallBatchNorm, StateChange, check_number, note_nonfinite
 
 BN_EPS = 1e-5  # BatchNorm's eps where a checkpoint does not say (PyTorch's default)
 

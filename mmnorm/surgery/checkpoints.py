@@ -46,7 +46,7 @@ import torch
 from .._torch import CAN_ALLOW_CLASSES
 from ..engine.checkpoint_check import checkpoint_problem
 from ..layers import MABN, CenConv, norm_types
-from ..layers._state import SmallBatchNorm
+from ..layers.base import SmallBatchNorm
 from ..layers.mabn import bn_to_mabn
 
 __all__ = ['LAYOUTS', 'ConversionError', 'ConversionReport', 'build_target',

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..engine.config_check import unknown_option
 from ..layers import conv_types
-from ..layers._state import SmallBatchNorm
+from ..layers.base import SmallBatchNorm
 from ..layers.mabn import bn_to_mabn
 from .fuse import conv_norm_pairs, rebuild_conv
 from .norms import known_norm

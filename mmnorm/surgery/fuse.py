@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
-from ..layers import CenConv, WSConv
+from ..layers import TransformedWeightConv
 from ..layers._ops import EagerForward
 from .dataflow import feeding_convs
 from .norms import channels, known_norm
@@ -168,9 +168,10 @@ def _inference_affine(norm):
 
 
 def _plain_conv(conv):
-    """``conv`` itself, or for CenConv/WSConv a new ``nn.Conv2d`` with the
-    same hyper-parameters whose weight is the transformed weight W_hat."""
-    if not isinstance(conv, (CenConv, WSConv)):
+    """``conv`` itself, or for a transformed-weight conv (CenConv, WSConv) a
+    new ``nn.Conv2d`` with the same hyper-parameters whose weight is the
+    transformed weight W_hat."""
+    if not isinstance(conv, TransformedWeightConv):
         return conv
     return rebuild_conv(conv, nn.Conv2d, conv_weight(conv))
 
@@ -291,7 +292,7 @@ def fuse(model, report=None, strict=False):
             why[norm_path] = f'it or {conv_path} is registered at two places in the model'
             continue
         info = known_norm(norm)
-        if isinstance(conv, (CenConv, WSConv)):
+        if isinstance(conv, TransformedWeightConv):
             report.add(conv_path, conv, 'replaced', 'by Conv2d with its transformed weight')
         swap[id(conv)] = _fold(conv, norm)
         swap[id(norm)] = _folded_norm(norm, info)
@@ -300,7 +301,7 @@ def fuse(model, report=None, strict=False):
     for path, module in modules.items():
         if id(module) in swap:
             continue
-        if isinstance(module, (CenConv, WSConv)):
+        if isinstance(module, TransformedWeightConv):
             swap[id(module)] = _plain_conv(module)
             report.add(path, module, 'replaced', 'by Conv2d with its transformed weight')
             continue

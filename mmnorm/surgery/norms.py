@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers._state import SmallBatchNorm
+from ..layers.base import SmallBatchNorm
 
 # (module, class name): norm + activation classes whose forward is BatchNorm's,
 # then self.drop, then self.act.

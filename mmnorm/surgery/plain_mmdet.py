@@ -115,10 +115,11 @@ def plain_norm_cfg(entry):
 
 
 def plain_conv_cfg(entry):
-    """``dict(type='Conv2d', ...)`` for the CenConv or WSConv config ``entry``:
-    its other keys kept, WSConv's ``eps`` dropped."""
-    name = _type_name(entry['type'])
-    rest = {k: v for k, v in entry.items() if k != 'type' and not (name == 'WSConv' and k == 'eps')}
+    """``dict(type='Conv2d', ...)`` for the config ``entry`` of a registered
+    transformed-weight conv (CenConv, WSConv): its other keys kept, the
+    options a plain conv does not take (the class's ``OPTIONS``) dropped."""
+    options = conv_types()[_type_name(entry['type'])].OPTIONS
+    rest = {k: v for k, v in entry.items() if k != 'type' and k not in options}
     return dict(type='Conv2d', **rest)
 
 

@@ -13,7 +13,7 @@ import mmnorm
 from mmnorm.engine.config_check import ConfigError, check_layer_cfgs
 from mmnorm.engine.precise_bn import precise_statistics
 from mmnorm.layers import norm_types
-from mmnorm.layers._state import SmallBatchNorm, check_number
+from mmnorm.layers.base import SmallBatchNorm, check_number
 
 
 class StartNorm(SmallBatchNorm):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.config import Config
 
-from mmnorm.layers._state import SmallBatchNorm, StateChange
+from mmnorm.layers.base import SmallBatchNorm, StateChange
 from mmnorm.surgery.checkpoints import (
     ConversionError,
     ConversionReport,

@@ -51,7 +51,7 @@ from timm.layers import BatchNormAct2d  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import mmnorm  # noqa: E402
-from mmnorm.layers._state import SmallBatchNorm  # noqa: E402
+from mmnorm.layers.base import SmallBatchNorm  # noqa: E402
 from mmnorm.surgery.convert import convert  # noqa: E402
 from mmnorm.surgery.fuse import fuse, mmnorm_modules  # noqa: E402
 from mmnorm.surgery.norms import known_norm  # noqa: E402

@@ -38,7 +38,7 @@ from mmengine.registry import MODELS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._torch import autocast_output_dtype, compiling
+from .._torch import autocast_output_dtype, compiling, version
 from ._dist import sync_world
 from ._first_use import takes_fused
 from ._kernels import announce
@@ -361,6 +361,73 @@ class SmallBatchNorm(_BatchNorm):
             _log_conversion(self, prefix, change, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+class TransformedWeightConv(nn.Conv2d):
+    """nn.Conv2d that convolves with ``transform_weight(self.weight)``: the
+    contract of mmnorm's convs (CenConv, WSConv). A subclass registered in
+    ``MODELS`` implements ``transform_weight`` and takes nn.Conv2d's
+    arguments plus the keyword options it names in ``OPTIONS``. That is all
+    the rest of mmnorm reads: ``mmnorm.fuse`` and the plain MMDetection pair
+    turn it into an ``nn.Conv2d`` holding :meth:`transformed_weight`, with
+    ``OPTIONS`` dropped from its config; ``mmnorm.convert`` builds it from a
+    plain conv's hyper-parameters. (The evaluation cache is described in
+    :mod:`mmnorm.layers.conv`.)
+    """
+
+    # keyword options beyond nn.Conv2d's (stored under the same names), which a
+    # plain conv does not take
+    OPTIONS = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._eval_weight_cache = None
+
+    def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Map the raw weight (C_out, C_in / groups, kh, kw) to the used one."""
+        raise NotImplementedError
+
+    def transformed_weight(self) -> torch.Tensor:
+        """The weight the convolution uses (cached in eval mode, see
+        :mod:`mmnorm.layers.conv`)."""
+        weight = self.weight
+        if self.training or (torch.is_grad_enabled() and weight.requires_grad):
+            return self.transform_weight(weight)
+        key = (weight.data_ptr(), version(weight), weight.device, weight.dtype,
+               torch.is_inference_mode_enabled())
+        cache = self._eval_weight_cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                # The detached raw weight keeps its storage alive, so a new
+                # weight cannot reuse the address that the key holds.
+                cache = (key, weight.detach(), self.transform_weight(weight))
+            self._eval_weight_cache = cache
+        return cache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) or (C_in, H, W) -> the convolution with the
+        transformed weight. torch's error for a bad input (wrong channel
+        count or rank) is re-raised with this layer's name in front."""
+        try:
+            return self._conv_forward(x, self.transformed_weight(), self.bias)
+        except RuntimeError as error:
+            raise RuntimeError(f'{type(self).__name__}: {error}') from error
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(script_refusal(self))
+
+    def train(self, mode: bool = True):
+        self._eval_weight_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._eval_weight_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state['_eval_weight_cache'] = None
+        return state
 
 
 def holder(module):
