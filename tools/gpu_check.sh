@@ -88,9 +88,11 @@ if [ $SMOKE = 1 ]; then
     DEVICE=cpu
     "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' && DEVICE=cuda
     # Without a GPU the CUDA tests' code runs on the CPU (MMNORM_CUDA_TESTS_ON_CPU=1), all of it
-    # (47 tests, about 1 min on 2 cores; else every test would skip). The layers take the ATen path
-    # there: the fused kernels under Triton's interpreter are tests/layers/test_fused.py's (the
-    # CUDA tests that way take over 5 min here). -rs: each skip's reason goes to the log.
+    # (71 tests, 1 to 2 min on 2 cores; else every test would skip). The layers take the ATen path
+    # there (section 9's tests of the fused path skip, saying why): the fused kernels under
+    # Triton's interpreter are tests/layers/test_fused*.py's (the CUDA tests that way,
+    # MMNORM_KERNELS=triton TRITON_INTERPRET=1, take over 9 min here). -rs: each skip's reason
+    # goes to the log.
     ON_CPU=0
     [ "$DEVICE" = cpu ] && ON_CPU=1
     step 'CUDA tests' 300 - env MMNORM_CUDA_TESTS_ON_CPU=$ON_CPU \
@@ -114,11 +116,16 @@ if [ $SMOKE = 1 ]; then
             --out "$OUT_DIR/gpu_maskrcnn.md"
     fi
 else
+    # The limits add up to 560 s: with the setup above, the check ends within 10 minutes.
     [ -z "$TORCHVISION_PROBLEM" ] || FAILED+=("torchvision: $TORCHVISION_PROBLEM")
     step 'CUDA tests' 120 - "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/cuda
-    step 'layer benchmark, eager' 150 "$OUT_DIR/gpu_layer_benchmark.md" \
-        "$PY" tools/benchmark_layers.py --device cuda --scale 1 --dtype float32 bfloat16 \
-        --memory-format contiguous channels_last --out "$OUT_DIR/gpu_layer_benchmark.md"
+    # Every row at the six detection shapes (stem and res5 beside the default four), fp32 and
+    # bf16, both layouts: 240 measurements, each timed for --min-time (0.05 s) per module and
+    # mode at least, plus Triton compiling each variant of the fused kernels at its first launch.
+    step 'layer benchmark, eager' 190 "$OUT_DIR/gpu_layer_benchmark.md" \
+        "$PY" tools/benchmark_layers.py --device cuda --scale 1 --shapes detection \
+        --dtype float32 bfloat16 --memory-format contiguous channels_last \
+        --out "$OUT_DIR/gpu_layer_benchmark.md"
     step 'Mask R-CNN iteration' 150 "$OUT_DIR/gpu_maskrcnn.md" \
         "$PY" tools/benchmark_maskrcnn.py --device cuda \
         --compile-methods 'frozen BN' 'MABN + CenConv' --out "$OUT_DIR/gpu_maskrcnn.md"
