@@ -109,6 +109,7 @@ def fused_step(forward, keep, gradients, replay):
                 output, saved = replay(inputs, former), former.clone()
             keep(ctx, inputs, saved)
             ctx.mark_non_differentiable(saved)
+            ctx.set_materialize_grads(False)  # no zeros made for the saved statistics' gradient
             return output, saved
 
         @staticmethod

@@ -288,10 +288,11 @@ def test_mabn_reaches_both_clips_of_r_and_the_early_rule(dtype):
 
 
 def test_cbn_gradual_burnin_longer_than_the_ring():
-    # burnin=12 > k=3: the window grows 0 -> 3 and the age check drops old slots
-    model = conv_cbn(buffer_num=3, burnin=12, two_stage=False)
+    # burnin=12 > k=3: the window grows 0 -> 3 and the age check drops old slots;
+    # rho = 0.5 so that the compensation's factor shows
+    model = conv_cbn(buffer_num=3, burnin=12, two_stage=False, rho=0.5)
     run_cbn_both(model, cbn_batches(model, steps=15), FLOAT32)
-    model = conv_cbn(buffer_num=3, burnin=12, two_stage=False, dtype=F64)
+    model = conv_cbn(buffer_num=3, burnin=12, two_stage=False, rho=0.5, dtype=F64)
     run_cbn_both(model, cbn_batches(model, steps=15, dtype=F64), dict(rtol=1e-10, atol=1e-10))
 
 
