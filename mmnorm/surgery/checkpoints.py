@@ -295,12 +295,13 @@ class _Torchvision(_Layout):
         return self._resnet(key, _BN_KEYS)
 
     def prepare_norm(self, layer, prefix, state, report, origin):
-        if isinstance(layer, MABN):
+        if not layer.SUBTRACTS_MEAN:  # (MABN) BatchNorm's mean folded in
             _fold_bn_into_mabn(layer, prefix, state, report, origin)
 
     def notes(self, target):
-        kinds = {type(m).__name__ for m in target.modules() if isinstance(m, SmallBatchNorm)}
-        if kinds != {'MABN'}:
+        norms = [m for m in target.modules() if isinstance(m, SmallBatchNorm)]
+        kinds = {type(m).__name__ for m in norms}
+        if any(m.SUBTRACTS_MEAN for m in norms):
             return [f'{", ".join(sorted(kinds))} in eval mode normalise with the running '
                     'statistics as BatchNorm does: the converted backbone computes the source '
                     'function in eval mode.']

@@ -822,3 +822,8 @@ def test_fused_kernels_on_a_device_that_is_not_current(kind, device, no_tf32):
         assert torch.cuda.current_device() == 0
     for name, value in [*model.named_parameters(), *model.named_buffers()]:
         assert value.device == other, name
+
+
+def test_every_registered_layer_is_covered():
+    from mmnorm.layers import conv_types, norm_types
+    assert set(norm_types()) <= set(NORMS) and set(conv_types()) <= set(KINDS) | {'CenConv'}

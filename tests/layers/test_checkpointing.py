@@ -227,3 +227,9 @@ def test_a_replay_takes_no_collective(norm, one_process_sync):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
     assert counts[0::2] == counts[1::2] and counts[0] > 0, counts
     assert_same_buffers(plain, checkpointed, 1e-10)
+
+
+def test_every_registered_layer_is_covered():
+    from mmnorm.layers import conv_types, norm_types
+    assert set(norm_types()) <= {norm for _, norm in LAYERS}
+    assert set(conv_types()) <= set(CONVS)

@@ -571,3 +571,10 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert 'compiled 0' not in done.stdout and 'sm_90' in done.stdout, done.stdout
+
+
+def test_every_fused_layer_is_covered():
+    # a registered layer with a fused step and no parametrisation here fails
+    from mmnorm.layers import norm_types
+    fused = {name for name, cls in norm_types().items() if cls.FUSED_STEP}
+    assert fused and fused <= set(CONFIGS) | {'CBN'}

@@ -340,3 +340,8 @@ def test_sync_buffers_hook_with_unequal_counters_then_training_continues_consist
 def test_sync_buffers_hook_keeps_large_equal_counters(ddp_results, kind):
     for result in ddp_results:
         assert result[kind, 'hook']['large_counters'] == [5_000_001, 5_000_001]
+
+
+def test_every_registered_layer_is_covered():
+    from mmnorm.layers import norm_types
+    assert set(norm_types()) <= set(KINDS)
