@@ -22,6 +22,7 @@ import argparse
 from mmengine.config import DictAction
 
 from mmnorm.engine.command_line import UsageError, add_debug_arg, run_tool
+from mmnorm.surgery.plain_mmdet import DeployError
 
 TARGETS = ('module', 'mmdet')
 
@@ -63,4 +64,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_tool(main)
+    run_tool(main, errors=(DeployError,))

@@ -59,14 +59,16 @@ def parse_common(parser):
     return args
 
 
-def run_tool(main):
-    """Call ``main()``; on one of ``USER_ERRORS`` print ``error: MESSAGE`` as
-    the last line and exit with status 1, with the traceback only when the
-    command line has ``--debug`` or the environment ``MMNORM_DEBUG=1``; then
-    leave torch.distributed (:func:`mmnorm.engine.distributed.end_distributed`)."""
+def run_tool(main, errors=()):
+    """Call ``main()``; on one of ``USER_ERRORS`` (or the tool's own
+    ``errors``, library errors such as ``DeployError``) print ``error:
+    MESSAGE`` as the last line and exit with status 1, with the traceback only
+    when the command line has ``--debug`` or the environment ``MMNORM_DEBUG=1``;
+    then leave torch.distributed
+    (:func:`mmnorm.engine.distributed.end_distributed`)."""
     try:
         main()
-    except USER_ERRORS as error:
+    except USER_ERRORS + tuple(errors) as error:
         if '--debug' in sys.argv[1:] or os.environ.get(DEBUG_ENV) == '1':
             raise
         sys.exit(f'error: {error}')

@@ -60,7 +60,6 @@ from collections import Counter, OrderedDict
 import torch
 from torch import nn
 
-from ..engine.command_line import UsageError
 from ..layers import conv_types, norm_types
 from .deployed import DEPLOYED_KEY
 from .fuse import conv_weight, mmnorm_modules
@@ -77,8 +76,9 @@ RENAMED = {'CPUAmpOptimWrapper': 'AmpOptimWrapper'}
 BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
 
 
-class DeployError(UsageError):
-    """Input the pair cannot be made from (reported by the tools as one line)."""
+class DeployError(ValueError):
+    """Input the pair cannot be made from (the tools report it as one line:
+    it is in their ``USER_ERRORS``)."""
 
 
 # ------------------------------------------------------------------ config
