@@ -187,7 +187,7 @@ def one_process_sync(monkeypatch, tmp_path):
     nothing), counting the collectives called."""
     import torch.distributed as dist
 
-    from mmnorm.layers import _state
+    from mmnorm.layers import base
     if not dist.is_available():
         pytest.skip('torch.distributed is not available')
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
@@ -197,7 +197,7 @@ def one_process_sync(monkeypatch, tmp_path):
         original = getattr(dist, name)
         monkeypatch.setattr(dist, name, lambda *a, _f=original, _n=name, **k: (
             calls.append(_n), _f(*a, **k))[1])
-    monkeypatch.setattr(_state, 'sync_world', lambda: True)
+    monkeypatch.setattr(base, 'sync_world', lambda: True)
     try:
         yield calls
     finally:
