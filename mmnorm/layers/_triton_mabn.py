@@ -15,7 +15,6 @@ is written by the chunk-0 program of each channel block with the value every
 program of the block computes, so what another program reads there is the
 same before and after the write.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -33,6 +32,7 @@ from ._triton_shared import (
     note_nonfinite,
     output_like,
     split,
+    start_backward,
     sum_partials,
     target_programs,
     total,
@@ -175,23 +175,17 @@ def backward(dy, x, weight, saved, buffer_gz, flags, bias_dtype, sync, need_dx):
     """(dx, dweight, dbias) of :func:`forward` for the incoming ``dy``, dx
     laid out like x (empty unless ``need_dx``); writes psi_t into
     ``buffer_gz`` at the forward's row. Two launches."""
-    view = channel_view(x)
-    dy_view = channel_view(dy, view.order)
-    (n, c, length), strides = view.shape, view.strides
-    plan = split(view.shape, strides, target_programs(x.device))
-    partial, _ = sum_partials(view, dy_view, None, plan, PRODUCTS, saved.dtype)
-    dx, dx_strides = output_like(view, x) if need_dx else (x.new_empty(0), strides)
-    dweight = torch.empty_like(weight)
-    dbias = torch.empty_like(weight, dtype=bias_dtype)
+    b = start_backward(dy, x, weight, bias_dtype, need_dx, PRODUCTS, None, saved.dtype)
+    (n, c, length), plan = b.x.shape, b.plan
     union = total_count = saved
     if sync:
-        union, total_count = union_mean(partial[:, 0].sum(0), n * length)
-    launch(mabn_backward_kernel, plan.grid(c), dy_view.tensor, view.tensor, dx, weight, saved,
-           buffer_gz, flags, dweight, dbias, partial, union, total_count, n, c, length, *strides,
-           *dy_view.strides,
-           *dx_strides, plan.chunks, plan.tiles_per_chunk, buffer_gz.size(0), FROM_UNION=sync,
-           NEED_DX=need_dx, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, BLOCK_K=plan.block_k)
-    return dx, dweight, dbias
+        union, total_count = union_mean(b.partial[:, 0].sum(0), n * length)
+    launch(mabn_backward_kernel, plan.grid(c), b.dy.tensor, b.x.tensor, b.dx, weight, saved,
+           buffer_gz, flags, b.dweight, b.dbias, b.partial, union, total_count, n, c, length,
+           *b.x.strides, *b.dy.strides, *b.dx_strides, plan.chunks, plan.tiles_per_chunk,
+           buffer_gz.size(0), FROM_UNION=sync, NEED_DX=need_dx, BLOCK_C=plan.block_c,
+           BLOCK_L=plan.block_l, BLOCK_K=plan.block_k)
+    return b.dx, b.dweight, b.dbias
 
 
 def variants():

@@ -374,23 +374,41 @@ def normalized_backward_kernel(dy_ptr, x_ptr, dx_ptr, weight_ptr, saved_ptr, par
                          dx_stride_c, dx_stride_l, TILES_PER_CHUNK, ACC, BLOCK_L)
 
 
+class Backward(NamedTuple):
+    """What a backward's second launch takes (:func:`start_backward`)."""
+    x: ChannelView
+    dy: ChannelView
+    plan: Split
+    partial: torch.Tensor
+    dx: torch.Tensor
+    dx_strides: tuple
+    dweight: torch.Tensor
+    dbias: torch.Tensor
+
+
+def start_backward(dy, x, weight, bias_dtype, need_dx, sums, mean, dtype):
+    """A backward's first launch (the ``sums`` partials in ``dtype``, ``mean``
+    for CENTERED) and its outputs: dx laid out like x (empty unless
+    ``need_dx``), dweight and dbias."""
+    view = channel_view(x)
+    dy_view = channel_view(dy, view.order)
+    plan = split(view.shape, view.strides, target_programs(x.device))
+    partial, _ = sum_partials(view, dy_view, mean, plan, sums, dtype)
+    dx, dx_strides = output_like(view, x) if need_dx else (x.new_empty(0), view.strides)
+    return Backward(view, dy_view, plan, partial, dx, dx_strides, torch.empty_like(weight),
+                    torch.empty_like(weight, dtype=bias_dtype))
+
+
 def normalized_backward(dy, x, weight, saved, bias_dtype, need_dx, pooled):
     """(dx, dweight, dbias) of :func:`normalized_backward_kernel`; dx laid out
     like x, empty unless ``need_dx``. Two launches."""
-    view = channel_view(x)
-    dy_view = channel_view(dy, view.order)
-    (n, c, length), strides = view.shape, view.strides
-    plan = split(view.shape, strides, target_programs(x.device))
-    partial, _ = sum_partials(view, dy_view, saved, plan, CENTERED, saved.dtype)
-    dx, dx_strides = output_like(view, x) if need_dx else (x.new_empty(0), strides)
-    dweight = torch.empty_like(weight)
-    dbias = torch.empty_like(weight, dtype=bias_dtype)
-    launch(normalized_backward_kernel, plan.grid(c), dy_view.tensor, view.tensor, dx, weight,
-           saved, partial, dweight, dbias, n, c, length, *strides, *dy_view.strides,
-           *dx_strides, plan.chunks,
-           plan.tiles_per_chunk, POOLED=pooled, NEED_DX=need_dx, BLOCK_C=plan.block_c,
-           BLOCK_L=plan.block_l, BLOCK_K=plan.block_k)
-    return dx, dweight, dbias
+    b = start_backward(dy, x, weight, bias_dtype, need_dx, CENTERED, saved, saved.dtype)
+    (n, c, length), plan = b.x.shape, b.plan
+    launch(normalized_backward_kernel, plan.grid(c), b.dy.tensor, b.x.tensor, b.dx, weight,
+           saved, b.partial, b.dweight, b.dbias, n, c, length, *b.x.strides, *b.dy.strides,
+           *b.dx_strides, plan.chunks, plan.tiles_per_chunk, POOLED=pooled, NEED_DX=need_dx,
+           BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, BLOCK_K=plan.block_k)
+    return b.dx, b.dweight, b.dbias
 
 
 # -------------------------------------------------- ahead-of-time compiling
