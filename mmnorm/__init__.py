@@ -15,9 +15,13 @@ The layers, ``convert`` and ``fuse`` need torch >= 2.0 and mmengine only; what
 needs mmcv or mmdet (the tools' runtime, checkpoint conversion) is imported
 where it is used.
 """
+from mmengine.config.utils import MODULE2PACKAGE
+
 from .compat import MINIMUM_TORCH, require_torch
 
 require_torch(MINIMUM_TORCH, 'mmnorm')
+# `_base_ = 'mmnorm::DIR/FILE.py'` reads the configs shipped in the package (.mim/configs)
+MODULE2PACKAGE.setdefault('mmnorm', 'mmnorm')
 
 from .datasets import fashion_mnist  # noqa: E402, F401  (registration)
 from .engine import (  # noqa: E402, F401

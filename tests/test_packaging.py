@@ -1,7 +1,14 @@
 """mmnorm where users are: its declared requirements, the torch versions it
-accepts, and the layers without mmcv or mmdet."""
+accepts, the layers without mmcv or mmdet, and its wheel: the package with
+the configs and tools under mmnorm/.mim, where mmengine resolves
+``_base_ = 'mmnorm::DIR/FILE.py'`` (an editable install links them instead)."""
 import json
+import os
+import shutil
 import sys
+import zipfile
+from email import message_from_bytes
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +16,7 @@ from packaging.requirements import Requirement
 
 from mmnorm.compat import TorchTooOldError, require_torch
 
-from conftest import REPO, run
+from conftest import REPO, run, tool_env
 
 #: Versions MMDetection 3.x accepts (in) and does not (out), per package.
 ACCEPTED = {
@@ -125,3 +132,141 @@ def test_installs_beside_an_existing_mmdetection_alone():
     for name, (accepted, refused) in ACCEPTED.items():
         assert all(requires[name].specifier.contains(v) for v in accepted), requires[name]
         assert not any(requires[name].specifier.contains(v) for v in refused), requires[name]
+
+
+#: what a wheel is built from (as the sdist holds it, MANIFEST.in)
+SOURCE = ('setup.py', 'MANIFEST.in', 'pyproject.toml', 'README.md', 'mmnorm', 'configs', 'tools')
+#: the tools users run, in the wheel; the repository's own, not
+USER_TOOLS = {'train.py', 'test.py', 'deploy.py', 'convert_checkpoint.py', 'dist_train.sh',
+              'dist_test.sh', 'slurm_train.sh', 'torchrun.sh'}
+REPOSITORY_TOOLS = {'bootstrap.sh', 'install_mmcv.py', 'gpu_check.sh', 'main_job.py'}
+#: a user's config inheriting one of mmnorm's (mmengine wants DIR/FILE after ``::``)
+USER_CONFIG = "_base_ = 'mmnorm::demo/mask_rcnn_r18_mabn.py'\n"
+#: run in the installed mmnorm's environment: what mmengine resolves, one line each
+RESOLVE = r'''
+import warnings
+
+import mmnorm
+from mmengine.config import Config
+from mmengine.config.utils import MODULE2PACKAGE, _get_external_cfg_base_path
+from mmengine.utils import get_installed_path
+
+warnings.simplefilter('ignore')  # pkg_resources' deprecation, imported by get_installed_path
+print('module', mmnorm.__file__)
+installed = get_installed_path('mmnorm')
+print('installed', installed)
+# mmengine's path for 'mmnorm::X' (Config._get_cfg_path), the config loaded from there
+cfg = Config.fromfile(_get_external_cfg_base_path(installed, 'mask_rcnn_mabn.py'))
+print('mask_rcnn_mabn', cfg.model.backbone.norm_cfg.type, cfg.model.backbone.conv_cfg.type)
+# stock mmengine 0.10.7 takes 'PKG::' only for the OpenMMLab packages it lists
+MODULE2PACKAGE.setdefault('mmnorm', 'mmnorm')
+print('resolved', Config._get_cfg_path('mmnorm::demo/mask_rcnn_r18_mabn.py', 'user.py')[0])
+cfg = Config.fromfile('user.py')
+print('user', cfg.model.backbone.norm_cfg.type, cfg.model.backbone.norm_cfg.buffer_size)
+'''
+
+
+def source_copy(folder):
+    """The repository's files a wheel is built from, copied into ``folder``
+    (building writes build/ and mmnorm.egg-info beside them)."""
+    ignore = shutil.ignore_patterns('__pycache__', '.mim', '*.egg-info')
+    folder.mkdir()
+    for name in SOURCE:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, folder / name, ignore=ignore)
+        elif (REPO / name).exists():
+            shutil.copy2(REPO / name, folder / name)
+    return folder
+
+
+def resolve(python_path, folder):
+    """RESOLVE's lines as {first word: the rest}, run from ``folder`` (not the
+    repository) with only ``python_path`` before the environment's own paths."""
+    folder.mkdir()
+    (folder / 'user.py').write_text(USER_CONFIG)
+    out = run([sys.executable, '-c', RESOLVE], cwd=folder,
+              env=tool_env(PYTHONPATH=os.pathsep.join(map(str, python_path)))).stdout
+    return dict(line.split(' ', 1) for line in out.splitlines() if ' ' in line)
+
+
+@pytest.mark.end_to_end
+def test_wheel_is_the_whole_plugin(tmp_path):
+    """``pip wheel .`` holds the package, every config and the users' tools
+    under mmnorm/.mim, and the README as its description; installed alone
+    (``pip install --target``), mmengine resolves mmnorm's configs in it: the
+    path of ``mmnorm::mask_rcnn_mabn.py`` loads with its own bases, and a
+    user's config inheriting ``mmnorm::demo/...`` loads from the wheel."""
+    source = source_copy(tmp_path / 'source')
+    run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
+         '--disable-pip-version-check', '-w', tmp_path / 'dist', source], cwd=source)
+    wheel, = (tmp_path / 'dist').glob('mmnorm-*.whl')
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = message_from_bytes(archive.read(next(
+            n for n in names if n.endswith('.dist-info/METADATA'))))
+    mim = {n[len('mmnorm/.mim/'):] for n in names if n.startswith('mmnorm/.mim/')}
+    configs = {str(p.relative_to(REPO)) for p in (REPO / 'configs').rglob('*.py')}
+    tools = {n[len('tools/'):] for n in mim if n.startswith('tools/')}
+    assert {n for n in mim if n.startswith('configs/')} == configs
+    assert USER_TOOLS <= tools and not REPOSITORY_TOOLS & tools, sorted(tools)
+    assert mim == configs | {f'tools/{n}' for n in tools} | {'model-index.yml'}
+    assert {n for n in names if n.startswith('mmnorm/') and n.endswith('.py')} >= {
+        str(p.relative_to(REPO)) for p in (REPO / 'mmnorm').rglob('*.py')
+        if '__pycache__' not in p.parts and '.mim' not in p.parts}
+    assert metadata['Description-Content-Type'] == 'text/markdown'
+    assert metadata.get_payload().strip() == (REPO / 'README.md').read_text().strip()
+
+    target = tmp_path / 'target'
+    run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--disable-pip-version-check',
+         '--target', target, wheel])
+    seen = resolve([target], tmp_path / 'elsewhere')
+    assert seen['module'] == str(target / 'mmnorm' / '__init__.py')  # not the repository's
+    assert seen['installed'] == str(target / 'mmnorm')
+    assert seen['mask_rcnn_mabn'] == 'MABN CenConv'
+    assert seen['resolved'] == str(target / 'mmnorm/.mim/configs/demo/mask_rcnn_r18_mabn.py')
+    assert seen['user'] == 'MABN 16'
+
+
+@pytest.mark.end_to_end
+def test_editable_install_links_the_source_trees_configs(tmp_path):
+    """``setup.py develop`` (what ``pip install --no-use-pep517 -e .`` runs,
+    as tools/bootstrap.sh does) links mmnorm/.mim to the source tree's configs
+    and tools, links that git ignores; mmengine then resolves ``mmnorm::``
+    to the source tree's configs."""
+    source = source_copy(tmp_path / 'source')
+    site = tmp_path / 'site'
+    site.mkdir()
+    run([sys.executable, 'setup.py', '-q', 'develop', '--no-deps', '--install-dir', site],
+        cwd=source, env=tool_env(PYTHONPATH=str(site)))
+    mim = source / 'mmnorm' / '.mim'
+    assert (mim / 'configs').resolve() == source / 'configs'
+    assert {p.name for p in (mim / 'tools').iterdir()} >= USER_TOOLS
+    assert all(p.resolve() == source / 'tools' / p.name for p in (mim / 'tools').iterdir())
+    run(['git', 'init', '-q', source])
+    assert '.mim' not in run(['git', 'status', '--porcelain', '--untracked-files=all'],
+                             cwd=source).stdout
+
+    # the egg-link in site, then the source tree as its easy-install.pth adds it
+    seen = resolve([site, source], tmp_path / 'elsewhere')
+    assert seen['module'] == str(source / 'mmnorm' / '__init__.py')
+    assert seen['installed'] == str(source / 'mmnorm')
+    assert seen['mask_rcnn_mabn'] == 'MABN CenConv'
+    resolved = Path(seen['resolved'])
+    assert resolved == source / 'mmnorm/.mim/configs/demo/mask_rcnn_r18_mabn.py'
+    assert resolved.resolve() == source / 'configs' / 'demo' / 'mask_rcnn_r18_mabn.py'
+    assert seen['user'] == 'MABN 16'
+
+
+def test_this_environment_resolves_mmnorm_configs_to_the_repository(tmp_path):
+    """The suite's own environment (tools/bootstrap.sh's editable install):
+    ``mmnorm::`` configs are the repository's. A PEP 660 editable install
+    (plain ``pip install -e .`` where pyproject.toml exists) fails here:
+    mmengine then looks for mmnorm/.mim in site-packages."""
+    seen = resolve([], tmp_path / 'elsewhere')
+    assert seen['installed'] == str(REPO / 'mmnorm'), (
+        'mmengine does not find this repository as the installed mmnorm: reinstall it with '
+        '`pip install --no-build-isolation --no-use-pep517 --no-deps -e .` (tools/bootstrap.sh)')
+    resolved = Path(seen['resolved'])
+    assert resolved.resolve() == REPO / 'configs' / 'demo' / 'mask_rcnn_r18_mabn.py', resolved
+    assert seen['mask_rcnn_mabn'] == 'MABN CenConv'
+    assert seen['user'] == 'MABN 16'

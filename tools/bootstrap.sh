@@ -4,6 +4,7 @@
 #   bash tools/bootstrap.sh test                  set up, then run the test suite
 #   bash tools/bootstrap.sh --stack torch2.1 test the same on the users' stack
 #   bash tools/bootstrap.sh [--stack S] setup     set up only
+#   bash tools/bootstrap.sh workers               print the test command's worker count
 # Stacks (exact pins in requirements/):
 #   default   .venv: torch 2.13.0 CPU (or the torch python3 already has), requirements/openmmlab.txt
 #   torch2.1  .venv-torch2.1: torch 2.1.2 and torchvision 0.16.2 from PyPI, the same OpenMMLab pins
@@ -32,6 +33,23 @@ elapsed() { printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); }
 PHASE_LOG="${MMNORM_PHASE_LOG:-}"
 unset MMNORM_PHASE_LOG
 phase() { [ -z "$PHASE_LOG" ] || echo "$STACK $1 $2" >> "$PHASE_LOG"; }
+# MMNORM_SETUP_LOG (set by .ci/run): a file that gets a copy of the set-up's output
+# (stdout and stderr), so that CI can fail on pip's ERROR lines; kept from the tests' runs.
+SETUP_LOG="${MMNORM_SETUP_LOG:-}"
+unset MMNORM_SETUP_LOG
+
+# The test command's pytest-xdist workers: MMNORM_TEST_WORKERS, else one per core this
+# process may use (its CPU affinity, as under taskset or a container's cpuset). Not nproc:
+# it honours OMP_NUM_THREADS, so with OMP_NUM_THREADS=1 in the environment it prints 1.
+test_workers() {
+    local python="$VENV/bin/python"
+    [ -x "$python" ] || python="$PYTHON_BASE"
+    echo "${MMNORM_TEST_WORKERS:-$("$python" -c 'import os; print(len(os.sched_getaffinity(0)))')}"
+}
+if [ "${1:-}" = workers ]; then
+    test_workers
+    exit 0
+fi
 
 make_venv() {
     if [ -x "$VENV/bin/python" ]; then
@@ -48,26 +66,31 @@ make_venv() {
 pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
 
 install_stack() {
+    # setuptools, wheel and ninja for mmcv's source build, installed with torch so that pip
+    # resolves them together: the setuptools that torch, mmcv's build and mmengine's
+    # pkg_resources all accept differs per stack (the comments in the two files say why).
+    local build="$REQ/build.txt"
     if [ "$STACK" = torch2.1 ]; then
+        build="$REQ/build-torch2.1.txt"
         say "installing the torch 2.1 stack (torch 2.1.2 from PyPI, about 2.5 GB the first time)"
-        pip_install -r "$REQ/torch2.1.txt"
+        pip_install -r "$REQ/torch2.1.txt" -r "$build"
     elif "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
         say "keeping torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+        pip_install -r "$build"
     else
         say "installing torch (CPU build)"
-        pip_install -r "$REQ/torch-cpu.txt"
+        pip_install -r "$REQ/torch-cpu.txt" -r "$build"
     fi
-    # After torch, and in a separate call: torch 2.13 asks for setuptools >= 77.0.3, which pip
-    # cannot resolve together with mmcv's setuptools<70; the old setuptools is what mmcv's build
-    # and mmengine's pkg_resources need, and torch only uses setuptools to build extensions.
-    pip_install -r "$REQ/build.txt"
     if [ "$STACK" = default ] && ! "$VENV/bin/python" -c 'import triton' 2>/dev/null; then
         say "installing Triton (the fused kernels' tests and ahead-of-time compile)"
         pip_install -r "$REQ/triton.txt"
     fi
     say "installing the pinned packages (mmcv apart) and mmnorm (editable)"
-    pip_install -r <(grep -v '^mmcv==' "$REQ/openmmlab.txt") -r "$REQ/tests.txt" -r "$REQ/build.txt"
-    pip_install --no-build-isolation --no-deps -e "$ROOT"
+    pip_install -r <(grep -v '^mmcv==' "$REQ/openmmlab.txt") -r "$REQ/tests.txt" -r "$build"
+    # setup.py develop (an egg-link), not a PEP 660 editable wheel (pip's choice since
+    # pyproject.toml exists): mmengine finds mmnorm/.mim, and so `mmnorm::` configs, only
+    # through the egg-link's location (setup.py).
+    pip_install --no-build-isolation --no-use-pep517 --no-deps -e "$ROOT"
     "$VENV/bin/python" "$ROOT/tools/install_mmcv.py" "$(sed -n 's/^mmcv==//p' "$REQ/openmmlab.txt")"
     pip_install -r "$REQ/openmmlab.txt"  # checks the whole stack, mmcv included
 }
@@ -88,6 +111,10 @@ ensure_fashion_mnist() {
     fi
 }
 
+if [ -n "$SETUP_LOG" ]; then
+    exec 3>&1 4>&2 > >(tee -a "$SETUP_LOG") 2>&1
+    SETUP_TEE=$!
+fi
 make_venv
 install_stack
 ensure_fashion_mnist
@@ -98,6 +125,10 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 say "set-up took $(elapsed $SECONDS)"
 phase setup $SECONDS
+if [ -n "$SETUP_LOG" ]; then
+    exec 1>&3 2>&4 3>&- 4>&-
+    wait "$SETUP_TEE" || true  # the copy is whole before anything else runs
+fi
 
 case "${1:-}" in
     main) shift; exec "$VENV/bin/python" "$ROOT/tools/main_job.py" "$@" ;;
@@ -109,13 +140,18 @@ case "${1:-}" in
         [ "$STACK" = torch2.1 ] && SELECT=(-m 'not end_to_end or every_stack')
         start=$SECONDS
         status=0
-        "$VENV/bin/python" -m pytest -q -n "${MMNORM_TEST_WORKERS:-$(nproc)}" --dist loadgroup \
-            --durations=15 "${SELECT[@]}" "$@" tests || status=$?
+        # The linter first (pyflakes, pycodestyle, import order: pyproject.toml); a finding
+        # fails the run after the suite, so one run reports both.
+        if [ "$STACK" = default ]; then
+            "$VENV/bin/ruff" check "$ROOT" || status=$?
+        fi
+        "$VENV/bin/python" -m pytest -q -n "$(test_workers)" --dist loadgroup \
+            --durations=15 "${SELECT[@]}" "$@" tests || status=$((status ? status : $?))
         printf '[mmnorm test] the suite took %s (pytest exit status %s)\n' \
             "$(elapsed $((SECONDS - start)))" "$status"
         phase suite $((SECONDS - start))
         exit $status ;;
     setup) say "done: activate the environment with  source ${VENV#"$ROOT"/}/bin/activate" ;;
-    *) echo "usage: bash tools/bootstrap.sh [--stack default|torch2.1] {main|test|setup} [args]" >&2
+    *) echo "usage: bash tools/bootstrap.sh [--stack default|torch2.1] {main|test|setup|workers} [args]" >&2
        exit 2 ;;
 esac
