@@ -1,4 +1,4 @@
-"""Every command the README shows runs as written.
+"""Every command the README shows runs as written, and the README stays a signpost.
 
 Each line of the README's ``bash`` blocks is either a command ``.ci/run`` runs
 (the two test commands) or is run here: each block, in README order, in one
@@ -7,6 +7,13 @@ one scratch folder that links the repository's files, so what the commands
 write stays there. Only arguments that shrink the work are appended, per
 command (``APPENDED``): 2 training iterations, 8 evaluation scenes, the main
 job's work dir in the scratch folder, ``--dry-run`` for pip.
+
+``shell`` blocks hold commands for machines this one is not (GPUs, two nodes,
+Slurm): they are parsed by ``bash -n`` and the tools and configs they name must
+exist. The ``python`` blocks run (the torchvision example) or build (the config
+snippet). Every relative link in the README and in ``docs/`` points at an
+existing file, and every ``#anchor`` at a heading of its target; the README
+keeps to its size (``MAX_LINES`` lines, ``MAX_WIDTH`` characters outside tables).
 """
 import re
 import sys
@@ -31,6 +38,11 @@ APPENDED = {
 }
 #: what links the scratch folder to the repository
 LINKED = ('.venv', 'configs', 'data', 'mmnorm', 'requirements', 'setup.py', 'tools')
+#: the README is a signpost: its length, and its width outside table rows
+MAX_LINES = 250
+MAX_WIDTH = 100
+#: what the README's norm_config command writes (the README names the file)
+NORM_CONFIG_OUT = 'cascade-mask-rcnn_r50_fpn_1x_coco_mabn.py'
 
 
 def bash_blocks():
@@ -97,6 +109,11 @@ def test_readme_block_runs_as_written(block, scratch):
         assert re.search(r'^Would install mmnorm-\S+$', out, flags=re.M), out[-3000:]
     if any(line.startswith('bash tools/bootstrap.sh main') for line in block):
         assert re.search(r'\[main job\] box AP \d\.\d{3}, mask AP \d\.\d{3}', out), out[-3000:]
+    if any(line.startswith('python tools/norm_config.py') for line in block):
+        # the table of key paths, with the RPN head left alone, and the file the README names
+        assert re.search(r'^model\.rpn_head\s*\|', out, flags=re.M), out[-3000:]
+        assert re.search(rf'^wrote {re.escape(NORM_CONFIG_OUT)}$', out, flags=re.M), out[-3000:]
+        assert (scratch / NORM_CONFIG_OUT).is_file()
     assert git_status() == before  # nothing written into the repository outside ignored paths
     installed = run([sys.executable, '-c', 'import mmnorm; print(mmnorm.__file__)'],
                     cwd=scratch.parent).stdout.strip().splitlines()[-1]
@@ -116,3 +133,122 @@ def test_readme_torchvision_example_runs():
     out = run([sys.executable, '-c', block + '\nprint(type(folded).__name__, '
                'sorted({type(m).__name__ for m in folded.modules()} & {"MABN", "CenConv"}))'])
     assert out.stdout.strip().splitlines()[-1] == 'ResNet []'
+
+
+# --- commands for other machines, the config snippet
+
+
+def shell_blocks():
+    """The README's ``shell`` blocks (commands for GPU machines and clusters),
+    each a list of its command lines without comments."""
+    blocks = re.findall(r'```shell\n(.*?)```', README, flags=re.S)
+    return [[without_comment(line) for line in block.splitlines()
+             if line.strip() and not line.startswith('#')] for block in blocks]
+
+
+def test_readme_shell_blocks_parse_and_name_existing_tools_and_configs():
+    """The GPU and cluster commands cannot run here; they parse, and every
+    ``tools/`` script and ``configs/`` file they name exists."""
+    blocks = shell_blocks()
+    assert blocks, 'the README shows no command for GPUs or clusters'
+    for block in blocks:
+        script = '\n'.join(block)
+        run(['bash', '-n', '-c', script])
+        paths = re.findall(r'(?<![\w/])((?:tools|configs)/[\w./-]+)', script)
+        assert any(path.startswith('tools/') for path in paths), script
+        missing = [path for path in paths if not (REPO / path).is_file()]
+        assert not missing, f'the README names files that do not exist: {missing}'
+
+
+def test_readme_config_snippet_builds_the_norm_everywhere_it_says(tmp_path):
+    """The hand-written config snippet (the ``python`` block with ``_base_``) is
+    a whole config: it builds, with MABN and CenConv in the backbone, the neck
+    and both RoI heads, and the backbone's norms train (``norm_eval=False``)."""
+    block, = [b for b in re.findall(r'```python\n(.*?)```', README, flags=re.S)
+              if b.startswith('_base_')]
+    pytest.importorskip('mmdet')
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import mmnorm  # noqa: F401  (custom_imports imports it too)
+    from mmnorm.layers import MABN, CenConv
+
+    path = tmp_path / 'mask_rcnn_mabn.py'
+    path.write_text(block)
+    cfg = Config.fromfile(str(path))
+    assert cfg.model.backbone.norm_eval is False
+    init_default_scope('mmdet')
+    model = MODELS.build(cfg.model)
+    parts = {'backbone': model.backbone, 'neck': model.neck,
+             'bbox_head': model.roi_head.bbox_head, 'mask_head': model.roi_head.mask_head}
+    for name, part in parts.items():
+        types = {type(module) for module in part.modules()}
+        assert {MABN, CenConv} <= types, f'{name}: {sorted(t.__name__ for t in types)}'
+
+
+# --- links and size
+
+
+def markdown_files():
+    return [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
+
+
+def without_fences(text):
+    """``text`` without its fenced code blocks."""
+    return re.sub(r'^```.*?^```', '', text, flags=re.S | re.M)
+
+
+def outside_code(text):
+    """``text`` without its fenced code blocks and inline code spans."""
+    return re.sub(r'`[^`\n]*`', '', without_fences(text))
+
+
+def anchors(path):
+    """The anchors GitHub makes for the headings of ``path``: lower case, only
+    word characters, hyphens and spaces kept, spaces as hyphens, repeats
+    numbered."""
+    seen, found = {}, set()
+    for heading in re.findall(r'^#{1,6}[ \t]+(.*?)[ \t#]*$', without_fences(path.read_text()),
+                              flags=re.M):
+        slug = re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f'{slug}-{count}')
+    return found
+
+
+def relative_links(path):
+    """The relative link and image targets of the markdown file ``path``."""
+    targets = re.findall(r'\]\(([^)\s]+)(?:\s+"[^"]*")?\)', outside_code(path.read_text()))
+    return [target for target in targets if not re.match(r'[a-z][a-z0-9+.-]*:', target)]
+
+
+@pytest.mark.parametrize('page', markdown_files(), ids=lambda path: path.name)
+def test_relative_links_point_at_files_and_headings_that_exist(page):
+    broken = []
+    for target in relative_links(page):
+        file, _, anchor = target.partition('#')
+        resolved = (page.parent / file).resolve() if file else page
+        if not resolved.exists():
+            broken.append(f'{target}: no such file')
+        elif anchor and resolved.suffix == '.md' and anchor not in anchors(resolved):
+            broken.append(f'{target}: no heading #{anchor} in {resolved.name}')
+    assert not broken, f'{page.relative_to(REPO)}: ' + '; '.join(broken)
+
+
+def test_the_readme_links_every_docs_page_it_moved_text_to():
+    linked = {(REPO / target.partition('#')[0]).resolve()
+              for target in relative_links(REPO / 'README.md') if target.partition('#')[0]}
+    pages = ('install', 'training', 'deployment', 'results', 'development', 'layers',
+             'main_job', 'gpu', 'checkpoint_conversion', 'testing')
+    missing = [page for page in pages if (REPO / 'docs' / f'{page}.md').resolve() not in linked]
+    assert not missing, f'the README links no docs/{missing[0]}.md'
+
+
+def test_the_readme_is_a_signpost():
+    lines = README.splitlines()
+    assert len(lines) <= MAX_LINES, f'the README has {len(lines)} lines; move text to docs/'
+    wide = [f'{number}: {line[:60]}...' for number, line in enumerate(lines, 1)
+            if len(line) > MAX_WIDTH and not line.startswith('|')]
+    assert not wide, f'lines over {MAX_WIDTH} characters outside tables: {wide}'
