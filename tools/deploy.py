@@ -25,6 +25,8 @@ from mmnorm.engine.command_line import UsageError, add_debug_arg, run_tool
 from mmnorm.surgery.plain_mmdet import DeployError
 
 TARGETS = ('module', 'mmdet')
+#: The library's errors this tool reports in one line (besides the command line's own).
+ERRORS = (DeployError,)
 
 
 def main():
@@ -64,4 +66,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_tool(main, errors=(DeployError,))
+    run_tool(main, ERRORS)

@@ -184,7 +184,7 @@ def run_deploy(monkeypatch, *args):
     tool = load_tool('deploy')
     monkeypatch.setattr(sys, 'argv', ['deploy.py', *map(str, args)])
     try:
-        run_tool(tool.main)
+        run_tool(tool.main, tool.ERRORS)
     except SystemExit as stop:
         return str(stop.code)
     return None
