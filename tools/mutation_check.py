@@ -63,8 +63,8 @@ BUGS = {
                          'first + TILES_PER_CHUNK - 1, N * per_sample'),
     'shared_pooled_share': ('_triton_shared.py', 'dy_sum *= share\n            dy_xhat *= share',
                             'dy_sum *= 1.0\n            dy_xhat *= 1.0'),
-    'shared_owner_writes': ('_triton_shared.py', "owner = cmask & (tl.program_id(1) == 0)\n"
-                            "    tl.store(dweight_ptr", "owner = cmask\n    tl.store(dweight_ptr"),
+    'shared_dweight_d_term': ('_triton_shared.py', '(r * dy_xhat + d * dy_sum).to(',
+                              '(r * dy_xhat).to('),
 }
 
 
