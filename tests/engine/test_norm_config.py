@@ -328,9 +328,10 @@ def test_bad_names_are_refused_with_the_choices(norm, conv, message):
 def test_a_norm_that_cannot_be_built_there_and_a_config_without_batch_norms(capsys, tmp_path):
     assert TOOL.main(['mmdet::regnet/mask-rcnn_regnetx-3.2GF_fpn_1x_coco.py', '--norm', 'GN',
                       '--conv', 'WSConv', '--out', str(tmp_path / 'gn.py')]) == 2
-    assert capsys.readouterr().err == (
-        'error: model.backbone.norm_cfg: GN cannot be built there: num_channels (432) must be '
-        'divisible by num_groups (32)\n')
+    # (torch's own message: torch 2.1 leaves the numbers out)
+    assert re.fullmatch(r'error: model\.backbone\.norm_cfg: GN cannot be built there: '
+                        r'num_channels( \(432\))? must be divisible by num_groups( \(32\))?\n',
+                        capsys.readouterr().err)
     assert TOOL.main(['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', '--norm', 'MABN',
                       '--out', str(tmp_path / 'swin.py')]) == 2
     captured = capsys.readouterr()
