@@ -119,18 +119,18 @@ class SmallBatchNorm(_BatchNorm):
         self.register_buffer('step_flags', torch.zeros(1, dtype=torch.int32), persistent=False)
         self._warned_nonfinite = False
         self._fused_now = False  # this step takes the fused kernels (set by _check_step)
-        self._replays = {}  # what recent steps computed, for their recomputed forwards
+        self._replays = []  # (input key, record) of recent steps, for their recomputed forwards
         announce()  # which implementation the training steps take (logged once)
 
     def __getstate__(self):
         state = super().__getstate__()
-        state['_replays'] = {}  # a copy replays nothing of this layer's steps
+        state['_replays'] = []  # a copy replays nothing of this layer's steps
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._warned_nonfinite = False  # a copy warns for itself
-        self.__dict__.setdefault('_replays', {})
+        self.__dict__.setdefault('_replays', [])
 
     def _apply(self, fn, recurse=True):
         # Statistics buffers stay at least float32: ``.half()`` or
@@ -214,23 +214,28 @@ class SmallBatchNorm(_BatchNorm):
     # (_keep_for_replay); a training forward during a backward pass takes the
     # newest record of its input's shape (docs/layer_state.md, "Activation
     # checkpointing").
-    REPLAYS_KEPT = 16  # records per input shape
+    REPLAYS_KEPT = 16  # the newest steps' records, whatever their input shapes
 
     @staticmethod
     def _replay_key(x):
         return tuple(x.shape), x.dtype, x.device
 
     def _keep_for_replay(self, x, record):
-        """Keep ``record`` (what :meth:`_replay` needs) of this step on ``x``."""
+        """Keep ``record`` (what :meth:`_replay` needs) of this step on ``x``;
+        the oldest records go, so inputs of ever new sizes (multi-scale
+        training) keep no more than REPLAYS_KEPT."""
         if compiling():  # a compiled graph recomputes inside itself
             return
-        kept = self._replays.setdefault(self._replay_key(x), [])
-        kept.append(record)
-        del kept[:-self.REPLAYS_KEPT]
+        self._replays.append((self._replay_key(x), record))
+        del self._replays[:-self.REPLAYS_KEPT]
 
     def _replay_record(self, x):
-        kept = self._replays.get(self._replay_key(x))
-        return kept.pop() if kept else None
+        """Take the newest record kept for an input like ``x``, or None."""
+        key = self._replay_key(x)
+        for i in range(len(self._replays) - 1, -1, -1):
+            if self._replays[i][0] == key:
+                return self._replays.pop(i)[1]
+        return None
 
     def _replay(self, x, record):
         """The output of the step that kept ``record``, recomputed from ``x``

@@ -233,3 +233,12 @@ def test_every_registered_layer_is_covered():
     from mmnorm.layers import conv_types, norm_types
     assert set(norm_types()) <= {norm for _, norm in LAYERS}
     assert set(conv_types()) <= set(CONVS)
+
+
+def test_records_do_not_pile_up_with_new_input_sizes():
+    # multi-scale training: a new input size every step, never replayed
+    layer = MABN(6).train()
+    for size in range(4, 44):
+        layer(torch.randn(1, 6, size, size))
+    assert len(layer._replays) == layer.REPLAYS_KEPT
+    assert layer._replays[-1][0][0] == (1, 6, 43, 43)  # the newest kept
