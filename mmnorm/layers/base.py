@@ -333,17 +333,13 @@ class SmallBatchNorm(_BatchNorm):
     # ------------------------------------------------------ averaged models
     def take_buffer_shapes(self, source):
         """Give every buffer the shape of ``source``'s (the same layer in the
-        model an averaged copy follows), in place: a buffer allocated at the
-        first step (CBN's ring) exists in the copy too. Returns whether a
-        shape changed."""
+        model an averaged copy follows), as zeros: a buffer allocated at the
+        first step (CBN's ring) exists in the copy too."""
         theirs = dict(source.named_buffers(recurse=False))
-        changed = False
         for name, buffer in list(self.named_buffers(recurse=False)):
             other = theirs.get(name)
             if other is not None and other.shape != buffer.shape:
                 self._buffers[name] = torch.zeros_like(other, device=buffer.device)
-                changed = True
-        return changed
 
     def copy_unaveraged_buffers(self, source):
         """Copy ``source``'s buffers but AVERAGED_BUFFERS into this layer's."""

@@ -365,16 +365,9 @@ class CBN(SmallBatchNorm):
             self._shape_history(key, want)
 
     def _shape_history(self, key, shape):
-        """Zeros of ``shape`` in the ring buffer ``key``, in place where it can
-        be: the tensor stays the object that others hold (an averaged model's
-        list of buffers, see "Averaging buffers" in docs/cbn.md)."""
-        buffer = getattr(self, key)
-        if buffer._base is None and buffer.device.type != 'meta':
-            with torch.no_grad():
-                buffer.resize_(shape).zero_()
-        else:
-            setattr(self, key, _history_buffer(key, shape, self._history_dtype(),
-                                               self.running_mean.device))
+        """Zeros of ``shape`` as the ring buffer ``key``, in the history's dtype."""
+        setattr(self, key, _history_buffer(key, shape, self._history_dtype(),
+                                           self.running_mean.device))
 
     def _ages(self, device):
         """Age of every ring slot in steps (0 = newest), as a (k,) tensor:
@@ -550,9 +543,9 @@ class CBN(SmallBatchNorm):
                 '(no pooling, no history). Use use_reentrant=False, or with_cp=False for the '
                 'blocks that hold a CBN (docs/layer_state.md, "Activation checkpointing")',
                 RuntimeWarning, stacklevel=2)
-        if kind == 'fused':  # (x, weight, bias: what the fused backward keeps)
-            return fused_train_step(x, self.weight, self.bias, *(None,) * 21,
-                                    former=rest[0])[0]
+        if kind == 'fused':  # x, weight and bias: what the fused backward keeps
+            unused = (None,) * (len(inspect.signature(_fused_forward).parameters) - 3)
+            return fused_train_step(x, self.weight, self.bias, *unused, former=rest[0])[0]
         if kind == 'sync':
             pooled, moments = rest
             return self._union_normalize(x, self.stats_dtype(x), *pooled, former=moments)[0]

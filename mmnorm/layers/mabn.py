@@ -434,7 +434,7 @@ class MABN(SmallBatchNorm):
         out_dtype = autocast_output_dtype(x)
         if self._fused_now:
             y, saved = self._fused_call(x, out_dtype, sync)
-            self._keep_for_replay(x, (saved, out_dtype, sync))
+            self._keep_for_replay(x, ('fused', saved, out_dtype, sync))
             return y
         cdtype = self.stats_dtype(x)
         with without_autocast(x.device.type):
@@ -464,7 +464,7 @@ class MABN(SmallBatchNorm):
                     update = update & present
                 self.update_where_finite(self.running_var, new_running, update)
                 inv_std = std.reciprocal()
-            self._keep_for_replay(x, (inv_std, r, row, early, out_dtype, sync))
+            self._keep_for_replay(x, ('aten', inv_std, r, row, early, out_dtype, sync))
             return train_step(x, self.weight, self.bias, inv_std, r, self.buffer_gz, row, early,
                               out_dtype, self.step_flags, sync)
 
@@ -475,10 +475,10 @@ class MABN(SmallBatchNorm):
                                 self.rmax, out_dtype, sync, former=former)
 
     def _replay(self, x, record):
-        if len(record) == 3:  # a fused step's
-            saved, out_dtype, sync = record
+        if record[0] == 'fused':
+            _, saved, out_dtype, sync = record
             return self._fused_call(x, out_dtype, sync, former=saved)[0]
-        inv_std, r, row, early, out_dtype, sync = record
+        _, inv_std, r, row, early, out_dtype, sync = record
         with without_autocast(x.device.type):
             return train_step(x, self.weight, self.bias, inv_std, r, self.buffer_gz, row, early,
                               out_dtype, self.step_flags, sync)
