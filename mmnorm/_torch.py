@@ -8,8 +8,10 @@ supported torch is :data:`mmnorm.compat.MINIMUM_TORCH`.
 """
 import contextlib
 import importlib
+import sys
 
 import torch
+import torch.utils.checkpoint
 
 from .compat import torch_version
 
@@ -77,6 +79,21 @@ def saved_convolution(node):
     return (node._saved_input, node._saved_weight, tuple(node._saved_stride),
             tuple(node._saved_padding), tuple(node._saved_dilation), node._saved_groups,
             node._saved_transposed)
+
+
+def in_reentrant_checkpoint():
+    """True while the first forward of reentrant activation checkpointing runs
+    (``torch.utils.checkpoint`` with ``use_reentrant=True``, MMDetection's and
+    mmcv's ``with_cp``): its private ``CheckpointFunction.forward`` is on the
+    Python stack. That forward runs under no_grad, and the same forward runs
+    again with gradients in the backward. Checked: CI (2.1, 2.13)."""
+    code = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def version(tensor):

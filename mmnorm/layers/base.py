@@ -431,21 +431,22 @@ class TransformedWeightConv(nn.Conv2d):
         return state
 
 
-def holder(module):
-    """(parent, name) of a module that holds ``module`` as its submodule
-    ``name``, or None: looked up among the objects that refer to it (Python's
-    garbage collector knows them), so it costs a scan of the process's objects
-    and is only for messages."""
-    for modules in gc.get_referrers(module):
-        if not isinstance(modules, dict):
+def holder(member, slot='_modules'):
+    """(parent, name) of a module that holds ``member`` in its ``slot`` dict
+    (``_modules``: as its submodule ``name``; ``_parameters``: as its
+    parameter ``name``), or None: looked up among the objects that refer to
+    it (Python's garbage collector knows them), so it costs a scan of the
+    process's objects and runs once per question, never per step."""
+    for members in gc.get_referrers(member):
+        if not isinstance(members, dict):
             continue
-        for owner in gc.get_referrers(modules):
+        for owner in gc.get_referrers(members):
             candidates = [owner] if isinstance(owner, nn.Module) else (
                 [o for o in gc.get_referrers(owner) if isinstance(o, nn.Module)]
                 if isinstance(owner, dict) else [])
             for parent in candidates:
-                if parent.__dict__.get('_modules') is modules:
-                    name = next((key for key, value in modules.items() if value is module), None)
+                if parent.__dict__.get(slot) is members:
+                    name = next((key for key, value in members.items() if value is member), None)
                     if name is not None:
                         return parent, name
     return None

@@ -19,7 +19,9 @@ Gradients flow through mu_t and nu_t only. running_mean and running_var follow
 PyTorch BN (momentum weighs the NEW value, default 0.1; unbiased variance).
 During burn-in (``burnin`` iterations, or ``burnin_epochs`` converted by
 ``CBNBurninHook``) and when the input carries no gradient the layer is plain
-BN; in eval mode it is BN with the running statistics.
+BN (reentrant checkpointing's first forward is a step with gradients taken
+in two halves, see "Activation checkpointing" in docs/layer_state.md); in
+eval mode it is BN with the running statistics.
 
 The feeding conv is read from the input's autograd node (its input and the
 weight it convolved with), so ``norm_cfg=dict(type='CBN')`` after an
@@ -49,7 +51,13 @@ from typing import List, Optional, Tuple
 import torch
 from mmengine.registry import MODELS
 
-from .._torch import native_batch_norm, native_batch_norm_backward, version, without_autocast
+from .._torch import (
+    in_reentrant_checkpoint,
+    native_batch_norm,
+    native_batch_norm_backward,
+    version,
+    without_autocast,
+)
 from ._dist import all_reduce_sum, union_moments
 from ._kernels import (
     keep_for_normalized_backward,
@@ -63,8 +71,10 @@ from .conv_statistics import (
     ConvCall,
     conv_statistic_derivative_sums,
     conv_statistic_derivatives,
+    current_weight,
     feeding_convolution,
     square_derivative_sum,
+    weight_source,
 )
 
 __all__ = ['CBN']
@@ -213,7 +223,9 @@ class CBN(SmallBatchNorm):
         self.register_buffer('history_pushes', torch.tensor(0, dtype=torch.long))
         self._host = {}
         self._last_conv_weight = None
-        self._warned_reentrant = False
+        self._weight_source = None  # weakref: gives theta again without autograd
+        self._recomputed_later = False  # this step's push waits for its recompute
+        self._warned_uncompensated = False
         _TRAIN_STEP.prepare()
         _REPLAY.prepare()
 
@@ -226,11 +238,12 @@ class CBN(SmallBatchNorm):
         state = super().__getstate__()
         state['_host'] = {}
         state['_last_conv_weight'] = None
+        state['_weight_source'] = None
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault('_warned_reentrant', False)
+        self.__dict__.setdefault('_warned_uncompensated', False)
         _TRAIN_STEP.prepare()  # a layer unpickled in a fresh process
         _REPLAY.prepare()
 
@@ -442,6 +455,13 @@ class CBN(SmallBatchNorm):
 
     def _check_step(self, x, sync):
         self.burnin_iters()
+        self._recomputed_later = (not (torch.is_grad_enabled() and x.requires_grad)
+                                  and in_reentrant_checkpoint())
+        if self._recomputed_later:
+            # No conv node to read now: the step is taken on the ATen path,
+            # its push in the recompute (_push_later).
+            self._fused_now = False
+            return
         if self._compensates(x):
             self._feeding_conv(x)
         super()._check_step(x, sync)
@@ -464,40 +484,88 @@ class CBN(SmallBatchNorm):
 
     def _train_step(self, x, sync):
         burnin = self.burnin_iters()
-        with_grad = torch.is_grad_enabled() and x.requires_grad
+        later = self._recomputed_later  # a step with gradients whose conv is read later
         conv = conv_input = theta = None
         if self._compensates(x):
             conv, conv_input, theta = self._feeding_conv(x)
         t = self._host_count('num_batches_tracked')
-        window = self.window_size(t, burnin) if with_grad else 0
+        window = (self.window_size(t, burnin)
+                  if later or (torch.is_grad_enabled() and x.requires_grad) else 0)
         dtype = self.stats_dtype(x)
         if self._fused_now:
             return self._fused_step(x, window, conv, conv_input, theta, dtype)
 
         pooled = (None, None, None)  # the past means and variances to pool, and keep
         if window > 0:
+            if later and self.rho != 0:
+                theta = self._theta_without_autograd()
             with torch.no_grad():
                 past = self._past(theta, window, dtype)
             if past is not None:
                 mu, _, var, keep = past
                 pooled = (mu, var, keep)
+                if later and self.rho != 0 and theta is None:
+                    self._warn_uncompensated()
         union_count = None
         if sync:
             y, mu_t, var_t, union_count = self._union_normalize(x, dtype, *pooled)
-            self._keep_for_replay(x, ('sync', with_grad, pooled, (mu_t, var_t, union_count)))
         else:
             y, mu_t, var_t = _CrossIterationNorm.apply(x, self.weight, self.bias, *pooled,
                                                        self.eps)
-            self._keep_for_replay(x, ('aten', with_grad, pooled))
+        push_later = None  # the push that waits for the recompute
         with torch.no_grad():
             finite = _finite(mu_t) & _finite(var_t)
             finite = self.warn_if_nonfinite(finite)
             if sync:
                 finite = finite & (union_count > 0)
-            if window > 0:
+            if window > 0 and later and self.rho != 0:
+                push_later = (mu_t, var_t, finite, union_count)
+            elif window > 0:
                 self._push(x, mu_t, var_t, finite, conv, conv_input, theta, dtype, union_count)
             self._update_running(x, mu_t, var_t, finite, union_count)
+        if sync:
+            self._keep_for_replay(x, ('sync', push_later, pooled, (mu_t, var_t, union_count)))
+        else:
+            self._keep_for_replay(x, ('aten', push_later, pooled))
         return y
+
+    # ---------------------------------------- reentrant checkpointing
+    def _theta_without_autograd(self):
+        """theta_t from the conv learnt in an earlier recompute
+        (:func:`weight_source`), or None before the first one."""
+        source = None if self._weight_source is None else self._weight_source()
+        return None if source is None else current_weight(source)
+
+    def _learn_weight_source(self, theta):
+        source = None if self._weight_source is None else self._weight_source()
+        if theta.is_leaf or source is None or isinstance(source, torch.Tensor):
+            found = weight_source(theta)
+            self._weight_source = (weakref.ref(found) if found is not None
+                                   else _NO_WEIGHT_SOURCE)
+
+    def _push_later(self, x, push_later):
+        """The push of a step taken in reentrant checkpointing's first
+        forward, made in its recompute: ``x`` is the same conv output, now
+        with the conv's node, so the derivatives are those of the step."""
+        mu_t, var_t, finite, union_count = push_later
+        conv, conv_input, theta = self._feeding_conv(x)
+        self._learn_weight_source(theta)
+        with torch.no_grad():
+            self._push(x, mu_t, var_t, finite, conv, conv_input, theta, self.stats_dtype(x),
+                       union_count)
+
+    def _warn_uncompensated(self):
+        if self._warned_uncompensated:
+            return
+        self._warned_uncompensated = True
+        warnings.warn(
+            f'{self.describe()}: a step in the first forward of reentrant activation '
+            'checkpointing (use_reentrant=True, MMDetection\'s with_cp) pooled its past '
+            'statistics without the Taylor compensation: that forward runs without autograd, '
+            'and the conv that feeds the layer is learnt in the first recompute, which this '
+            'process has not run yet (the first step after a resume). The steps after it are '
+            'exact (docs/layer_state.md, "Activation checkpointing")', RuntimeWarning,
+            stacklevel=2)
 
     def _fused_step(self, x, window, conv, conv_input, theta, dtype):
         """The training step on the fused kernels (see :func:`fused_train_step`):
@@ -525,31 +593,25 @@ class CBN(SmallBatchNorm):
                                     self.eps, self.momentum, self.rho, pool, push)
         if push:
             self._host.pop('history_pushes', None)  # advanced on the device
-        self._keep_for_replay(x, ('fused', torch.is_grad_enabled() and x.requires_grad, saved))
+        self._keep_for_replay(x, ('fused', None, saved))
         return y
 
     def _replay(self, x, record):
         return _REPLAY(self, x, record)
 
     def _replay_step(self, x, record):
-        kind, with_grad, *rest = record
-        if not with_grad and x.requires_grad and not self._warned_reentrant:
-            self._warned_reentrant = True
-            warnings.warn(
-                f'{self.describe()}: a forward recomputed with gradients replays a step taken '
-                'without them: reentrant activation checkpointing (torch.utils.checkpoint with '
-                'use_reentrant=True, MMDetection\'s with_cp) runs the first forward under '
-                'no_grad, where CBN cannot read its conv, so those steps are plain BN steps '
-                '(no pooling, no history). Use use_reentrant=False, or with_cp=False for the '
-                'blocks that hold a CBN (docs/layer_state.md, "Activation checkpointing")',
-                RuntimeWarning, stacklevel=2)
+        kind, push_later, *rest = record
         if kind == 'fused':  # x, weight and bias: what the fused backward keeps
             unused = (None,) * (len(inspect.signature(_fused_forward).parameters) - 3)
             return fused_train_step(x, self.weight, self.bias, *unused, former=rest[0])[0]
         if kind == 'sync':
             pooled, moments = rest
-            return self._union_normalize(x, self.stats_dtype(x), *pooled, former=moments)[0]
-        return _CrossIterationNorm.apply(x, self.weight, self.bias, *rest[0], self.eps)[0]
+            y = self._union_normalize(x, self.stats_dtype(x), *pooled, former=moments)[0]
+        else:
+            y = _CrossIterationNorm.apply(x, self.weight, self.bias, *rest[0], self.eps)[0]
+        if push_later is not None:
+            self._push_later(x, push_later)
+        return y
 
     def _history_shapes(self, conv, conv_input, theta):
         """The ring's shapes (name -> shape without k) for a push."""
@@ -665,6 +727,12 @@ class CBN(SmallBatchNorm):
                 self._shape_history(key, incoming.shape)
         return changes
 
+
+
+def _NO_WEIGHT_SOURCE():
+    """The weak reference of a conv whose weight cannot be had again
+    without autograd (a weight transform mmnorm does not know)."""
+    return None
 
 
 # ------------------------------------------------------------ fused path

@@ -9,6 +9,10 @@ to the conv's weight theta,
 with M = N * H_out * W_out, S_mu the batch-summed input read at every kernel
 offset and S_nu the conv's weight gradient for grad_output = y (see "The
 Derivatives" in docs/cbn.md). No ``autograd.grad`` and no hook.
+
+Where a forward runs without autograd (reentrant checkpointing's first
+forward), the conv's current weight comes from :func:`weight_source`, learnt
+from an earlier node.
 """
 from typing import NamedTuple
 
@@ -16,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .._torch import convolution_backward, saved_convolution
+from .base import TransformedWeightConv, holder
 
 __all__ = ['ConvCall', 'feeding_convolution', 'conv_statistic_derivatives',
            'conv_statistic_derivative_sums', 'mean_derivative_sum', 'square_derivative_sum',
-           'expand_mean_derivative']
+           'expand_mean_derivative', 'weight_source', 'current_weight']
 
 
 # ------------------------------------------------------------ the conv
@@ -63,6 +68,37 @@ def feeding_convolution(x):
     if conv_input is None or weight is None:
         return 'the convolution that feeds it kept no input for autograd'
     return ConvCall(stride, padding, dilation, groups, tuple(weight.shape[2:])), conv_input, weight
+
+
+def weight_source(theta):
+    """What gives the conv's weight theta again without autograd: the
+    parameter itself (``nn.Conv2d``), or the transformed-weight conv whose
+    :meth:`~mmnorm.layers.base.TransformedWeightConv.transformed_weight` it
+    is (found from the parameter behind ``theta``'s autograd node, with a scan
+    of the process's objects); None for any other weight. ``theta``: the
+    weight :func:`feeding_convolution` returned."""
+    if theta.is_leaf:
+        return theta
+    nodes, seen = [theta.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        parameter = getattr(node, 'variable', None)  # AccumulateGrad
+        if parameter is not None:
+            found = holder(parameter, '_parameters')
+            conv = None if found is None else found[0]
+            if isinstance(conv, TransformedWeightConv) and conv.weight is parameter:
+                return conv
+            return None
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return None
+
+
+def current_weight(source):
+    """theta now, from what :func:`weight_source` returned."""
+    return source.transformed_weight() if isinstance(source, TransformedWeightConv) else source
 
 
 # --------------------------------------------------------------- derivatives
