@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmnorm.layers._kernels import compile_ahead_of_time, triton_problem  # noqa: E402
+from mmnorm.layers.ahead_of_time import compile_ahead_of_time  # noqa: E402
+from mmnorm.layers.paths import triton_problem  # noqa: E402
 
 
 def main(argv=None):

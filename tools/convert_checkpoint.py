@@ -1,5 +1,5 @@
 """Convert a checkpoint into this project's MMDetection models and print a
-report of every key (the conversions are described in mmnorm/surgery/checkpoints.py).
+report of every key (the conversions are described in mmnorm/checkpoints/conversion.py).
 
     python tools/convert_checkpoint.py SRC DST --from torchvision --norm MABN
     python tools/convert_checkpoint.py SRC DST --from torchvision --config configs/mask_rcnn_mabn.py
@@ -11,8 +11,8 @@ report of every key (the conversions are described in mmnorm/surgery/checkpoints
 import argparse
 import sys
 
+from mmnorm.checkpoints.conversion import LAYOUTS, ConversionError, convert_checkpoint
 from mmnorm.layers import norm_types
-from mmnorm.surgery.checkpoints import LAYOUTS, ConversionError, convert_checkpoint
 
 
 def parse_args():

@@ -6,14 +6,14 @@
 ``--to mmdet``: OUT is a new folder with ``config.py`` and ``model.pth``, a
 plain MMDetection config and a weights-only checkpoint that need no mmnorm:
 MABN, BRN and CBN become BN, CenConv and WSConv plain convs with their
-transformed weights (mmnorm.surgery.plain_mmdet). Use it with MMDetection's
+transformed weights (mmnorm.checkpoints.plain_mmdet). Use it with MMDetection's
 ``init_detector(OUT/config.py, OUT/model.pth)``, its tools/test.py, MMDeploy.
 
 ``--to module`` (the default): every norm that a conv feeds (MABN, BRN, CBN,
 BN, FrozenBN) is folded into that conv, CenConv and WSConv become plain convs,
 and the few mmnorm norms no conv feeds become BatchNorm2d
 (mmnorm.surgery.fuse.fuse); the log counts what was folded, replaced, kept and
-skipped. OUT is a file holding the pickled module (mmnorm.surgery.deployed),
+skipped. OUT is a file holding the pickled module (mmnorm.checkpoints.deployed),
 which loads without mmnorm; it is trusted code, as any checkpoint. Evaluate
 it with ``python tools/test.py CONFIG OUT``.
 """
@@ -21,8 +21,8 @@ import argparse
 
 from mmengine.config import DictAction
 
+from mmnorm.checkpoints.plain_mmdet import DeployError
 from mmnorm.engine.command_line import UsageError, add_debug_arg, run_tool
-from mmnorm.surgery.plain_mmdet import DeployError
 
 TARGETS = ('module', 'mmdet')
 #: The library's errors this tool reports in one line (besides the command line's own).
@@ -48,7 +48,7 @@ def main():
                          f"default) or 'mmdet' (a plain MMDetection config and "
                          f"checkpoint), got {args.to!r}")
     if args.to == 'mmdet':
-        from mmnorm.surgery.plain_mmdet import CONFIG_NAME, WEIGHTS_NAME, write_plain_mmdet
+        from mmnorm.checkpoints.plain_mmdet import CONFIG_NAME, WEIGHTS_NAME, write_plain_mmdet
         result = write_plain_mmdet(args.config, args.checkpoint, args.out, args.cfg_options)
         replaced = ', '.join(f'{what}: {n}' for what, n in sorted(result['replaced'].items()))
         print(f'[mmnorm deploy] replaced: {replaced or "none"}')
@@ -57,7 +57,7 @@ def main():
         print(f'[mmnorm deploy] wrote {args.out}/{CONFIG_NAME} and {args.out}/{WEIGHTS_NAME} '
               f'(plain MMDetection, no mmnorm needed)')
         return
-    from mmnorm.surgery.deployed import deploy_checkpoint
+    from mmnorm.checkpoints.deployed import deploy_checkpoint
     from mmnorm.surgery.fuse import format_report
     report = deploy_checkpoint(args.config, args.checkpoint, args.out, args.cfg_options)
     for line in format_report(report):

@@ -54,8 +54,8 @@ import torch
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
 print('torch', torch.__version__, 'CUDA', torch.version.cuda,
       'cuDNN', torch.backends.cudnn.version(), 'device', device)
-from mmnorm.layers import _kernels
-print(_kernels.select())  # which path the layers take (the fused Triton kernels on CUDA)
+from mmnorm.layers import paths
+print(paths.select())  # which path the layers take (the fused Triton kernels on CUDA)
 EOF
 
 FAILED=()
@@ -99,7 +99,7 @@ if [ $SMOKE = 1 ]; then
         "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/cuda
     # The layers compile whole from torch 2.4 (torch.library.custom_op).
     COMPILE=(--compile --compile-backend aot_eager) MASK_RCNN_COMPILE=()
-    if ! "$PY" -c 'import sys, mmnorm.layers._ops as o; sys.exit(not o.CUSTOM_OPS)'; then
+    if ! "$PY" -c 'import sys, mmnorm.layers.operators as o; sys.exit(not o.CUSTOM_OPS)'; then
         say "no compiled columns (torch < 2.4: no torch.library.custom_op)"
         COMPILE=() MASK_RCNN_COMPILE=(--no-compile)
     fi

@@ -4,7 +4,7 @@ wrong branch").
 
     python tools/mutation_check.py [--only NAME ...] [--workers N]
 
-Each bug replaces one exact snippet of ``mmnorm/layers/_triton_*.py``; the
+Each bug replaces one exact snippet of ``mmnorm/layers/*/kernels.py``; the
 copy's tests (tests/layers/test_fused.py and test_fused_inputs.py, through
 Triton's interpreter) run with ``-x`` and must fail. Prints one line per bug
 and exits 1 if any bug passed every test. A kernel change that removes a
@@ -24,46 +24,46 @@ TESTS = ['tests/layers/test_fused.py', 'tests/layers/test_fused_inputs.py']
 
 # name -> (file under mmnorm/layers, exact snippet, replacement)
 BUGS = {
-    'mabn_lower_r_clip': ('_triton_mabn.py', 'tl.maximum(ratio, 1.0 / rmax)', 'ratio'),
-    'mabn_upper_r_clip': ('_triton_mabn.py', 'tl.minimum(tl.maximum(ratio, 1.0 / rmax), rmax)',
+    'mabn_lower_r_clip': ('mabn/kernels.py', 'tl.maximum(ratio, 1.0 / rmax)', 'ratio'),
+    'mabn_upper_r_clip': ('mabn/kernels.py', 'tl.minimum(tl.maximum(ratio, 1.0 / rmax), rmax)',
                           'tl.maximum(ratio, 1.0 / rmax)'),
-    'mabn_early_rule': ('_triton_mabn.py', 'early = (t <= M) | (t < warmup_iters)',
+    'mabn_early_rule': ('mabn/kernels.py', 'early = (t <= M) | (t < warmup_iters)',
                         'early = t < warmup_iters'),
-    'mabn_row_not_written': ('_triton_mabn.py', 'new.to(buffer_ptr.dtype.element_ty), mask=cmask & '
+    'mabn_row_not_written': ('mabn/kernels.py', 'new.to(buffer_ptr.dtype.element_ty), mask=cmask & '
                              'owner)', 'new.to(buffer_ptr.dtype.element_ty), mask=cmask & False)'),
-    'mabn_reads_written_running_var': ('_triton_mabn.py', 'tl.load(old_ptr + c, mask=cmask',
+    'mabn_reads_written_running_var': ('mabn/kernels.py', 'tl.load(old_ptr + c, mask=cmask',
                                        'tl.load(running_var_ptr + c, mask=cmask'),
-    'mabn_backward_window': ('_triton_mabn.py', 'psi = tl.where(early, psi_t, window)',
+    'mabn_backward_window': ('mabn/kernels.py', 'psi = tl.where(early, psi_t, window)',
                              'psi = window'),
-    'mabn_nonfinite_row': ('_triton_mabn.py', '_window(buffer_ptr, chi2, tl.where(present, finite, '
+    'mabn_nonfinite_row': ('mabn/kernels.py', '_window(buffer_ptr, chi2, tl.where(present, finite, '
                            'False)', '_window(buffer_ptr, chi2, present'),
-    'brn_d_clip': ('_triton_brn.py', 'tl.minimum(tl.maximum((mean - running_mean) / std_running, '
+    'brn_d_clip': ('brn/kernels.py', 'tl.minimum(tl.maximum((mean - running_mean) / std_running, '
                    '-d_max), d_max)', '(mean - running_mean) / std_running'),
-    'brn_lower_r_clip': ('_triton_brn.py', 'tl.maximum(std / std_running, 1.0 / r_max)',
+    'brn_lower_r_clip': ('brn/kernels.py', 'tl.maximum(std / std_running, 1.0 / r_max)',
                          'tl.maximum(std / std_running, 0.0)'),
-    'brn_reads_written_mean': ('_triton_brn.py', 'running_mean = tl.load(old_ptr + c',
+    'brn_reads_written_mean': ('brn/kernels.py', 'running_mean = tl.load(old_ptr + c',
                                'running_mean = tl.load(running_mean_ptr + c'),
-    'cbn_window_check': ('_triton_cbn.py', 'keep = stored & (ring_var >= 0) & (age < used)',
+    'cbn_window_check': ('cbn/kernels.py', 'keep = stored & (ring_var >= 0) & (age < used)',
                          'keep = stored & (ring_var >= 0)'),
-    'cbn_negative_variance': ('_triton_cbn.py', 'keep = stored & (ring_var >= 0) & (age < used)',
+    'cbn_negative_variance': ('cbn/kernels.py', 'keep = stored & (ring_var >= 0) & (age < used)',
                               'keep = stored & (age < used)'),
-    'cbn_share': ('_triton_cbn.py', 'tl.store(saved_ptr + 4 * C + c, 1.0 / count',
+    'cbn_share': ('cbn/kernels.py', 'tl.store(saved_ptr + 4 * C + c, 1.0 / count',
                   'tl.store(saved_ptr + 4 * C + c, 1.0 + 0.0 * count'),
-    'cbn_push_counter': ('_triton_cbn.py', 'tl.store(pushes_ptr, pushes + 1, mask=first)',
+    'cbn_push_counter': ('cbn/kernels.py', 'tl.store(pushes_ptr, pushes + 1, mask=first)',
                          'tl.store(pushes_ptr, pushes, mask=first)'),
-    'cbn_compensation_rho': ('_triton_cbn.py', 'ring_mean = ring_mean + rho * tl.sum(mu_dot, 1)',
+    'cbn_compensation_rho': ('cbn/kernels.py', 'ring_mean = ring_mean + rho * tl.sum(mu_dot, 1)',
                              'ring_mean = ring_mean + tl.sum(mu_dot, 1)'),
-    'shared_masked_shift': ('_triton_shared.py', 'x = tl.where(mask, x - shift, 0.0)\n'
+    'shared_masked_shift': ('shared/kernels.py', 'x = tl.where(mask, x - shift, 0.0)\n'
                             '            first += x\n', 'x = x - shift\n            first += x\n'),
-    'shared_last_chunk': ('_triton_shared.py', 'mask = (k < CHUNKS)[:, None]',
+    'shared_last_chunk': ('shared/kernels.py', 'mask = (k < CHUNKS)[:, None]',
                           'mask = (k < CHUNKS - 1)[:, None]'),
-    'shared_output_strides': ('_triton_shared.py', 'y_channel, cmask, L, y_stride_n, y_stride_l,',
+    'shared_output_strides': ('shared/kernels.py', 'y_channel, cmask, L, y_stride_n, y_stride_l,',
                               'y_channel, cmask, L, stride_n, stride_l,'),
-    'shared_chunk_end': ('_triton_shared.py', 'first + TILES_PER_CHUNK, N * per_sample',
+    'shared_chunk_end': ('shared/kernels.py', 'first + TILES_PER_CHUNK, N * per_sample',
                          'first + TILES_PER_CHUNK - 1, N * per_sample'),
-    'shared_pooled_share': ('_triton_shared.py', 'dy_sum *= share\n            dy_xhat *= share',
+    'shared_pooled_share': ('shared/kernels.py', 'dy_sum *= share\n            dy_xhat *= share',
                             'dy_sum *= 1.0\n            dy_xhat *= 1.0'),
-    'shared_dweight_d_term': ('_triton_shared.py', '(r * dy_xhat + d * dy_sum).to(',
+    'shared_dweight_d_term': ('shared/kernels.py', '(r * dy_xhat + d * dy_sum).to(',
                               '(r * dy_xhat).to('),
 }
 

@@ -15,13 +15,13 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.runner import Runner
 
 import mmnorm  # noqa: F401  (registers the layers even without custom_imports)
+from mmnorm.checkpoints.deployed import load_deployed, use_deployed_model
 from mmnorm.engine.command_line import UsageError, add_common_args, parse_common, run_tool
 from mmnorm.engine.config import load_config
 from mmnorm.engine.data_check import check_data_present
 from mmnorm.engine.distributed import report_rank_finished
 from mmnorm.engine.precise_bn import PreciseBNHook
 from mmnorm.engine.runner import build_runner
-from mmnorm.surgery.deployed import load_deployed, use_deployed_model
 
 
 def parse_args():

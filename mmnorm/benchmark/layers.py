@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..layers import BRN, CBN, MABN, CenConv, WSConv, _kernels
-from ..layers._kernels import LAUNCHES
+from ..layers import BRN, CBN, MABN, CenConv, WSConv, ahead_of_time
+from ..layers.launching import LAUNCHES
 from ..studies.results import markdown_table
 from ..surgery.compile import keep_cbn_convs_eager
 from . import common
@@ -235,15 +235,16 @@ class OpCounter(TorchDispatchMode):
 
 
 #: The modules whose ``launch`` :func:`launch_grids` wraps
-TRITON_MODULES = tuple(f'{_kernels.__package__}._triton_{name}' for name in _kernels.KERNEL_MODULES)
+TRITON_MODULES = tuple(f'{ahead_of_time.__package__}.{name}.kernels'
+                       for name in ahead_of_time.KERNEL_MODULES)
 
 
 @contextlib.contextmanager
 def launch_grids(grids=None):
     """Yields a list (``grids``, if given) that gets the grid (a tuple) of
     every Triton launch meanwhile: the ``launch`` name of each
-    ``mmnorm.layers._triton_*`` module imported so far (the modules import
-    it by name from ``mmnorm.layers._kernels``) is wrapped, and restored
+    ``mmnorm.layers.*.kernels`` module imported so far (the modules import
+    it by name from ``mmnorm.layers.launching``) is wrapped, and restored
     after. A module is imported at its layers' first fused step, before any
     measured one (the warm-up, the first-use check)."""
     grids = [] if grids is None else grids

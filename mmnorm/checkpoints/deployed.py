@@ -12,7 +12,7 @@ The module is pickled, not stored as a state dict, because its architecture
 is no longer the config's (its norms are folded away). It loads without
 mmnorm, but unpickling runs code: only load files you trust. README,
 "Deployment and conversion", says when to use it and when the plain
-MMDetection pair (:mod:`mmnorm.surgery.plain_mmdet`).
+MMDetection pair (:mod:`mmnorm.checkpoints.plain_mmdet`).
 """
 import os.path as osp
 
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .._torch import load_mapped
-from .fuse import fuse, mmnorm_modules
-from .report import SurgeryReport
+from ..surgery.fuse import fuse, mmnorm_modules
+from ..surgery.report import SurgeryReport
 
 __all__ = ['DEPLOYED_KEY', 'deploy_checkpoint', 'load_deployed', 'save_deployed',
            'use_deployed_model']

@@ -61,8 +61,8 @@ import torch
 from torch import nn
 
 from ..layers import conv_types, norm_types
+from ..surgery.fuse import conv_weight, mmnorm_modules
 from .deployed import DEPLOYED_KEY
-from .fuse import conv_weight, mmnorm_modules
 
 __all__ = ['DeployError', 'plain_config', 'plain_conv_cfg', 'plain_norm_cfg', 'plain_state_dict',
            'check_plain_model', 'write_plain_mmdet', 'CONFIG_NAME', 'WEIGHTS_NAME']
@@ -77,8 +77,8 @@ BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked
 
 
 class DeployError(ValueError):
-    """Input the pair cannot be made from (the tools report it as one line:
-    it is in their ``USER_ERRORS``)."""
+    """Input the pair cannot be made from (``tools/deploy.py`` reports it as
+    one line, passing it to ``run_tool`` as one of its own errors)."""
 
 
 # ------------------------------------------------------------------ config
@@ -274,7 +274,7 @@ def check_plain_model(source, plain):
     BatchNorm2d with its size and eps, each CenConv/WSConv as a plain conv
     with its hyper-parameters, everything else of the same class; and no
     mmnorm module at all."""
-    from .fuse import _computes_like_conv2d
+    from ..surgery.fuse import _computes_like_conv2d
     src, dst = dict(source.named_modules()), dict(plain.named_modules())
     norms, convs = tuple(norm_types().values()), tuple(conv_types().values())
     problems = [f'{name}: missing' for name in src if name not in dst]
@@ -405,7 +405,7 @@ def write_plain_mmdet(config, checkpoint, out, cfg_options=None):
     plain.load_state_dict(state, strict=True)
 
     meta = _plain(dict(
-        made_by='tools/deploy.py --to mmdet (mmnorm.surgery.plain_mmdet)',
+        made_by='tools/deploy.py --to mmdet (mmnorm.checkpoints.plain_mmdet)',
         config=osp.abspath(str(config)), checkpoint=osp.abspath(str(checkpoint)),
         cfg_options=_plain(dict(cfg_options or {})), mmnorm_version=__version__,
         torch_version=torch.__version__, replaced=dict(sorted(replaced.items())),

@@ -39,7 +39,7 @@ from mmengine.runner import EpochBasedTrainLoop
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from ..layers._dist import sync_world
+from ..layers.distributed import sync_world
 from .random_state import capture_random_state, restore_random_state
 
 __all__ = ['PreciseBNHook', 'precise_statistics', 'trained_norms']

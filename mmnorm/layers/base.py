@@ -39,9 +39,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._torch import autocast_output_dtype, compiling, version
-from ._dist import sync_world
-from ._first_use import takes_fused
-from ._kernels import announce
+from .distributed import sync_world
+from .first_use import takes_fused
+from .paths import announce
 
 
 class StateChange(NamedTuple):
@@ -246,7 +246,7 @@ class SmallBatchNorm(_BatchNorm):
         """Raise, before any state changes, if the training step on ``x``
         cannot run (here: the fused path was asked for and cannot run), and
         choose its path (``_fused_now``), trying a variant's first fused step
-        on a copy (:mod:`mmnorm.layers._first_use`)."""
+        on a copy (:mod:`mmnorm.layers.first_use`)."""
         self._fused_now = takes_fused(self, x, sync)
 
     def fused_variant(self, x):
@@ -258,7 +258,7 @@ class SmallBatchNorm(_BatchNorm):
 
     def copy_for_trial(self):
         """A copy of the layer whose training step changes nothing of this one
-        (the first-use trial of :mod:`mmnorm.layers._first_use`)."""
+        (the first-use trial of :mod:`mmnorm.layers.first_use`)."""
         return copy.deepcopy(self)
 
     def _advance_step(self):

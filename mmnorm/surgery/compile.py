@@ -8,7 +8,7 @@ outside the graphs too, so that ``torch.compile(model)`` compiles everything
 else: modules that feed no CBN compile as they would without mmnorm.
 """
 from ..layers import CBN
-from ..layers._ops import EagerForward
+from ..layers.operators import EagerForward
 from .fuse import conv_norm_pairs
 
 __all__ = ['keep_cbn_convs_eager']

@@ -1,6 +1,6 @@
 """Folding for inference: a model without mmnorm's layers and without the norm
 layers that follow a conv (``fuse``). Writing the folded model to a file and
-loading it back are :mod:`mmnorm.surgery.deployed`'s.
+loading it back are :mod:`mmnorm.checkpoints.deployed`'s.
 
 In eval mode every norm this module folds is a per-channel affine map of its
 input u of shape (N, C, H, W)::
@@ -35,7 +35,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from ..layers import TransformedWeightConv
-from ..layers._ops import EagerForward
+from ..layers.operators import EagerForward
 from .dataflow import feeding_convs
 from .norms import channels, known_norm
 from .report import SurgeryReport

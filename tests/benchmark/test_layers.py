@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmnorm.benchmark import common, layers
-from mmnorm.layers import _kernels
+from mmnorm.layers import ahead_of_time, launching, paths
 
 from conftest import REPO, load_tool, write_exe
 
@@ -74,7 +74,7 @@ def test_tiny_run(tool, tmp_path, capsys, keep_threads):
         assert all(int(n) > 0 for n in layer_ops + base_ops), row
         # BatchNorm2d, WSConv and Conv2d launch no Triton kernel; MABN only on the fused path
         # (on the CPU: MMNORM_KERNELS=triton under TRITON_INTERPRET=1)
-        if row['layer'] == 'MABN' and _kernels.fused(torch.empty(0)):
+        if row['layer'] == 'MABN' and paths.fused(torch.empty(0)):
             assert re.fullmatch(r'[1-9]\d* / -', row[layers.PROGRAMS_COLUMN]), row
         else:
             assert row[layers.PROGRAMS_COLUMN] == '-', row
@@ -125,25 +125,25 @@ class FakeKernel:
         return lambda *args, **constants: None
 
 
-NO_TRITON = _kernels.triton_problem()
+NO_TRITON = paths.triton_problem()
 
 
 @pytest.mark.skipif(NO_TRITON is not None, reason=f'the Triton modules need Triton: {NO_TRITON}')
 def test_launch_grids_records_and_restores_every_module():
-    """launch_grids wraps the ``launch`` name of each mmnorm.layers._triton_*
+    """launch_grids wraps the ``launch`` name of each mmnorm.layers.*.kernels
     module imported so far: every launch's grid is recorded (the kernel still
     launched, counted in LAUNCHES) and the names are restored after, also on
     an error."""
-    modules = [_kernels.kernel_module(name) for name in _kernels.KERNEL_MODULES]
+    modules = [ahead_of_time.kernel_modules()[name] for name in ahead_of_time.KERNEL_MODULES]
     assert [m.__name__ for m in modules] == list(layers.TRITON_MODULES)
     originals = [m.launch for m in modules]
     x = torch.zeros(1)
-    before = _kernels.LAUNCHES.count
+    before = launching.LAUNCHES.count
     with layers.launch_grids() as grids:
         for i, module in enumerate(modules):
             module.launch(FakeKernel(), (i + 2, 3), x)
     assert grids == [(2, 3), (3, 3), (4, 3), (5, 3)]
-    assert _kernels.LAUNCHES.count == before + 4
+    assert launching.LAUNCHES.count == before + 4
     assert [m.launch for m in modules] == originals
     with pytest.raises(ZeroDivisionError), layers.launch_grids(grids):
         modules[0].launch(FakeKernel(), (7,), x)
@@ -157,7 +157,7 @@ def test_programs_column_gives_the_smallest_grid_of_a_step():
     """A layer whose step launches grids of 3 x 5 and 2 x 4 programs (through
     the shared kernels' ``launch``) gets 8 in the programs column, its
     BatchNorm2d baseline none ('-'); a row with no launch on either side '-'."""
-    shared = _kernels.kernel_module('shared')
+    shared = ahead_of_time.kernel_modules()['shared']
 
     class Launching(nn.BatchNorm2d):
         def forward(self, x):

@@ -1,4 +1,4 @@
-"""tools/convert_checkpoint.py and mmnorm/surgery/checkpoints.py.
+"""tools/convert_checkpoint.py and mmnorm/checkpoints/conversion.py.
 
 Source checkpoints are built here from an independent description of each
 layout (torchvision's ResNet-50; the MABN authors' maskrcnn-benchmark Mask
@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.config import Config
 
-from mmnorm.layers.base import SmallBatchNorm, StateChange
-from mmnorm.surgery.checkpoints import (
+from mmnorm.checkpoints.conversion import (
     ConversionError,
     ConversionReport,
     build_target,
@@ -27,7 +26,8 @@ from mmnorm.surgery.checkpoints import (
     convert_state_dict,
     read_source,
 )
-from mmnorm.surgery.checkpoints import build_with_mmdet as build
+from mmnorm.checkpoints.conversion import build_with_mmdet as build
+from mmnorm.layers.base import SmallBatchNorm, StateChange
 
 from conftest import REPO, run
 

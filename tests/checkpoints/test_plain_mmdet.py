@@ -1,4 +1,4 @@
-"""tools/deploy.py --to mmdet (mmnorm.surgery.plain_mmdet): a plain
+"""tools/deploy.py --to mmdet (mmnorm.checkpoints.plain_mmdet): a plain
 MMDetection config and a weights-only checkpoint that need no mmnorm.
 
 Unit level (both stacks): the four demo configs' models built in-process,
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import REPO, load_tool, run, tool_env, write_tiny_coco
+from detection_outputs import assert_same_instances, binary_and_soft
 
 DEMO = REPO / 'configs' / 'demo'
 METHODS = ('mabn', 'brn', 'cbn', 'gnws')
@@ -95,8 +96,8 @@ def test_plain_config_and_weights_compute_what_the_trained_model_computes(method
     from mmengine.config import Config
 
     import mmnorm  # noqa: F401  (the demo configs' layers)
+    from mmnorm.checkpoints.plain_mmdet import check_plain_model, plain_config, plain_state_dict
     from mmnorm.surgery.fuse import mmnorm_modules
-    from mmnorm.surgery.plain_mmdet import check_plain_model, plain_config, plain_state_dict
     cfg = Config.fromfile(demo_config(method))
     torch.manual_seed(0)
     trained = randomize(build(cfg.model))
@@ -141,7 +142,7 @@ def test_plain_config_rules():
     from mmengine.config import Config
 
     import mmnorm  # noqa: F401
-    from mmnorm.surgery.plain_mmdet import DeployError, plain_config
+    from mmnorm.checkpoints.plain_mmdet import DeployError, plain_config
     cfg = Config(dict(
         custom_imports=dict(imports=['mmnorm', 'mmdet.models'], allow_failed_imports=False),
         custom_hooks=[dict(type='CBNBurninHook'), dict(type='PreciseBNHook', num_iters=2),
@@ -224,7 +225,7 @@ def test_deploy_tool_refuses_in_one_line_and_writes_all_or_nothing(tmp_path, mon
     assert not list(out.iterdir())
     # A failure while writing leaves nothing, not even the folder being written.
     out.rmdir()
-    from mmnorm.surgery import plain_mmdet
+    from mmnorm.checkpoints import plain_mmdet
 
     def fail(folder, scope):
         assert sorted(p.name for p in Path(folder).iterdir()) == ['config.py', 'model.pth']
@@ -264,7 +265,7 @@ def test_plain_backbone_and_neck_run_in_onnxruntime(tmp_path, one_thread):
     from mmengine.config import Config
 
     import mmnorm  # noqa: F401
-    from mmnorm.surgery.plain_mmdet import plain_config, plain_state_dict
+    from mmnorm.checkpoints.plain_mmdet import plain_config, plain_state_dict
     cfg = Config.fromfile(demo_config('mabn'))
     torch.manual_seed(0)
     trained = randomize(build(cfg.model)).eval()
@@ -296,24 +297,6 @@ def test_plain_backbone_and_neck_run_in_onnxruntime(tmp_path, one_thread):
 
 
 # --------------------------------------------------- shared with the no-mmnorm side
-def binary_and_soft(model, batch):
-    """``model.test_step(batch)`` twice, without gradients: as configured
-    (binary masks), and with ``mask_thr_binary=-1`` (the mask probabilities,
-    uint8 floor(255 p)); the same instances both times (checked)."""
-    test_cfg = model.roi_head.test_cfg
-    threshold = test_cfg.mask_thr_binary
-    with torch.no_grad():
-        binary = model.test_step(batch)
-        test_cfg.mask_thr_binary = -1
-        try:
-            soft = model.test_step(batch)
-        finally:
-            test_cfg.mask_thr_binary = threshold
-    for b, s in zip(binary, soft):
-        assert torch.equal(b.pred_instances.bboxes, s.pred_instances.bboxes)
-    return binary, soft
-
-
 def predict_images(model, cfg, images):
     """``model.test_step`` on ``images`` through the test pipeline of ``cfg``
     (without LoadAnnotations): per image, the boxes, scores, labels, binary
@@ -475,7 +458,8 @@ def pairs(tmp_path_factory):
                work_dir=str(root / 'plain_test'), predictions=str(root / 'plain_predictions.pt'),
                report=str(root / 'plain_report.json'))
     (root / 'job.json').write_text(json.dumps(job))
-    path = ':'.join(str(p) for p in (blocker.parent, REPO / 'tests', REPO / 'tests' / 'surgery'))
+    path = ':'.join(str(p) for p in (blocker.parent, REPO / 'tests',
+                                     REPO / 'tests' / 'checkpoints'))
     log = run([sys.executable, '-c', NO_MMNORM, root / 'job.json'], cwd=root,
               env=tool_env(PYTHONPATH=path)).stdout
     assert log.strip().splitlines()[-1] == 'plain side done', log[-3000:]
@@ -528,9 +512,8 @@ def test_plain_pair_loads_without_mmnorm(pairs):
 def test_plain_pair_predicts_what_the_trained_model_predicts(pairs, method, one_thread):
     """On the first demo val scenes: boxes within 1e-3 px, scores within 1e-4,
     mask probabilities within 1/255 and binary masks equal away from the
-    threshold (tests/surgery/test_fuse.py's comparison)."""
+    threshold (the folded model's comparison, tests/detection_outputs.py)."""
     from mmengine.config import Config
-    from test_fuse import assert_same_instances
 
     import mmnorm  # noqa: F401
     cfg = Config.fromfile(demo_config(method))
@@ -555,8 +538,6 @@ def test_plain_test_loop_gives_the_trained_models_ap(pairs, method):
     to 3 decimals), and the dumped predictions the same instances (binary
     masks with IoU >= 0.99)."""
     import pickle
-
-    from test_fuse import assert_same_instances
     made = pairs['made'][method]
     lines = [line for line in made['test_log'].splitlines() if 'Iter(test)' in line]
     expected = {key: float(value) for key, value in METRIC.findall(lines[-1])}

@@ -575,20 +575,20 @@ FUSED_STEPS = 24  # crosses MABN's window, warm-up and r; BRN's bounds opening; 
                          ids=['contiguous', 'channels_last'])
 @pytest.mark.parametrize('kind', NORMS)
 def test_fused_kernels_match_the_aten_path(kind, memory_format, device, no_tf32):
-    from mmnorm.layers import _kernels
-    if device.type == 'cuda' and _kernels.triton_problem() is None:
-        assert _kernels.fused(torch.empty(1, device=device))
+    from mmnorm.layers import paths
+    if device.type == 'cuda' and paths.triton_problem() is None:
+        assert paths.fused(torch.empty(1, device=device))
     fused = build(kind).to(device)
     aten = copy.deepcopy(fused)
     optimizers = sgd(fused), sgd(aten)
     for step in range(FUSED_STEPS):
         x, dy = (t.to(device) for t in batch(step))
         got = train_step(fused, optimizers[0], x, dy, memory_format)
-        _kernels.select('aten')
+        paths.select('aten')
         try:
             want = train_step(aten, optimizers[1], x, dy, memory_format)
         finally:
-            _kernels.select()
+            paths.select()
         assert_steps_close(got, want, FP32_VS_FP32, f'{kind} fused, step {step}')
     assert_states_close(fused.state_dict(), aten.state_dict(), FP32_VS_FP32,
                         f'{kind} fused, state at the end')
@@ -609,8 +609,8 @@ def test_fused_launches_per_step(device):
         counts[name] = sum(ops_per_step(module, x, grad_for, forward_context(device, 'float32')))
     print('operators + launches per training step:', counts)
     assert counts['BatchNorm2d'] == 7, counts
-    from mmnorm.layers import _kernels
-    if _kernels.fused(x):  # (the ATen path, on the CPU or with an old Triton, takes dozens)
+    from mmnorm.layers import paths
+    if paths.fused(x):  # (the ATen path, on the CPU or with an old Triton, takes dozens)
         assert counts['MABN'] <= 8 and counts['BRN'] <= 8 and counts['conv + CBN'] <= 16, counts
 
 
@@ -656,34 +656,33 @@ def draws(step, shape, out_shape=None, dtype=F32):
 def aten_path():
     """Every layer takes the ATen path meanwhile; afterwards the path of
     MMNORM_KERNELS again."""
-    from mmnorm.layers import _kernels
-    _kernels.select('aten')
+    from mmnorm.layers import paths
+    paths.select('aten')
     try:
         yield
     finally:
-        _kernels.select()
+        paths.select()
 
 
 def needs_fused(device):
     """Skip unless the layers' training steps on ``device`` take the fused
     kernels (on CUDA, where Triton can run them, they must); then import the
     kernels' modules, so that every launch is recorded from the first step."""
-    from mmnorm.layers import _kernels
+    from mmnorm.layers import ahead_of_time, paths
     probe = torch.empty(0, device=device)
-    if device.type == 'cuda' and _kernels.triton_problem() is None:
-        assert _kernels.fused(probe), f'the fused kernels failed: {_kernels.FAILED_DEVICES}'
+    if device.type == 'cuda' and paths.triton_problem() is None:
+        assert paths.fused(probe), f'the fused kernels failed: {paths.FAILED_DEVICES}'
     else:
         try:
-            takes_fused = _kernels.fused(probe)
+            takes_fused = paths.fused(probe)
         except RuntimeError as error:
             pytest.skip(str(error))
         if not takes_fused:
             pytest.skip(f'the fused kernels do not run on {device.type} here '
-                        f'({_kernels._REASON[0]}); on the CPU '
+                        f'({paths._REASON[0]}); on the CPU '
                         "MMNORM_KERNELS=triton TRITON_INTERPRET=1 runs them in Triton's "
                         'interpreter')
-    for name in _kernels.KERNEL_MODULES:
-        _kernels.kernel_module(name)
+    ahead_of_time.kernel_modules()
 
 
 def fused_against_aten(model, data, tol, what, memory_format=None, view=None):

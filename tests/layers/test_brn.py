@@ -11,7 +11,7 @@ SCHEDULE = dict(warmup_iters=10, rmax_iters=20, dmax_iters=30, rmax=3.0, dmax=5.
 
 class ReferenceBRN:
     """Batch Renormalization (Ioffe, NeurIPS 2017; module docstring of
-    mmnorm/layers/brn.py), written out step by step in float64."""
+    mmnorm/layers/brn/layer.py), written out step by step in float64."""
 
     def __init__(self, channels, eps=1e-5, momentum=0.01, rmax=3.0, dmax=5.0,
                  warmup_iters=5000, rmax_iters=40000, dmax_iters=25000):

@@ -91,7 +91,7 @@ def test_derivatives_with_same_padding_and_no_convolution_for_the_mean(monkeypat
 # --------------------------------------------------- independent reference
 class ReferenceCBN:
     """The equations of Yao et al., CVPR 2021 (module docstring of
-    mmnorm/layers/cbn.py) written out step by step in float64, derivatives by
+    mmnorm/layers/cbn/layer.py) written out step by step in float64, derivatives by
     torch.autograd.grad, history as a Python list (newest first)."""
 
     def __init__(self, channels, eps=1e-5, momentum=0.1, buffer_num=3, rho=1.0, burnin=0,

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmnorm import BRN, CBN, MABN, CenConv, WSConv
-from mmnorm.layers import _kernels
+from mmnorm.layers import paths
 
 F64 = torch.float64
 STEPS = 6
@@ -28,7 +28,7 @@ NORMS = {
 CONVS = {'conv': nn.Conv2d, 'CenConv': CenConv, 'WSConv': WSConv}
 LAYERS = [('conv', 'MABN'), ('CenConv', 'MABN'), ('conv', 'BRN'), ('WSConv', 'BRN'),
           ('conv', 'CBN'), ('CenConv', 'CBN')]
-FUSED = _kernels.triton_problem() is None and __import__('os').environ.get(
+FUSED = paths.triton_problem() is None and __import__('os').environ.get(
     'TRITON_INTERPRET') == '1'
 
 
@@ -39,11 +39,11 @@ def block(conv, norm, dtype=F64):
 
 @contextlib.contextmanager
 def path(name):
-    _kernels.select(name)
+    paths.select(name)
     try:
         yield
     finally:
-        _kernels.select()
+        paths.select()
 
 
 def train_both(conv, norm, reentrant, steps=STEPS, dtype=F64, autocast=None):

@@ -10,9 +10,9 @@ from mmengine.registry import MODELS
 from torch import nn
 
 import mmnorm
+from mmnorm.checkpoints.plain_mmdet import check_plain_model, plain_conv_cfg, plain_state_dict
 from mmnorm.layers import MABN, conv_types
 from mmnorm.layers.base import TransformedWeightConv
-from mmnorm.surgery.plain_mmdet import check_plain_model, plain_conv_cfg, plain_state_dict
 
 
 class GainConv(TransformedWeightConv):

@@ -26,10 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mmnorm import BRN, CBN, MABN, CenConv
 from mmnorm.benchmark.layers import forward_context, incoming_grad, ops_per_step
 from mmnorm.engine.precise_bn import precise_statistics
-from mmnorm.layers import _kernels
+from mmnorm.layers import paths
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBLEM = _kernels.triton_problem()
+PROBLEM = paths.triton_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None,
                                 reason=f'the fused path needs Triton: {PROBLEM}')
 
@@ -49,11 +49,11 @@ CBN_CONFIG = dict(buffer_num=3, burnin=3, two_stage=False)
 @contextlib.contextmanager
 def kernels(mode):
     """The layers' path for CPU tensors: 'triton' (the interpreter) or 'aten'."""
-    _kernels.select(mode)
+    paths.select(mode)
     try:
         yield
     finally:
-        _kernels.select()
+        paths.select()
 
 
 def layer(kind, channels=6, dtype=torch.float32):
@@ -456,7 +456,7 @@ def _sync_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    results = {'fused': _kernels.fused(torch.empty(1))}
+    results = {'fused': paths.fused(torch.empty(1))}
     for kind in CONFIGS:
         results[kind] = tensors(_train_ddp(kind, True, rank))
     torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
@@ -473,7 +473,7 @@ def test_sync_stats_on_the_fused_path_equals_one_process_on_the_union(tmp_path, 
     from test_sync_stats import assert_states_close, train_on_union
 
     from conftest import free_port
-    monkeypatch.setenv(_kernels.KERNELS_ENV, 'triton')  # read by the spawned processes
+    monkeypatch.setenv(paths.KERNELS_ENV, 'triton')  # read by the spawned processes
     mp.spawn(_sync_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
     assert all(rank['fused'] for rank in ranks)
@@ -552,20 +552,20 @@ def test_one_compiled_block_serves_ten_fused_layers(kind):
 def test_choice_of_path_and_its_errors(monkeypatch):
     cpu, cuda = torch.empty(1), torch.empty(1, device='meta')
     with kernels('aten'):
-        assert not _kernels.fused(cpu)
+        assert not paths.fused(cpu)
     with kernels('triton'):
-        assert _kernels.fused(cpu)
+        assert paths.fused(cpu)
     monkeypatch.delenv('TRITON_INTERPRET')
     with kernels('triton'):
         with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):
-            _kernels.fused(cpu)
+            paths.fused(cpu)
         with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):
             MABN(4)(torch.randn(2, 4, 3, 3))
-    assert 'CUDA tensors take the fused Triton kernels' in _kernels.select('auto')
-    assert not _kernels.fused(cpu) and not _kernels.fused(cuda)
+    assert 'CUDA tensors take the fused Triton kernels' in paths.select('auto')
+    assert not paths.fused(cpu) and not paths.fused(cuda)
     with pytest.raises(ValueError, match="MMNORM_KERNELS='fast'"):
-        _kernels.select('fast')
-    _kernels.select()
+        paths.select('fast')
+    paths.select()
 
 
 def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from mmnorm import BRN, CBN, MABN
-from mmnorm.layers import _first_use, _kernels, _triton_shared
+from mmnorm.layers import ahead_of_time, first_use, launching, paths
+from mmnorm.layers.shared import kernels as shared_kernels
 
 from test_fused import (
     CBN_CONFIG,
@@ -31,8 +32,8 @@ from test_fused import (
     step,
 )
 
-pytestmark = pytest.mark.skipif(_kernels.triton_problem() is not None,
-                                reason=f'the fused path needs Triton: {_kernels.triton_problem()}')
+pytestmark = pytest.mark.skipif(paths.triton_problem() is not None,
+                                reason=f'the fused path needs Triton: {paths.triton_problem()}')
 
 F64 = torch.float64
 KINDS = ('MABN', 'BRN')
@@ -108,7 +109,7 @@ def recorded_launches(run=True):
     """[(kernel name, grid, args)] of every launch meanwhile; the kernels run
     only if ``run``."""
     records = []
-    original = _kernels.launch
+    original = launching.launch
 
     def record(kernel, grid, *args, **constants):
         records.append((kernel.__name__ if hasattr(kernel, '__name__') else kernel.fn.__name__,
@@ -116,7 +117,8 @@ def recorded_launches(run=True):
         if run:
             original(kernel, grid, *args, **constants)
 
-    modules = [_triton_shared] + [_kernels.kernel_module(name) for name in ('mabn', 'brn', 'cbn')]
+    modules = [shared_kernels] + [ahead_of_time.kernel_modules()[name]
+                                  for name in ('mabn', 'brn', 'cbn')]
     with pytest.MonkeyPatch.context() as patch:
         for module in modules:
             patch.setattr(module, 'launch', record)
@@ -145,8 +147,8 @@ def test_no_launch_takes_a_float_argument(dtype):
 
 
 def test_ahead_of_time_variants_have_no_float_scalar():
-    for name in _kernels.KERNEL_MODULES:
-        for kernel, types, _ in _kernels.kernel_module(name).variants():
+    for name in ahead_of_time.KERNEL_MODULES:
+        for kernel, types, _ in ahead_of_time.kernel_modules()[name].variants():
             scalars = {arg: kind for arg, kind in types.items()
                        if kind.startswith('fp') or kind.startswith('bf')}
             assert not scalars, (kernel.__name__, scalars)
@@ -158,11 +160,11 @@ def test_float_bits_round_trip_through_a_kernel():
 
     @triton.jit
     def unpack(out_ptr, bits):
-        tl.store(out_ptr, _triton_shared.as_float(bits, tl.float64))
+        tl.store(out_ptr, shared_kernels.as_float(bits, tl.float64))
 
     for value in (1e-5, 0.1, 1.0 / 3.0, 0.0, 2.5e-300, 3.0):
         out = torch.empty(1, dtype=F64)
-        unpack[(1,)](out, _triton_shared.float_bits(value))
+        unpack[(1,)](out, shared_kernels.float_bits(value))
         assert out.item() == value  # exactly
 
 
@@ -197,11 +199,11 @@ def test_every_activation_launch_fills_an_h200(name, memory_format):
 def test_split_covers_every_tile_once():
     for n, c, length in itertools.product((1, 3, 512), (3, 64, 2048), (1, 49, 1050, 67200)):
         for strides in ((c * length, length, 1), (c * length, 1, c)):
-            plan = _triton_shared.split((n, c, length), strides, H200_PROGRAMS)
+            plan = shared_kernels.split((n, c, length), strides, H200_PROGRAMS)
             tiles = n * -(-length // plan.block_l)
             assert (plan.chunks - 1) * plan.tiles_per_chunk < tiles <= (
                 plan.chunks * plan.tiles_per_chunk)
-            assert plan.block_c * plan.block_l <= _triton_shared.MAX_TILE
+            assert plan.block_c * plan.block_l <= shared_kernels.MAX_TILE
 
 
 # ---------------------------------------------- programs in any order
@@ -313,28 +315,28 @@ def test_fused_steps_read_nothing_on_the_host_through_every_phase(kind):
 
 # ------------------------------------------------------ the input's device
 def test_launch_makes_the_inputs_device_current():
-    guard = _kernels.device_guard(torch.device('cuda', 1))
+    guard = launching.device_guard(torch.device('cuda', 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert isinstance(_kernels.device_guard(torch.device('cpu')), contextlib.nullcontext)
+    assert isinstance(launching.device_guard(torch.device('cpu')), contextlib.nullcontext)
 
 
 # ---------------------------------------------------------- a way back
 @pytest.fixture
 def fresh_checks(monkeypatch):
     """No variant checked yet in this process; afterwards the real record."""
-    monkeypatch.setattr(_first_use, 'CHECKED', {})
+    monkeypatch.setattr(first_use, 'CHECKED', {})
     yield
 
 
 @contextlib.contextmanager
 def auto_with_interpreter():
     """``auto`` as a GPU user has it, with the CPU standing in for the GPU."""
-    _kernels.select('auto')
-    _kernels._PATHS['cpu'] = True
+    paths.select('auto')
+    paths._PATHS['cpu'] = True
     try:
         yield
     finally:
-        _kernels.select()
+        paths.select()
 
 
 def plain_step(module, x, dy):
@@ -358,7 +360,7 @@ class Broken:
 
 def test_a_failing_compile_raises_before_any_state_changes_in_triton_mode(fresh_checks,
                                                                           monkeypatch):
-    monkeypatch.setattr(_kernels.kernel_module('mabn'), 'mabn_forward_kernel', Broken())
+    monkeypatch.setattr(ahead_of_time.kernel_modules()['mabn'], 'mabn_forward_kernel', Broken())
     norm = layer('MABN')
     before = copy.deepcopy(norm.state_dict())
     with kernels('triton'), pytest.raises(RuntimeError, match='fused kernels failed on cpu'):
@@ -370,7 +372,7 @@ def test_a_failing_compile_raises_before_any_state_changes_in_triton_mode(fresh_
 @pytest.mark.parametrize('kind', [*KINDS, 'CBN'])
 def test_a_failing_compile_sends_the_device_to_aten_in_auto_mode(kind, fresh_checks,
                                                                  monkeypatch):
-    module = _kernels.kernel_module('shared')
+    module = ahead_of_time.kernel_modules()['shared']
     monkeypatch.setattr(module, 'partial_sums_kernel', Broken())
     if kind == 'CBN':
         model = conv_cbn(burnin=0)
@@ -384,11 +386,11 @@ def test_a_failing_compile_sends_the_device_to_aten_in_auto_mode(kind, fresh_che
         with auto_with_interpreter():
             for x, dy in data:
                 got = plain_step(model, x, dy)
-                with _kernels.aten_only():
+                with paths.aten_only():
                     want = plain_step(reference, x, dy)
                 for a, b in zip(got, want):
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
-            assert 'cpu' in _kernels.FAILED_DEVICES
+            assert 'cpu' in paths.FAILED_DEVICES
     messages = [str(r.message) for r in records if 'fused Triton kernels failed' in str(r.message)]
     assert len(messages) == 1 and 'no C compiler' in messages[0]
     assert 'MMNORM_KERNELS=aten' in messages[0]
@@ -397,7 +399,7 @@ def test_a_failing_compile_sends_the_device_to_aten_in_auto_mode(kind, fresh_che
 
 def test_a_wrong_kernel_result_sends_the_variant_to_aten_in_auto_mode(fresh_checks,
                                                                       monkeypatch):
-    triton_mabn = _kernels.kernel_module('mabn')
+    triton_mabn = ahead_of_time.kernel_modules()['mabn']
     forward = triton_mabn.forward
 
     def corrupted(*args):
@@ -412,11 +414,11 @@ def test_a_wrong_kernel_result_sends_the_variant_to_aten_in_auto_mode(fresh_chec
             for x, dy in batches((2, 3, 3, 3), steps=3):
                 dy = dy[:, :1].expand(2, 6, 3, 3)
                 got = plain_step(model, x, dy)
-                with _kernels.aten_only():
+                with paths.aten_only():
                     want = plain_step(reference, x, dy)
                 for a, b in zip(got, want):
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
     messages = [str(r.message) for r in records if 'differs from the ATen step' in str(r.message)]
     assert len(messages) == 1, messages
     assert "MABN '1'" in messages[0] and 'output' in messages[0] and '0.001' in messages[0]
-    assert 'cpu' not in _kernels.FAILED_DEVICES
+    assert 'cpu' not in paths.FAILED_DEVICES

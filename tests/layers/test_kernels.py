@@ -4,53 +4,53 @@ import mmengine.logging
 import torch
 
 from mmnorm import MABN
-from mmnorm.layers import _kernels
+from mmnorm.layers import paths
 
 
 def test_the_log_says_once_which_path_and_why(monkeypatch):
     mmengine.logging.MMLogger.get_instance('test_kernels')  # as a Runner makes before its model
     logged = []
     monkeypatch.setattr(mmengine.logging, 'print_log', lambda msg, **kw: logged.append(msg))
-    monkeypatch.delenv(_kernels.KERNELS_ENV, raising=False)
+    monkeypatch.delenv(paths.KERNELS_ENV, raising=False)
     try:
-        reason = _kernels.select()
+        reason = paths.select()
         MABN(4)
         MABN(4)
     finally:
-        _kernels.select()
+        paths.select()
     assert logged == [reason]
-    problem = _kernels.triton_problem()
+    problem = paths.triton_problem()
     if problem is None:
         assert reason == ('mmnorm layers: CUDA tensors take the fused Triton kernels, other '
                           'devices the ATen path')
     else:
         assert reason == f'mmnorm layers: every layer takes the ATen path: {problem}'
-        assert not _kernels.fused(torch.empty(1, device='meta'))
+        assert not paths.fused(torch.empty(1, device='meta'))
     if torch.__version__.startswith('2.1.'):
         assert 'Triton 2.1.0 is older than 3.0' in reason and 'custom_op' in reason
-    assert not _kernels.fused(torch.empty(1))  # CPU tensors: ATen unless asked for
+    assert not paths.fused(torch.empty(1))  # CPU tensors: ATen unless asked for
 
 
 def test_aten_is_chosen_by_name(monkeypatch):
-    monkeypatch.setenv(_kernels.KERNELS_ENV, 'aten')
+    monkeypatch.setenv(paths.KERNELS_ENV, 'aten')
     try:
-        assert _kernels.select() == ('mmnorm layers: MMNORM_KERNELS=aten: every layer takes '
+        assert paths.select() == ('mmnorm layers: MMNORM_KERNELS=aten: every layer takes '
                                      'the ATen path')
-        assert _kernels._PATHS == {}
+        assert paths._PATHS == {}
     finally:
-        monkeypatch.delenv(_kernels.KERNELS_ENV)
-        _kernels.select()
+        monkeypatch.delenv(paths.KERNELS_ENV)
+        paths.select()
 
 
 def test_without_an_mmengine_logger_python_logging_gets_it(monkeypatch, caplog):
     # A plain script's stdout stays its own: the line goes to logging.getLogger('mmnorm').
     monkeypatch.setattr(mmengine.logging.MMLogger, '_instance_dict', {})
     try:
-        reason = _kernels.select()
+        reason = paths.select()
         with caplog.at_level('INFO', logger='mmnorm'):
             MABN(4)
     finally:
-        _kernels.select()
+        paths.select()
     assert [r.getMessage() for r in caplog.records if r.name == 'mmnorm'] == [reason]
 
 

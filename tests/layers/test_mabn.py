@@ -1,5 +1,5 @@
 """Tests of MABN: the equations of Yan et al., ICLR 2020 (module docstring of
-mmnorm/layers/mabn.py) and the guarantees of docs/mabn.md."""
+mmnorm/layers/mabn/layer.py) and the guarantees of docs/mabn.md."""
 import copy
 import io
 import logging

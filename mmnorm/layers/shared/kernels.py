@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._kernels import launch
+from ..launching import launch
 
 MAX_TILE = 1024  # elements a program loads per loop step
 MAX_CHANNELS_CONTIGUOUS = 32  # channel block when channels are the contiguous dim
@@ -446,7 +446,7 @@ def signature(kernel, pointers, constants):
 
 def variants():
     """(kernel, argument types, constants) of every variant of the shared
-    kernels (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
+    kernels (see :func:`mmnorm.layers.ahead_of_time.compile_ahead_of_time`)."""
     for (x, param, buffer, stats), plan in dtypes_and_tiles():
         pointers = dict(dy_ptr=x, x_ptr=x, dx_ptr=x, weight_ptr=param, dweight_ptr=param,
                         dbias_ptr=param, saved_ptr=stats, mean_ptr=stats, partial_ptr=stats,

@@ -22,22 +22,19 @@ results (to float rounding, see docs/kernels.md):
 
 The choice and its reason are logged once, when the first layer is built
 (:func:`announce`). The first fused step of each variant on a device is tried
-first on a copy of the layer (:mod:`mmnorm.layers._first_use`): in ``auto`` a
+first on a copy of the layer (:mod:`mmnorm.layers.first_use`): in ``auto`` a
 failure or a result that differs from the ATen step's sends that device (or
 variant) to the ATen path, with one warning; in ``triton`` it raises.
 """
 import contextlib
-import importlib
 import importlib.metadata
 import logging
 import os
 import re
-from typing import Tuple
 
 import torch
 
 from .._torch import CUSTOM_OPS
-from ._ops import fused_operator
 
 KERNELS_ENV = 'MMNORM_KERNELS'
 MODES = ('auto', 'aten', 'triton')
@@ -145,121 +142,6 @@ def aten_only():
         yield
     finally:
         _FORCED[0] = before
-
-
-# ---------------------------------------------------------------- launches
-class _Launches:
-    """Triton kernels launched by this process (read by the benchmark's
-    launch count)."""
-    count = 0
-
-
-LAUNCHES = _Launches()
-
-
-def count_device_kernels(number):
-    """Count ``number`` device kernels that a fused operator runs through ATen
-    (and so outside the dispatch modes that count operators)."""
-    LAUNCHES.count += number
-
-
-def device_guard(device):
-    """The context that makes ``device`` current: Triton launches on the
-    current CUDA device, not on the tensors' one."""
-    if device.type == 'cuda':
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
-def launch(kernel, grid, *args, **constants):
-    """``kernel[grid](*args, **constants)`` on the device of the first tensor
-    argument, counted in ``LAUNCHES``. Torch dispatch modes are suspended
-    meanwhile: Triton's interpreter runs the kernel with ATen copies that a
-    GPU launch does not make."""
-    from torch.utils._python_dispatch import _disable_current_modes
-    LAUNCHES.count += 1
-    device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
-    with _disable_current_modes(), device_guard(device):
-        kernel[grid](*args, **constants)
-
-
-def kernel_module(name):
-    """The Triton kernels of ``name`` (``mmnorm.layers._triton_<name>``),
-    imported at first use: Triton reads ``TRITON_INTERPRET`` when the kernels
-    are defined."""
-    return importlib.import_module(f'{__package__}._triton_{name}')
-
-
-KERNEL_MODULES = ('shared', 'mabn', 'brn', 'cbn')
-
-
-def compile_ahead_of_time(archs):
-    """Compile every kernel variant of the fused kernels for the NVIDIA compute
-    capabilities ``archs`` (e.g. (80, 90)) without a GPU, as Triton would on
-    one; raises at the first one that does not compile. Returns one (kernel
-    name, arch, cubin bytes) per variant and arch."""
-    if os.environ.get('TRITON_INTERPRET') == '1':
-        raise RuntimeError('TRITON_INTERPRET=1 defines the kernels for the interpreter, which '
-                           'compiles nothing: unset it')
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    compiled = []
-    for name in KERNEL_MODULES:
-        for kernel, types, constants in kernel_module(name).variants():
-            for arch in archs:
-                source = ASTSource(fn=kernel, signature=types, constexprs=constants)
-                binary = triton.compile(source, target=GPUTarget('cuda', arch, 32))
-                compiled.append((kernel.__name__, arch, len(binary.asm['cubin'])))
-    return compiled
-
-
-# ------------------------------------------------- the shared backward
-def _normalized_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                         saved: torch.Tensor, bias_dtype: torch.dtype, need_dx: bool,
-                         pooled: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias) in one Triton kernel (BRN's and CBN's backward)."""
-    return kernel_module('shared').normalized_backward(dy, x, weight, saved, bias_dtype, need_dx,
-                                                       pooled)
-
-
-def _normalized_backward_fake(dy, x, weight, saved, bias_dtype, need_dx, pooled):
-    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight),
-            torch.empty_like(weight, dtype=bias_dtype))
-
-
-_NORMALIZED_BACKWARD = fused_operator('normalized_backward', _normalized_backward,
-                                      _normalized_backward_fake, ())
-
-
-def keep_for_normalized_backward(ctx, inputs, saved, pooled):
-    """What :func:`normalized_gradients` needs of a fused forward whose
-    inputs start with x, weight, bias and whose ``saved`` is [mean, inv_std,
-    r, d] (+ [share] when ``pooled``), see
-    :func:`mmnorm.layers._triton_shared.normalized_backward_kernel`."""
-    ctx.save_for_backward(inputs[0], inputs[1], saved)
-    ctx.bias_dtype, ctx.pooled = inputs[2].dtype, pooled
-
-
-def normalized_replay(inputs, saved):
-    """The output of a fused forward (inputs x, weight, bias, ...) that saved
-    ``saved`` = [mean, inv_std, r, d] (+ [share]): weight * (r * (x - mean) *
-    inv_std + d) + bias in the statistics dtype, in x's dtype (its replay)."""
-    x, weight, bias = inputs[:3]
-    mean, inv_std, r, d = saved[:4 * x.size(1)].view(4, -1)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale = weight.to(saved.dtype) * r * inv_std
-    shift = bias.to(saved.dtype) + weight.to(saved.dtype) * d - mean * scale
-    return torch.addcmul(shift.view(shape), x.to(saved.dtype), scale.view(shape)).to(x.dtype)
-
-
-def normalized_gradients(ctx, dy):
-    """The gradients of every input of the fused forward (None but for x,
-    weight and bias), one ``mmnorm::normalized_backward`` operator."""
-    x, weight, saved = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grads = _NORMALIZED_BACKWARD(dy, x, weight, saved, ctx.bias_dtype, need[0], ctx.pooled)
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * (len(need) - 3)
 
 
 select()

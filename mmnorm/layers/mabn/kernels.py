@@ -1,5 +1,5 @@
-"""MABN's training step as Triton kernels (see :mod:`mmnorm.layers.mabn` for the
-equations and :mod:`mmnorm.layers._triton_shared` for the split over programs).
+"""MABN's training step as Triton kernels (see :mod:`mmnorm.layers.mabn.layer` for the
+equations and :mod:`mmnorm.layers.shared.kernels` for the split over programs).
 
 Forward: the partial sums of x^2 (with a copy of running_var), then one
 kernel: chi2_t, the window row, v_t, r, the running_var update, inv_std and
@@ -18,9 +18,9 @@ same before and after the write.
 import triton
 import triton.language as tl
 
-from ._dist import union_mean
-from ._kernels import launch
-from ._triton_shared import (
+from ..distributed import union_mean
+from ..launching import launch
+from ..shared.kernels import (
     PRODUCTS,
     SQUARES,
     as_float,
@@ -190,8 +190,8 @@ def backward(dy, x, weight, saved, buffer_gz, flags, bias_dtype, sync, need_dx):
 
 def variants():
     """(kernel, argument types, constants) of every kernel variant the layer
-    launches (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
-    from ._triton_shared import dtypes_and_tiles, signature
+    launches (see :func:`mmnorm.layers.ahead_of_time.compile_ahead_of_time`)."""
+    from ..shared.kernels import dtypes_and_tiles, signature
     for (x, param, buffer, stats), plan in dtypes_and_tiles():
         pointers = dict(x_ptr=x, y_ptr=x, dy_ptr=x, dx_ptr=x, weight_ptr=param, bias_ptr=param,
                         dweight_ptr=param, dbias_ptr=param, running_var_ptr=buffer,

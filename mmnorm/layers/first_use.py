@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from .._torch import compiling
-from ._kernels import FAILED_DEVICES, KERNELS_ENV, aten_only, fused, mode
+from .paths import FAILED_DEVICES, KERNELS_ENV, aten_only, fused, mode
 
 # variant -> None (checked: fused) or why it takes the ATen path
 CHECKED = {}

@@ -1,5 +1,5 @@
-"""CBN's training step as Triton kernels (see :mod:`mmnorm.layers.cbn` for the
-equations and :mod:`mmnorm.layers._triton_shared` for the split over programs).
+"""CBN's training step as Triton kernels (see :mod:`mmnorm.layers.cbn.layer` for the
+equations and :mod:`mmnorm.layers.shared.kernels` for the split over programs).
 
 Forward: the patch sums S_mu of the feeding conv's input (only when the step
 pushes with rho != 0: one weight-gradient convolution with ones as the output
@@ -17,14 +17,14 @@ normalized backward with share = 1 / count.
 The pooled variance is accumulated around mu_t: with d_i = mu_i - mu_t over
 the c pooled steps (d_t = 0), mu = mu_t + sum(d) / c and sigma2 = (sum(var_i)
 + sum(d^2)) / c - (sum(d) / c)^2, clamped at 0; the same number as the
-pooled form of :func:`mmnorm.layers.cbn.pooled_statistics`.
+pooled form of :func:`mmnorm.layers.cbn.layer.pooled_statistics`.
 """
 import triton
 import triton.language as tl
 
-from .._torch import convolution_backward
-from ._kernels import count_device_kernels, launch
-from ._triton_shared import (
+from ..._torch import convolution_backward
+from ..launching import count_device_kernels, launch
+from ..shared.kernels import (
     MAX_TILE,
     MOMENTS,
     as_float,
@@ -253,8 +253,8 @@ def forward(x, weight, bias, running_mean, running_var, pushes, flags, ring, the
 
 def variants():
     """(kernel, argument types, constants) of every kernel variant the layer
-    launches (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
-    from ._triton_shared import dtypes_and_tiles, signature
+    launches (see :func:`mmnorm.layers.ahead_of_time.compile_ahead_of_time`)."""
+    from ..shared.kernels import dtypes_and_tiles, signature
     for (x, param, buffer, stats), plan in dtypes_and_tiles():
         pointers = dict(x_ptr=x, y_ptr=x, weight_ptr=param, bias_ptr=param,
                         running_mean_ptr=buffer, running_var_ptr=buffer, pushes_ptr='i64',

@@ -41,34 +41,23 @@ found and its limits, the state and its host mirrors, burn-in windows,
 loading a BatchNorm state dict, "DDP" (``sync_stats``), "Averaging buffers"
 (SyncBuffersHook, EMAHook) and the measured cost.
 """
-import functools
 import inspect
 import math
 import warnings
 import weakref
-from typing import List, Optional, Tuple
 
 import torch
 from mmengine.registry import MODELS
 
-from .._torch import (
+from ..._torch import (
     in_reentrant_checkpoint,
     native_batch_norm,
     native_batch_norm_backward,
     version,
     without_autocast,
 )
-from ._dist import all_reduce_sum, union_moments
-from ._kernels import (
-    keep_for_normalized_backward,
-    kernel_module,
-    normalized_gradients,
-    normalized_replay,
-)
-from ._ops import Eager, fused_operator, fused_step
-from .base import SmallBatchNorm, StateChange, check_number
-from .conv_statistics import (
-    ConvCall,
+from ..base import SmallBatchNorm, StateChange, check_number
+from ..conv_statistics import (
     conv_statistic_derivative_sums,
     conv_statistic_derivatives,
     current_weight,
@@ -76,6 +65,9 @@ from .conv_statistics import (
     square_derivative_sum,
     weight_source,
 )
+from ..distributed import all_reduce_sum, union_moments
+from ..operators import Eager
+from .fused import _HISTORY, _fused_forward, fused_train_step
 
 __all__ = ['CBN']
 
@@ -159,10 +151,6 @@ class _CrossIterationNorm(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------- CBN
-_HISTORY = ('history_mean', 'history_sqmean', 'history_valid', 'history_dmean',
-            'history_dsqmean', 'history_weight')
-
-
 def _history_buffer(key, shape, float_dtype, device=None):
     """Zeros for the ring buffer ``key``: int64 for ``history_valid`` (see
     "Averaging buffers" in docs/cbn.md), ``float_dtype`` otherwise."""
@@ -624,7 +612,7 @@ class CBN(SmallBatchNorm):
 
     def _union_normalize(self, x, dtype, past_mu, past_var, keep, former=None):
         """The output for ``sync_stats``: mu_t and var_t are the union's
-        (:func:`mmnorm.layers._dist.union_moments`), pooled with the kept past
+        (:func:`mmnorm.layers.distributed.union_moments`), pooled with the kept past
         entries (or None) as in :class:`_CrossIterationNorm`, whose equations this
         writes with autograd ops so that the gradient reaches every process's
         input through mu_t and var_t. Returns (y, mu_t, var_t, union count), the
@@ -733,55 +721,6 @@ def _NO_WEIGHT_SOURCE():
     """The weak reference of a conv whose weight cannot be had again
     without autograd (a weight transform mmnorm does not know)."""
     return None
-
-
-# ------------------------------------------------------------ fused path
-def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   running_mean: torch.Tensor, running_var: torch.Tensor, pushes: torch.Tensor,
-                   flags: torch.Tensor, history_mean: torch.Tensor, history_sqmean: torch.Tensor,
-                   history_valid: torch.Tensor, history_dmean: torch.Tensor,
-                   history_dsqmean: torch.Tensor, history_weight: torch.Tensor,
-                   theta: Optional[torch.Tensor], conv_input: Optional[torch.Tensor],
-                   square_sum: Optional[torch.Tensor], call: Optional[List[int]], groups: int,
-                   window: int, eps: float, momentum: float, rho: float, pool: bool,
-                   push: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The training step's forward: the patch sums (when compensating) and
-    three launches for the rest; (y, what the backward needs)."""
-    triton_cbn = kernel_module('cbn')
-    dtype = SmallBatchNorm.stats_dtype(x)
-    patch = None
-    if theta is not None:
-        conv = ConvCall(tuple(call[0:2]), tuple(call[2:4]), tuple(call[4:6]), groups,
-                        tuple(call[6:8]))
-        patch = triton_cbn.patch_sums(conv, conv_input, dtype)
-        theta, square_sum = theta.view(theta.size(0), -1), square_sum.view(theta.size(0), -1)
-    ring = (history_mean, history_sqmean, history_valid, history_dmean, history_dsqmean,
-            history_weight)
-    return triton_cbn.forward(x, weight, bias, running_mean, running_var, pushes, flags,
-                              ring, theta, patch, square_sum, groups, window, eps, momentum,
-                              rho, pool, push, dtype)
-
-
-def _fused_forward_fake(x, weight, bias, *rest):
-    return torch.empty_like(x), x.new_empty(5 * x.size(1), dtype=SmallBatchNorm.stats_dtype(x))
-
-
-fused_train_step = fused_step(
-    fused_operator('cbn_fused_forward', _fused_forward, _fused_forward_fake,
-                   ('running_mean', 'running_var', 'pushes', 'flags') + _HISTORY),
-    functools.partial(keep_for_normalized_backward, pooled=True), normalized_gradients,
-    normalized_replay)
-fused_train_step.__doc__ = """CBN's training step on the fused kernels: (the output y of x
-(N, C, H, W), the saved statistics), one ``mmnorm::cbn_fused_forward`` operator
-(three Triton launches, and the patch sums' convolution when it compensates),
-and its backward, one ``mmnorm::normalized_backward`` (two launches). The
-conv's weight gradient for grad_output = x (``square_sum``) comes in from one
-ATen ``convolution_backward``. Arguments: x, weight, bias, the running
-statistics, the push counter, step_flags, the six ring buffers, theta (C,
-C_in/groups, kh, kw, contiguous), the conv's input and square_sum (or None
-without compensation), the conv's stride, padding, dilation and kernel size (8
-ints), groups, the window (how many of the newest stored steps may be pooled),
-eps, momentum, rho, pool, push; ``former=saved`` replays an earlier call."""
 
 
 def _train_step(layer, x, sync):

@@ -32,26 +32,20 @@ Processes (DDP): by default, as in the paper, each process keeps its own
 statistics: the buffers differ between ranks and a checkpoint (written by rank
 0) holds rank 0's. With ``sync_stats=True`` in a multi-process run, mu_B and
 sigma_B are those of the union of all processes' inputs, SyncBatchNorm-style
-(:func:`mmnorm.layers._dist.union_moments`: one all-gather of 2C + 1 numbers
+(:func:`mmnorm.layers.distributed.union_moments`: one all-gather of 2C + 1 numbers
 per process in the forward, one all-reduce of 2C in the backward), so every
 process holds the same buffers; see :class:`BRN`.
 """
-import functools
 from typing import Tuple
 
 import torch
 from mmengine.registry import MODELS
 
-from .._torch import native_batch_norm_backward, without_autocast
-from ._dist import union_moments
-from ._kernels import (
-    keep_for_normalized_backward,
-    kernel_module,
-    normalized_gradients,
-    normalized_replay,
-)
-from ._ops import Operator, fused_operator, fused_step, with_backward
-from .base import SmallBatchNorm, check_number
+from ..._torch import native_batch_norm_backward, without_autocast
+from ..base import SmallBatchNorm, check_number
+from ..distributed import union_moments
+from ..operators import Operator, with_backward
+from .fused import fused_train_step
 
 
 def batch_statistics(x, eps):
@@ -107,36 +101,6 @@ Arguments (positional): x, weight, bias, then ``mean`` = mu_B and ``inv_std`` =
 constants for autograd. Backward: BatchNorm's kernel with gamma = weight * r,
 so dweight = r * sum(dy * x_hat) + d * sum(dy) and dbias = sum(dy).
 """
-
-
-def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   running_mean: torch.Tensor, running_var: torch.Tensor, counter: torch.Tensor,
-                   flags: torch.Tensor, eps: float, momentum: float, rmax: float, dmax: float,
-                   warmup_iters: int, rmax_iters: int,
-                   dmax_iters: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The training step's forward in one Triton kernel: (y, [mu_B, 1 /
-    sigma_B, r, d]); the running statistics and flags updated."""
-    return kernel_module('brn').forward(x, weight, bias, running_mean, running_var, counter,
-                                        flags, eps, momentum, rmax, dmax, warmup_iters,
-                                        rmax_iters, dmax_iters, SmallBatchNorm.stats_dtype(x))
-
-
-def _fused_forward_fake(x, weight, bias, running_mean, running_var, counter, flags, eps, momentum,
-                        rmax, dmax, warmup_iters, rmax_iters, dmax_iters):
-    return torch.empty_like(x), x.new_empty(4 * x.size(1), dtype=SmallBatchNorm.stats_dtype(x))
-
-
-fused_train_step = fused_step(
-    fused_operator('brn_fused_forward', _fused_forward, _fused_forward_fake,
-                   ('running_mean', 'running_var', 'flags')),
-    functools.partial(keep_for_normalized_backward, pooled=False), normalized_gradients,
-    normalized_replay)
-fused_train_step.__doc__ = """BRN's training step on the fused kernels: (the output y of x
-(N, C, *), the saved statistics), one ``mmnorm::brn_fused_forward`` operator
-(two Triton launches), and its backward, one ``mmnorm::normalized_backward``
-(two launches). Arguments: x, weight, bias, running_mean, running_var, the step
-counter, step_flags, eps, momentum, rmax, dmax, warmup_iters, rmax_iters,
-dmax_iters; ``former=saved`` replays an earlier call."""
 
 
 @MODELS.register_module()

@@ -1,5 +1,5 @@
-"""BRN's training step as Triton kernels (see :mod:`mmnorm.layers.brn` for the
-equations and :mod:`mmnorm.layers._triton_shared` for the split over programs).
+"""BRN's training step as Triton kernels (see :mod:`mmnorm.layers.brn.layer` for the
+equations and :mod:`mmnorm.layers.shared.kernels` for the split over programs).
 
 Forward: the partial sums of x - x[0, c, 0] and their squares (with a copy of
 the running statistics), then one kernel: mu_B and sigma_B, the clipping
@@ -11,8 +11,8 @@ Two launches per direction.
 import triton
 import triton.language as tl
 
-from ._kernels import launch
-from ._triton_shared import (
+from ..launching import launch
+from ..shared.kernels import (
     MOMENTS,
     as_float,
     channel_view,
@@ -85,7 +85,7 @@ def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, mom
             dmax, warmup_iters, rmax_iters, dmax_iters, cdtype):
     """(y, saved) for x (N, C, *): y of x's dtype laid out like x, ``saved`` =
     [mu_B, 1 / sigma_B, r, d] (4C, ``cdtype``) for
-    :func:`mmnorm.layers._triton_shared.normalized_backward`. Updates
+    :func:`mmnorm.layers.shared.kernels.normalized_backward`. Updates
     the running statistics and ``flags`` in place (``counter`` holds this
     step's t); two launches."""
     view = channel_view(x)
@@ -105,8 +105,8 @@ def forward(x, weight, bias, running_mean, running_var, counter, flags, eps, mom
 
 def variants():
     """(kernel, argument types, constants) of every kernel variant the layer
-    launches (see :func:`mmnorm.layers._kernels.compile_ahead_of_time`)."""
-    from ._triton_shared import dtypes_and_tiles, signature
+    launches (see :func:`mmnorm.layers.ahead_of_time.compile_ahead_of_time`)."""
+    from ..shared.kernels import dtypes_and_tiles, signature
     for (x, param, buffer, stats), plan in dtypes_and_tiles():
         pointers = dict(x_ptr=x, y_ptr=x, weight_ptr=param, bias_ptr=param,
                         running_mean_ptr=buffer, running_var_ptr=buffer, t_ptr='i64',
