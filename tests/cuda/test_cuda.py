@@ -611,7 +611,8 @@ def test_fused_launches_per_step(device):
     assert counts['BatchNorm2d'] == 7, counts
     from mmnorm.layers import paths
     if paths.fused(x):  # (the ATen path, on the CPU or with an old Triton, takes dozens)
-        assert counts['MABN'] <= 8 and counts['BRN'] <= 8 and counts['conv + CBN'] <= 16, counts
+        # two launches per direction (docs/kernels.md, "How a step is split")
+        assert counts['MABN'] <= 10 and counts['BRN'] <= 10 and counts['conv + CBN'] <= 18, counts
 
 
 # ------------------------- 9. the fused kernels: many programs, any input
