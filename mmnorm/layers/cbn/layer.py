@@ -525,11 +525,19 @@ class CBN(SmallBatchNorm):
         return None if source is None else current_weight(source)
 
     def _learn_weight_source(self, theta):
-        source = None if self._weight_source is None else self._weight_source()
-        if theta.is_leaf or source is None or isinstance(source, torch.Tensor):
-            found = weight_source(theta)
-            self._weight_source = (weakref.ref(found) if found is not None
-                                   else _NO_WEIGHT_SOURCE)
+        """Remember :func:`weight_source` of ``theta``. A parameter is
+        remembered at once; a transformed weight costs a scan of the process's
+        objects, so its conv (or that there is none, ``_NO_WEIGHT_SOURCE``) is
+        looked up once, again only if that conv is gone or was a parameter."""
+        known = self._weight_source
+        if theta.is_leaf:
+            self._weight_source = weakref.ref(theta)
+            return
+        source = None if known is None else known()
+        if isinstance(source, torch.nn.Module) or known is _NO_WEIGHT_SOURCE:
+            return
+        found = weight_source(theta)
+        self._weight_source = weakref.ref(found) if found is not None else _NO_WEIGHT_SOURCE
 
     def _push_later(self, x, push_later):
         """The push of a step taken in reentrant checkpointing's first
